@@ -1,0 +1,19 @@
+# kdflow: knowledge distillation of large language models as one Snakemake DAG.
+# Wiring only: the rules live in rules/, the logic in the kdflow package (src/kdflow).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/models.smk"
+
+
+rule all:
+    input:
+        get_final_output(),
+    default_target: True

@@ -1,0 +1,68 @@
+# Config validation, wildcard constraints and every input function; the other .smk files hold rules only.
+import sys
+from pathlib import Path
+
+# This checkout's package, also when another kdflow is installed or none is (conda envs).
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from kdflow.config import ConfigError, load_schema, validate_config
+from kdflow.corpus import shard_name
+from kdflow.shards import SHARD_PATTERN
+
+try:
+    validate_config(config, load_schema(Path(workflow.basedir) / "config" / "schema.yaml"))
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
+
+wildcard_constraints:
+    shard=SHARD_PATTERN,
+    model="[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
+TEACHER = config["teacher"]["name"]
+STUDENTS = {s["name"]: s for s in config["students"]}
+
+
+def shard_names(with_heldout=True):
+    names = [shard_name(i) for i in range(config["data"]["n_shards"])]
+    return names + ["heldout"] if with_heldout else names
+
+
+def shard_files():
+    return [f"results/shards/{s}.parquet" for s in shard_names()]
+
+
+def model_manifest(name):
+    return f"resources/models/{name}/kdflow_model.json"
+
+
+def model_config(wildcards):
+    if wildcards.model == TEACHER:
+        return config["teacher"]
+    if wildcards.model in STUDENTS:
+        return STUDENTS[wildcards.model]
+    raise WorkflowError(
+        f"model {wildcards.model!r} is not in the config: known are teacher {TEACHER!r} and students "
+        f"{sorted(STUDENTS)}"
+    )
+
+
+def model_role(wildcards):
+    return "teacher" if wildcards.model == TEACHER else "student"
+
+
+def prepare_inputs(wildcards):
+    inputs = {"heldout": "results/shards/heldout.parquet"}
+    if model_role(wildcards) == "student":
+        model_config(wildcards)  # fails early on an unknown name
+        inputs["teacher"] = model_manifest(TEACHER)
+    return inputs
+
+
+def get_final_output():
+    return (
+        shard_files()
+        + ["results/data/manifest.json"]
+        + [model_manifest(m) for m in [TEACHER, *STUDENTS]]
+    )
