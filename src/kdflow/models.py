@@ -307,7 +307,7 @@ def prepare_student(student_cfg: dict, settings: dict, teacher_manifest: str | P
                             "teacher_manifest": str(teacher_manifest),
                             "teacher_heldout": teacher_info.get("heldout")}
     if source["kind"] == "prune_from_teacher":
-        teacher = load_model(teacher_manifest)
+        teacher = load_model(teacher_manifest, "cpu", settings["dtype"])
         model = prune_layers(teacher, source["keep_layers"])
         tokenizer = teacher_tok
         _save_hf_dir(model, tokenizer, manifest.parent / "hf")
