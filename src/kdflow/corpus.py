@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from kdflow.atomic import atomic_path, write_json
 from kdflow.config import config_hash
@@ -94,7 +95,9 @@ def read_documents(data: dict) -> tuple[list[Doc], dict[str, SourceReport]]:
     for spec in data["sources"]:
         report = reports[spec["name"]] = SourceReport()
         counts = SourceCounts()
-        for raw in read_source(spec, counts, data["bad_lines"], log):
+        stream = tqdm(read_source(spec, counts, data["bad_lines"], log), desc=f"source {spec['name']}",
+                      unit=" docs", mininterval=2, leave=False)
+        for raw in stream:
             text = normalise(raw.text)
             if len(text) < data["min_chars"]:
                 report.empty += 1
@@ -109,6 +112,7 @@ def read_documents(data: dict) -> tuple[list[Doc], dict[str, SourceReport]]:
             if spec["max_docs"] is not None and report.kept >= spec["max_docs"]:
                 report.capped = True
                 break
+        stream.close()
         check_bad_lines(spec, counts, data["bad_lines"])
         report.read = counts.as_dict()
         log.info("source %s: %s", spec["name"], report)
@@ -122,7 +126,7 @@ def split_heldout(docs: list[Doc], data: dict) -> tuple[list[Doc], list[Doc]]:
     """Step 2: (train, heldout), by whole document, ordered by seeded hash."""
     ranked = sorted(docs, key=lambda d: _rank(data["seed"], d.sha))
     fraction, cap = data["heldout"]["fraction"], data["heldout"]["max_docs"]
-    n_heldout = 0 if fraction == 0 else max(1, round(fraction * len(docs)))
+    n_heldout = max(1, round(fraction * len(docs)))
     if cap is not None:
         n_heldout = min(n_heldout, cap)
     if n_heldout >= len(docs):
@@ -210,7 +214,7 @@ def build_corpus(data: dict, corpus_path: str | Path, manifest_path: str | Path)
         reports[d.source].train_weighted += 1
     train = handle_long(train, data, reports, "train")
     heldout = handle_long(heldout, data, reports, "heldout")
-    if not heldout and data["heldout"]["fraction"] > 0:
+    if not heldout:
         raise CorpusError("data: every held-out document was dropped as too long; raise data.max_chars")
     shards = assign_shards(train, data["n_shards"], data["seed"])
 
