@@ -1,4 +1,6 @@
 # Config validation, wildcard constraints and every input function; the other .smk files hold rules only.
+import glob
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +24,15 @@ wildcard_constraints:
 
 TEACHER = config["teacher"]["name"]
 STUDENTS = {s["name"]: s for s in config["students"]}
+
+
+def source_files():
+    """The local files the configured sources read, so that editing one reruns the corpus."""
+    files = []
+    for source in config["data"]["sources"]:
+        for pattern in source.get("paths", []):
+            files += sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    return list(dict.fromkeys(files))
 
 
 def shard_names(with_heldout=True):

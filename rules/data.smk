@@ -1,4 +1,6 @@
 rule corpus:
+    input:
+        source_files(),
     output:
         corpus="results/data/corpus.parquet",
         manifest="results/data/manifest.json",

@@ -140,3 +140,10 @@ def test_unknown_key_fails_before_any_job(study, tmp_path):
     assert proc.returncode != 0
     assert "unknown key data.n_shard" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_editing_a_source_file_reruns_the_corpus(study):
+    workdir, _, _, _ = study
+    doc = workdir / "docs" / "doc05.py"
+    doc.write_text(doc.read_text() + "extra = 1\n")
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2}

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from kdflow.atomic import atomic_path, write_json
+from kdflow.config import config_hash
 from kdflow.provenance import file_sha256, provenance
 
 MANIFEST_NAME = "kdflow_model.json"
@@ -90,6 +91,9 @@ def resolve_hf(path: str, revision: str | None, key: str) -> dict[str, Any]:
             f"(`hf download {path}`), point HF_HOME at a cache that has it, or unset the offline variable.") from e
     except Exception as e:  # network, auth (gated models need HF_TOKEN in the environment), bad revision
         raise ModelError(f"{key} {path!r} (revision {revision or 'main'}): could not be fetched: {e}") from e
+    if not any(Path(snap).glob("*.safetensors")):
+        raise ModelError(f"{key} {path!r}: the hub repository has no .safetensors weights; convert it or use a "
+                         "local directory")
     resolved = Path(snap).name  # snapshot directories are named after the commit
     return {"load_path": path, "revision": resolved, "origin": "hub", "source_hash": resolved,
             "source_hash_of": "hub commit"}
@@ -353,6 +357,7 @@ def _finish(info: dict, model, tokenizer, settings: dict, manifest: Path, heldou
         info["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
         info["tokenizer_size"] = len(tokenizer)
     info["heldout"] = _heldout_ppl(model, tokenizer, heldout, settings, info["name"])
+    info["config_hash"] = config_hash({"model": {k: info[k] for k in ("name", "source")}, "prepare": settings})
     info["provenance"] = provenance()
     write_json(manifest, info)
     return info
