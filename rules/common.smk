@@ -24,6 +24,13 @@ wildcard_constraints:
 
 TEACHER = config["teacher"]["name"]
 STUDENTS = {s["name"]: s for s in config["students"]}
+CACHE_CFG = config["teacher_cache"]
+CACHE = f"results/cache/{TEACHER}"
+TOPK_DIR = f"{CACHE}/topk_k{CACHE_CFG['k']}"
+EMBED_DIR = f"{CACHE}/embed"
+HIDDEN_DIR = f"{CACHE}/hidden_l{'-'.join(map(str, sorted(CACHE_CFG['hidden_layers'])))}"
+# Finished parts of unfinished cache jobs: outside the declared outputs, which Snakemake deletes on failure.
+PARTIAL = "results/cache/.partial"
 
 
 def source_files():
@@ -71,9 +78,22 @@ def prepare_inputs(wildcards):
     return inputs
 
 
+def cache_settings(*keys):
+    """The teacher_cache settings a cache rule depends on (so that other changes do not rerun it)."""
+    common = ("max_length", "batch_size", "rows_per_part", "device", "dtype")
+    return {k: CACHE_CFG[k] for k in (*common, *keys)}
+
+
+def cache_files():
+    return [
+        f"{d}/{s}.parquet" for d in (TOPK_DIR, EMBED_DIR, HIDDEN_DIR) for s in shard_names()
+    ]
+
+
 def get_final_output():
     return (
         shard_files()
         + ["results/data/manifest.json"]
         + [model_manifest(m) for m in [TEACHER, *STUDENTS]]
+        + cache_files()
     )

@@ -1,0 +1,42 @@
+# Teacher caches, one job per shard (and the held-out set). See docs/cache_format.md.
+
+
+rule topk_cache:
+    input:
+        shard="results/shards/{shard}.parquet",
+        teacher=model_manifest(TEACHER),
+    output:
+        topk=f"{TOPK_DIR}/{{shard}}.parquet",
+        embed=f"{EMBED_DIR}/{{shard}}.parquet",
+    params:
+        settings=cache_settings("k"),
+        partial=f"{PARTIAL}/{TEACHER}/topk_k{CACHE_CFG['k']}/{{shard}}",
+    threads: 8
+    log:
+        "results/logs/topk_cache/{shard}.log",
+    benchmark:
+        "results/benchmarks/topk_cache/{shard}.tsv"
+    conda:
+        "../workflow/envs/kdflow.yaml"
+    script:
+        "../workflow/scripts/teacher_cache.py"
+
+
+rule hidden_cache:
+    input:
+        shard="results/shards/{shard}.parquet",
+        teacher=model_manifest(TEACHER),
+    output:
+        hidden=f"{HIDDEN_DIR}/{{shard}}.parquet",
+    params:
+        settings=cache_settings("hidden_layers", "hidden_token_ratio", "hidden_token_seed"),
+        partial=f"{PARTIAL}/{TEACHER}/{HIDDEN_DIR.rsplit('/', 1)[1]}/{{shard}}",
+    threads: 8
+    log:
+        "results/logs/hidden_cache/{shard}.log",
+    benchmark:
+        "results/benchmarks/hidden_cache/{shard}.tsv"
+    conda:
+        "../workflow/envs/kdflow.yaml"
+    script:
+        "../workflow/scripts/teacher_cache.py"
