@@ -70,6 +70,7 @@ def tiny_config(workdir: Path, teacher_dir: Path) -> dict:
             "bad_lines": {"max_fraction": 0.05},
         },
         "prepare": {"max_length": 32, "batch_size": 4, "ppl_max_docs": 4},
+        "teacher_cache": {"k": 4, "max_length": 24, "batch_size": 4, "rows_per_part": 8, "hidden_layers": [2]},
     }
 
 
@@ -85,7 +86,8 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
 
 def test_dry_run_plans_the_foundation(study):
     _, _, dry, _ = study
-    assert planned_jobs(dry.stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2}
+    assert planned_jobs(dry.stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2, "topk_cache": 4,
+                                        "hidden_cache": 4}
 
 
 def test_run_produces_models_shards_and_manifest(study):
@@ -119,17 +121,40 @@ def test_deleted_shard_is_rebuilt_alone_and_identical(study):
     before = target.read_bytes()
     others = {p: p.stat().st_mtime_ns for p in (workdir / "results/shards").glob("*.parquet") if p != target}
     target.unlink()
-    assert planned_jobs(snakemake(workdir, "-n").stdout) == {"shard": 1}
+    # the shard and the caches made from it, nothing of the other shards
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {"shard": 1, "topk_cache": 1, "hidden_cache": 1}
     snakemake(workdir)
     assert target.read_bytes() == before
     assert {p: p.stat().st_mtime_ns for p in others} == others
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {}
 
 
-def test_forcing_one_file_plans_one_job(study):
+@pytest.mark.parametrize("target,rule", [
+    ("results/shards/shard_00002.parquet", "shard"),
+    ("results/cache/tiny-teacher/topk_k4/shard_00001.parquet", "topk_cache"),
+    ("results/cache/tiny-teacher/embed/heldout.parquet", "topk_cache"),
+    ("results/cache/tiny-teacher/hidden_l2/shard_00000.parquet", "hidden_cache"),
+])
+def test_forcing_one_file_plans_one_job(study, target, rule):
     workdir, _, _, _ = study
-    out = snakemake(workdir, "-n", "--force", "results/shards/shard_00002.parquet").stdout
-    assert planned_jobs(out) == {"shard": 1}
+    out = snakemake(workdir, "-n", "--force", target).stdout
+    assert planned_jobs(out) == {rule: 1}
+
+
+def test_caches_exist_for_every_shard_with_summaries(study):
+    workdir, _, _, _ = study
+    from kdflow.cache_format import CacheReader
+
+    for shard in [f"shard_{i:05d}" for i in range(3)] + ["heldout"]:
+        docs = pq.read_table(workdir / f"results/shards/{shard}.parquet").num_rows
+        for kind, sub in (("topk", "topk_k4"), ("embed", "embed"), ("hidden", "hidden_l2")):
+            reader = CacheReader.open(workdir / f"results/cache/tiny-teacher/{sub}/{shard}.parquet", kind,
+                                      {"shard": shard})
+            assert reader.num_rows == docs
+        log = (workdir / f"results/logs/topk_cache/{shard}.log").read_text()
+        summary = json.loads(log.split("summary ", 1)[1].splitlines()[0])
+        assert summary["documents"] == docs and summary["tokens_per_s"] > 0
+    assert not list((workdir / "results/cache/.partial").rglob("*.parquet"))
 
 
 def test_unknown_key_fails_before_any_job(study, tmp_path):
@@ -146,4 +171,5 @@ def test_editing_a_source_file_reruns_the_corpus(study):
     workdir, _, _, _ = study
     doc = workdir / "docs" / "doc05.py"
     doc.write_text(doc.read_text() + "extra = 1\n")
-    assert planned_jobs(snakemake(workdir, "-n").stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2}
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2,
+                                                             "topk_cache": 4, "hidden_cache": 4}
