@@ -70,10 +70,12 @@ def resolve_hf(path: str, revision: str | None, key: str) -> dict[str, Any]:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelError(f"{key} {path!r}: directory has no config.json; it is not a Hugging Face model")
-        listing = sorted((p.name, p.stat().st_size) for p in local.iterdir() if p.is_file())
+        # Hashing every weight file of a 140 GB model would take minutes; names, sizes and modification
+        # times catch weights replaced in place.
+        listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir() if p.is_file())
         digest = hashlib.sha256(json.dumps(listing).encode() + (local / "config.json").read_bytes()).hexdigest()
         return {"load_path": str(local.resolve()), "revision": None, "origin": "local_dir",
-                "source_hash": digest, "source_hash_of": "config.json + file names and sizes"}
+                "source_hash": digest, "source_hash_of": "config.json + file names, sizes and mtimes"}
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelError(f"{key} {path!r}: no such directory, and not a hub id of the form org/name")
     from huggingface_hub import snapshot_download

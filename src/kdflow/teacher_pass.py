@@ -134,6 +134,12 @@ class CacheJob:
             "settings_hash": config_hash({k: s[k] for k in ("max_length", "dtype", "rows_per_part", *keys)}),
         }
 
+    def with_resume_key(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """``meta`` plus the key a finished part must match to be reused: the settings, the teacher's
+        weights and tokenizer, and the shard's bytes."""
+        keys = ("settings_hash", "teacher_source_hash", "teacher_revision", "tokenizer_fingerprint", "shard_sha256")
+        return {**meta, "resume_key": config_hash({k: meta[k] for k in keys})}
+
 
 def _part_paths(job: CacheJob, names: Sequence[str], part: int) -> dict[str, Path]:
     return {n: job.partial_dir / f"{n}_part{part:05d}.parquet" for n in names}
@@ -144,8 +150,7 @@ def _finished(paths: dict[str, Path], meta: dict[str, Any]) -> bool:
     try:
         for p in paths.values():
             raw = pq.read_schema(p).metadata or {}
-            if json.loads(raw[b"kdflow.settings_hash"]) != meta["settings_hash"] or \
-                    json.loads(raw[b"kdflow.shard_sha256"]) != meta["shard_sha256"]:
+            if json.loads(raw[b"kdflow.resume_key"]) != meta["resume_key"]:
                 return False
     except (OSError, KeyError, ValueError):
         return False
@@ -218,6 +223,7 @@ def capture_topk(job: CacheJob) -> dict[str, Any]:
     info, tokenizer, model, tok, pad_id = _setup(job)
     base = job.base_meta(info, tokenizer, model.config.num_hidden_layers, ["k"])
     hidden_size = model.config.hidden_size
+    base = job.with_resume_key(base)
     metas = {"topk": {**base, "cache": "topk", "k": k}, "embed": {**base, "cache": "embed", "hidden_size": hidden_size}}
     schemas = {"topk": topk_schema(k), "embed": embed_schema(hidden_size)}
     device = _input_device(model)
@@ -299,7 +305,8 @@ def capture_hidden(job: CacheJob) -> dict[str, Any]:
     if bad:
         raise ValueError(f"teacher_cache.hidden_layers: {bad} out of range; the teacher has hidden states 0..{n}")
     hidden_size = model.config.hidden_size
-    meta = {**job.base_meta(info, tokenizer, n, ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"]),
+    meta = {**job.with_resume_key(job.base_meta(info, tokenizer, n,
+                                                ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"])),
             "cache": "hidden", "layers": layers, "hidden_size": hidden_size,
             "token_ratio": s["hidden_token_ratio"], "token_seed": s["hidden_token_seed"]}
     device = _input_device(model)

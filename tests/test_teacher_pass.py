@@ -1,0 +1,471 @@
+"""The teacher passes on a tiny model: top-k / embedding / hidden-state caches against a plain forward, the
+truncated hidden pass, resumable parts and the job summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kdflow import cache_format, teacher_pass
+from kdflow.cache_format import CacheReader, PartWriter
+from kdflow.models import load_model, load_tokenizer, prepare_teacher, read_manifest
+from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
+
+from tiny_models import tiny_teacher_dir  # noqa: F401 (fixture)
+
+PREP = {"device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 2, "ppl_max_docs": 0}
+SETTINGS = dict(k=4, max_length=24, batch_size=3, rows_per_part=5, device="cpu", dtype="float32",
+                hidden_layers=[2], hidden_token_ratio=1.0, hidden_token_seed=0)
+LP_TOL = 1e-2      # float16 storage of log-probabilities
+MASS_TOL = 2e-3    # probabilities recovered from float16 log-probabilities
+H_TOL = 5e-3       # float16 storage of hidden states (|h| of order 1)
+
+# 12 documents, ASCII, of 1 to ~60 tokens: five are longer than max_length=24 and get truncated.
+TEXTS = [
+    "x = 1",
+    "def add(a, b):\n    return a + b\n" * 3,
+    "print('hi')",
+    "a",
+    "import os\nprint(os.path.join('a', 'b'))\n" * 2,
+    "class Stack:\n    def push(self, x):\n        self.items.append(x)\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
+    "def f(x):\n    return x * 2\n",
+    "items = [1, 2, 3]",
+    "print(os.path)",
+    "def push(self, x):\n    self.items.append(x)\n    return x\n" * 2,
+    "b = a + b",
+]
+
+
+def write_shard(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"doc_id": pa.array([f"doc-{i:02d}" for i in range(len(texts))], pa.string()),
+                      "source": pa.array(["code"] * len(texts), pa.string()),
+                      "text": pa.array(texts, pa.string())})
+    pq.write_table(table, path)
+    return path
+
+
+def make_teacher(out: Path, model, tokenizer, note: str | None = None) -> Path:
+    """A teacher manifest (named "teacher") over a local model directory holding ``model`` (and ``note`` as a
+    README, which changes the directory's source hash)."""
+    model.save_pretrained(out / "weights")
+    tokenizer.save_pretrained(out / "weights")
+    if note is not None:
+        (out / "weights" / "README.md").write_text(note)
+    manifest = out / "models" / "teacher" / "kdflow_model.json"
+    prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(out / "weights")}}, PREP, manifest, None)
+    return manifest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and several threads spin for ages on busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def teacher_manifest(tmp_path_factory, tiny_teacher_dir):
+    """The tiny teacher with a sharpened LM head: peaked distributions (top-k mass well between 0 and 1)."""
+    ref = {"load_path": str(tiny_teacher_dir), "origin": "local_dir"}
+    model = load_model(ref)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    return make_teacher(tmp_path_factory.mktemp("sharp_teacher"), model, load_tokenizer(ref))
+
+
+@pytest.fixture(scope="module")
+def model(teacher_manifest):
+    return load_model(read_manifest(teacher_manifest))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(teacher_manifest):
+    return load_tokenizer(read_manifest(teacher_manifest))
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    return write_shard(tmp_path_factory.mktemp("shards") / "shard_000.parquet", TEXTS)
+
+
+def topk_job(root: Path, shard: Path, manifest: Path, **settings) -> CacheJob:
+    return CacheJob("topk", shard, {"topk": root / "topk.parquet", "embed": root / "embed.parquet"},
+                    root / ".partial" / "topk", manifest, {**SETTINGS, **settings})
+
+
+def hidden_job(root: Path, shard: Path, manifest: Path, **settings) -> CacheJob:
+    return CacheJob("hidden", shard, {"hidden": root / "hidden.parquet"}, root / ".partial" / "hidden", manifest,
+                    {**SETTINGS, **settings})
+
+
+def docs_of(path: Path, kind: str) -> dict[int, dict]:
+    return {d["doc_index"]: d for d in CacheReader.open(path, kind).iter_docs()}
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory, shard, teacher_manifest):
+    root = tmp_path_factory.mktemp("topk_run")
+    job = topk_job(root, shard, teacher_manifest)
+    summary = capture_topk(job)
+    return job, summary, docs_of(job.outputs["topk"], "topk"), docs_of(job.outputs["embed"], "embed")
+
+
+@pytest.fixture(scope="module")
+def reference(model, tokenizer):
+    """Per document (shard row): full-vocabulary log-probs [n, V] and all hidden states, from one plain
+    unpadded forward over its first max_length tokens."""
+    out = {}
+    with torch.inference_mode():
+        for i, text in enumerate(TEXTS):
+            ids = tokenizer(text)["input_ids"][: SETTINGS["max_length"]]
+            res = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            out[i] = {"ids": ids, "logp": torch.log_softmax(res.logits[0].float(), -1),
+                      "hidden": [h[0].float() for h in res.hidden_states]}
+    return out
+
+
+def _assert_topk_matches(doc: dict, logp: torch.Tensor, k: int) -> None:
+    ids = torch.from_numpy(doc["topk_ids"].astype(np.int64))
+    stored = torch.from_numpy(doc["topk_logprobs"].astype(np.float32))
+    assert ids.shape == stored.shape == (logp.shape[0], k)
+    ref_sorted = logp.sort(-1, descending=True).values[:, :k]
+    at_ids = logp.gather(-1, ids)
+    # the stored ids are the k most probable, most probable first (ties within 1e-5 may come in either order)
+    torch.testing.assert_close(at_ids, ref_sorted, atol=1e-5, rtol=0)
+    assert all(len(set(row.tolist())) == k for row in ids)
+    # the stored values are full-vocabulary log-probs of those ids (not renormalised over the k)
+    torch.testing.assert_close(stored, at_ids, atol=LP_TOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- top-k cache
+
+def test_topk_equals_full_vocabulary_log_softmax_and_is_not_renormalised(topk_run, reference):
+    _, _, topk, _ = topk_run
+    assert sorted(topk) == list(range(len(TEXTS)))
+    masses = []
+    for i, doc in topk.items():
+        _assert_topk_matches(doc, reference[i]["logp"], SETTINGS["k"])
+        masses.append(np.exp(doc["topk_logprobs"].astype(np.float64)).sum(-1))
+    masses = np.concatenate(masses)
+    assert (masses <= 1 + MASS_TOL).all()
+    # renormalised over k they would all sum to 1; the sharpened teacher keeps the true top-k mass well
+    # inside (0, 1) at most positions, so this is a meaningful check
+    assert (masses < 0.97).mean() > 0.5
+    assert 0.2 < masses.mean() < 0.97
+
+
+def test_row_j_holds_the_distribution_predicting_token_j_plus_1(topk_run, model, reference):
+    """Row j is the teacher's distribution after reading tokens 0..j: the same as a forward over that prefix
+    alone, whose last position predicts token j+1."""
+    _, _, topk, _ = topk_run
+    i = max(topk, key=lambda d: topk[d]["n_tokens"])
+    doc = topk[i]
+    n = doc["n_tokens"]
+    with torch.inference_mode():
+        for j in (0, 1, n // 2, n - 2, n - 1):
+            prefix = torch.from_numpy(doc["input_ids"][: j + 1].astype(np.int64))[None]
+            logp = torch.log_softmax(model(input_ids=prefix).logits[0, -1].float(), -1)
+            _assert_topk_matches({"topk_ids": doc["topk_ids"][j:j + 1], "topk_logprobs": doc["topk_logprobs"][j:j + 1]},
+                                 logp[None], SETTINGS["k"])
+            torch.testing.assert_close(torch.tensor(float(doc["rest_logprob"][j])),
+                                       torch.log1p(-logp.exp().topk(SETTINGS["k"]).values.sum()), atol=LP_TOL, rtol=0)
+    # and the cached distributions differ from one row to the next (no row is repeated or shifted in)
+    assert not np.array_equal(doc["topk_ids"][:-1], doc["topk_ids"][1:])
+
+
+def test_rest_logprob_is_the_missing_mass(topk_run, reference):
+    _, _, topk, _ = topk_run
+    for i, doc in topk.items():
+        top = np.exp(doc["topk_logprobs"].astype(np.float64)).sum(-1)
+        rest = np.exp(doc["rest_logprob"].astype(np.float64))
+        assert doc["rest_logprob"].shape == (doc["n_tokens"],)
+        np.testing.assert_allclose(top + rest, 1.0, atol=MASS_TOL, rtol=0)
+        ref_top = reference[i]["logp"].exp().topk(SETTINGS["k"], -1).values.sum(-1).double().numpy()
+        np.testing.assert_allclose(rest, 1.0 - ref_top, atol=MASS_TOL, rtol=0)
+        assert (doc["rest_logprob"] < 0).all()
+
+
+def test_input_ids_truncation_and_covered_text(topk_run, tokenizer):
+    _, summary, topk, embed = topk_run
+    max_length = SETTINGS["max_length"]
+    retokenised_truncated = 0
+    for i, text in enumerate(TEXTS):
+        full = tokenizer(text)["input_ids"]
+        doc, emb = topk[i], embed[i]
+        assert doc["input_ids"].dtype == np.int32
+        assert doc["input_ids"].tolist() == full[:max_length]
+        assert doc["truncated"] is (len(full) > max_length)
+        assert doc["n_tokens"] == emb["n_tokens"] == min(len(full), max_length) == len(doc["topk_ids"])
+        assert doc["doc_id"] == emb["doc_id"] == f"doc-{i:02d}"
+        # the embed cache's text is the part of the document the teacher saw
+        assert text.startswith(emb["text"])
+        assert tokenizer.decode(doc["input_ids"].tolist()) == emb["text"]
+        if not doc["truncated"]:
+            assert emb["text"] == text
+        else:
+            assert len(emb["text"]) < len(text)
+            # a cut after a whitespace run re-tokenises differently (byte-level BPE); elsewhere it is exact
+            if not emb["text"][-1].isspace():
+                assert tokenizer(emb["text"])["input_ids"] == doc["input_ids"].tolist()
+                retokenised_truncated += 1
+    assert sum(d["truncated"] for d in topk.values()) == summary["truncated_documents"] == 5
+    assert retokenised_truncated >= 2
+
+
+def test_pooled_embedding_is_masked_mean_of_final_hidden_state(topk_run, reference):
+    _, _, _, embed = topk_run
+    for i, doc in embed.items():
+        want = reference[i]["hidden"][-1].mean(0)
+        assert doc["embedding"].dtype == np.float16 and doc["embedding"].shape == want.shape
+        np.testing.assert_allclose(doc["embedding"].astype(np.float32), want.numpy(), atol=H_TOL, rtol=1e-3)
+
+
+def test_padding_in_a_batch_changes_nothing(tmp_path, shard, teacher_manifest, topk_run):
+    job = topk_job(tmp_path, shard, teacher_manifest, batch_size=1)
+    capture_topk(job)
+    _, _, batched, batched_embed = topk_run
+    single, single_embed = docs_of(job.outputs["topk"], "topk"), docs_of(job.outputs["embed"], "embed")
+    assert sorted(single) == sorted(batched)
+    for i in batched:
+        a, b = single[i], batched[i]
+        assert np.array_equal(a["input_ids"], b["input_ids"])
+        np.testing.assert_allclose(a["topk_logprobs"].astype(np.float32), b["topk_logprobs"].astype(np.float32),
+                                   atol=2e-3, rtol=0)
+        np.testing.assert_allclose(a["rest_logprob"].astype(np.float32), b["rest_logprob"].astype(np.float32),
+                                   atol=2e-3, rtol=0)
+        differ = a["topk_ids"] != b["topk_ids"]  # only near-ties may swap
+        assert differ.mean() < 0.05
+        np.testing.assert_allclose(a["topk_logprobs"][differ].astype(np.float32),
+                                   b["topk_logprobs"][differ].astype(np.float32), atol=2e-3, rtol=0)
+        np.testing.assert_allclose(single_embed[i]["embedding"].astype(np.float32),
+                                   batched_embed[i]["embedding"].astype(np.float32), atol=2e-3, rtol=1e-3)
+
+
+def test_summary_counts_and_bytes(topk_run):
+    job, summary, topk, _ = topk_run
+    for key in ("documents", "tokens", "seconds", "tokens_per_s", "bytes_written", "truncated_documents"):
+        assert key in summary, key
+    assert summary["documents"] == len(TEXTS)
+    assert summary["tokens"] == sum(d["n_tokens"] for d in topk.values()) == summary["tokens_computed"]
+    assert summary["bytes_written"] == sum(p.stat().st_size for p in job.outputs.values())
+    assert summary["bytes"] == {name: p.stat().st_size for name, p in job.outputs.items()}
+    assert summary["seconds"] >= 0 and summary["tokens_per_s"] > 0
+    assert summary["parts"] == 3 and summary["parts_resumed"] == 0
+    assert summary["values_clamped"] == {"rest_logprob": 0, "embedding": 0}
+
+
+def test_every_document_once_and_one_row_group_per_part(topk_run, shard):
+    job, _, _, _ = topk_run
+    n_docs = pq.read_metadata(shard).num_rows
+    for name, path in job.outputs.items():
+        table = pq.read_table(path, columns=["doc_index", "doc_id"])
+        assert sorted(table.column("doc_index").to_pylist()) == list(range(n_docs)), name
+        ids = dict(zip(table.column("doc_index").to_pylist(), table.column("doc_id").to_pylist()))
+        assert ids == {i: f"doc-{i:02d}" for i in range(n_docs)}
+        assert pq.ParquetFile(path).num_row_groups == math.ceil(n_docs / SETTINGS["rows_per_part"]) == 3
+    meta = CacheReader.open(job.outputs["topk"], "topk", expected={"k": 4, "max_length": 24}).meta
+    assert meta["shard"] == "shard_000" and meta["teacher"] == "teacher" and meta["teacher_layers"] == 4
+    assert CacheReader.open(job.outputs["embed"], "embed", expected={"hidden_size": 32}).meta["vocab_size"] > 0
+    assert not job.partial_dir.exists()
+
+
+# --------------------------------------------------------------------------- hidden-state cache
+
+def test_hidden_cache_equals_output_hidden_states(tmp_path, shard, teacher_manifest, reference):
+    layers = [0, 1, 2, 4]  # embeddings, decoder layers 1 and 2, and after the final norm
+    job = hidden_job(tmp_path, shard, teacher_manifest, hidden_layers=layers)
+    summary = capture_hidden(job)
+    assert summary["passes_per_token"] == 1.0 and summary["layers"] == layers
+    reader = CacheReader.open(job.outputs["hidden"], "hidden", expected={"layers": layers})
+    docs = {d["doc_index"]: d for d in reader.iter_docs()}
+    assert sorted(docs) == list(range(len(TEXTS)))
+    assert pq.ParquetFile(job.outputs["hidden"]).num_row_groups == 3
+    for i, doc in docs.items():
+        n = len(reference[i]["ids"])
+        assert doc["n_tokens"] == n and doc["positions"].tolist() == list(range(n))
+        for layer in layers:
+            got = doc[f"hidden_l{layer}"]
+            assert got.dtype == np.float16 and got.shape == (n, 32)
+            np.testing.assert_allclose(got.astype(np.float32), reference[i]["hidden"][layer].numpy(),
+                                       atol=H_TOL, rtol=1e-3, err_msg=f"doc {i} layer {layer}")
+
+
+def test_hidden_token_subset_is_seeded_sorted_and_matches(tmp_path, shard, teacher_manifest, reference):
+    def run(name: str, seed: int) -> dict[int, dict]:
+        job = hidden_job(tmp_path / name, shard, teacher_manifest, hidden_layers=[1, 3],
+                         hidden_token_ratio=0.5, hidden_token_seed=seed)
+        capture_hidden(job)
+        return docs_of(job.outputs["hidden"], "hidden")
+
+    a, again, other = run("a", 0), run("again", 0), run("other", 7)
+    for i, doc in a.items():
+        n = doc["n_tokens"]
+        pos = doc["positions"]
+        assert len(pos) == max(1, round(0.5 * n))
+        assert (np.diff(pos) > 0).all() and pos.min() >= 0 and pos.max() < n
+        assert np.array_equal(pos, again[i]["positions"])
+        for layer in (1, 3):
+            got = doc[f"hidden_l{layer}"]
+            assert got.shape == (len(pos), 32)
+            want = reference[i]["hidden"][layer][torch.from_numpy(pos.astype(np.int64))]
+            np.testing.assert_allclose(got.astype(np.float32), want.numpy(), atol=H_TOL, rtol=1e-3)
+            assert np.array_equal(got.view(np.uint16), again[i][f"hidden_l{layer}"].view(np.uint16))
+    assert any(not np.array_equal(a[i]["positions"], other[i]["positions"]) for i in a)
+    assert all(len(a[i]["positions"]) == len(other[i]["positions"]) for i in a)
+    # documents do not all share one subset pattern
+    long_docs = [i for i in a if a[i]["n_tokens"] == SETTINGS["max_length"]]
+    assert len({tuple(a[i]["positions"]) for i in long_docs}) > 1
+
+
+def test_hidden_pass_stops_after_deepest_layer(tmp_path, shard, teacher_manifest, reference, monkeypatch):
+    held = load_model(read_manifest(teacher_manifest))
+    calls = {name: 0 for name in ("layer0", "layer1", "layer2", "layer3", "norm", "lm_head")}
+
+    def counter(name):
+        def hook(*_):
+            calls[name] += 1
+        return hook
+
+    for idx, layer in enumerate(held.model.layers):
+        layer.register_forward_hook(counter(f"layer{idx}"))
+    held.model.norm.register_forward_hook(counter("norm"))
+    held.lm_head.register_forward_hook(counter("lm_head"))
+    monkeypatch.setattr(teacher_pass, "load_model", lambda *a, **k: held)
+
+    job = hidden_job(tmp_path, shard, teacher_manifest, hidden_layers=[2])
+    summary = capture_hidden(job)
+    parts = [5, 5, 2]
+    batches = sum(math.ceil(p / SETTINGS["batch_size"]) for p in parts)
+    assert calls == {"layer0": batches, "layer1": batches, "layer2": 0, "layer3": 0, "norm": 0, "lm_head": 0}
+    assert summary["passes_per_token"] == 2 / 4
+    for i, doc in docs_of(job.outputs["hidden"], "hidden").items():
+        np.testing.assert_allclose(doc["hidden_l2"].astype(np.float32), reference[i]["hidden"][2].numpy(),
+                                   atol=H_TOL, rtol=1e-3)
+    # the stopping hooks are gone afterwards: the model runs to the end again
+    with torch.inference_mode():
+        held(input_ids=torch.tensor([reference[0]["ids"]]))
+    assert calls["layer3"] == 1 and calls["lm_head"] == 1
+
+
+@pytest.mark.parametrize("layers", [[5], [1, 9]])
+def test_hidden_layers_out_of_range_refused(tmp_path, shard, teacher_manifest, layers):
+    with pytest.raises(ValueError, match=r"0\.\.4"):
+        capture_hidden(hidden_job(tmp_path, shard, teacher_manifest, hidden_layers=layers))
+    assert not (tmp_path / "hidden.parquet").exists()
+
+
+# --------------------------------------------------------------------------- resumability
+
+class Killed(Exception):
+    pass
+
+
+def kill_at_write(monkeypatch, n: int) -> None:
+    """Make the n-th part-file write die midway (its temporary file half written)."""
+    original = PartWriter.write
+    count = [0]
+
+    def write(self, path, columns, meta):
+        count[0] += 1
+        if count[0] == n:
+            from kdflow.atomic import atomic_path
+
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(b"PAR1 half a part")
+                raise Killed(path)
+        return original(self, path, columns, meta)
+
+    monkeypatch.setattr(cache_format.PartWriter, "write", write)
+
+
+def tables_equal(a: Path, b: Path) -> bool:
+    return pq.read_table(a).equals(pq.read_table(b)) and \
+        pq.ParquetFile(a).num_row_groups == pq.ParquetFile(b).num_row_groups
+
+
+def test_killed_job_resumes_from_finished_parts(tmp_path, shard, teacher_manifest, topk_run, monkeypatch):
+    clean_job, clean_summary, _, _ = topk_run
+    job = topk_job(tmp_path, shard, teacher_manifest)
+    with monkeypatch.context() as m:
+        kill_at_write(m, 3)  # part 0 writes topk + embed, then part 1's topk dies
+        with pytest.raises(Killed):
+            capture_topk(job)
+    assert not any(p.exists() for p in job.outputs.values())
+    assert not list(tmp_path.rglob(".*.tmp-*"))
+    assert sorted(p.name for p in job.partial_dir.iterdir()) == ["embed_part00000.parquet", "topk_part00000.parquet"]
+
+    summary = capture_topk(job)
+    assert summary["parts_resumed"] == 1
+    assert 0 < summary["tokens_computed"] < summary["tokens"] == clean_summary["tokens"]
+    for name in ("topk", "embed"):
+        assert tables_equal(job.outputs[name], clean_job.outputs[name]), name
+    assert not job.partial_dir.exists()
+    assert not list(tmp_path.rglob(".*.tmp-*"))
+
+
+def test_killed_hidden_job_resumes(tmp_path, shard, teacher_manifest, monkeypatch):
+    job = hidden_job(tmp_path / "killed", shard, teacher_manifest)
+    with monkeypatch.context() as m:
+        kill_at_write(m, 2)
+        with pytest.raises(Killed):
+            capture_hidden(job)
+    assert not job.outputs["hidden"].exists()
+    assert [p.name for p in job.partial_dir.iterdir()] == ["hidden_part00000.parquet"]
+    assert capture_hidden(job)["parts_resumed"] == 1
+    clean = hidden_job(tmp_path / "clean", shard, teacher_manifest)
+    capture_hidden(clean)
+    assert tables_equal(job.outputs["hidden"], clean.outputs["hidden"])
+
+
+def _kill_after_first_part(job: CacheJob, monkeypatch) -> None:
+    with monkeypatch.context() as m:
+        kill_at_write(m, 3)
+        with pytest.raises(Killed):
+            capture_topk(job)
+    assert (job.partial_dir / "topk_part00000.parquet").is_file()
+
+
+@pytest.mark.parametrize("stale", ["other_k", "other_shard_content", "damaged_part"])
+def test_stale_partial_part_is_recomputed(tmp_path, shard, teacher_manifest, topk_run, monkeypatch, stale):
+    clean_job, _, _, _ = topk_run
+    job = topk_job(tmp_path / "out", shard, teacher_manifest)
+    if stale == "other_k":
+        _kill_after_first_part(topk_job(tmp_path / "out", shard, teacher_manifest, k=3), monkeypatch)
+    elif stale == "other_shard_content":
+        other = write_shard(tmp_path / "elsewhere" / shard.name, [t.upper() for t in TEXTS])
+        _kill_after_first_part(topk_job(tmp_path / "out", other, teacher_manifest), monkeypatch)
+    else:
+        _kill_after_first_part(job, monkeypatch)
+        part = job.partial_dir / "embed_part00000.parquet"
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    summary = capture_topk(job)
+    assert summary["parts_resumed"] == 0
+    assert summary["tokens_computed"] == summary["tokens"]
+    for name in ("topk", "embed"):
+        assert tables_equal(job.outputs[name], clean_job.outputs[name]), name
+    assert not job.partial_dir.exists()
+
+
+def test_partial_part_from_other_teacher_weights_is_recomputed(tmp_path, shard, teacher_manifest, topk_run,
+                                                              tiny_teacher_dir, monkeypatch):
+    """The teacher's weights change (same name, e.g. another teacher.source.path), after a killed job."""
+    clean_job, _, _, _ = topk_run
+    ref = {"load_path": str(tiny_teacher_dir), "origin": "local_dir"}
+    other_manifest = make_teacher(tmp_path / "other_teacher", load_model(ref), load_tokenizer(ref),
+                                  note="the unsharpened tiny teacher")
+    assert read_manifest(other_manifest)["source_hash"] != read_manifest(teacher_manifest)["source_hash"]
+    _kill_after_first_part(topk_job(tmp_path / "out", shard, other_manifest), monkeypatch)
+    job = topk_job(tmp_path / "out", shard, teacher_manifest)
+    summary = capture_topk(job)
+    assert summary["parts_resumed"] == 0
+    assert tables_equal(job.outputs["topk"], clean_job.outputs["topk"])
