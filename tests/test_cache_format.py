@@ -293,3 +293,16 @@ def test_read_meta_on_parquet_without_kdflow_metadata(tmp_path):
     with pytest.raises(CacheError) as err:
         read_meta(path)
     assert str(path) in str(err.value) and "kdflow" in str(err.value)
+
+
+def test_a_shard_file_is_not_a_cache(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdflow.cache_format import CacheError, read_meta
+
+    shard = tmp_path / "shard_00000.parquet"
+    table = pa.table({"doc_id": ["a"], "source": ["s"], "text": ["x"]})
+    pq.write_table(table.replace_schema_metadata({b"kdflow.shard": b"shard_00000"}), shard)
+    with pytest.raises(CacheError, match="no kdflow cache metadata"):
+        read_meta(shard)

@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 
 FORMAT_VERSION = 1
 META_PREFIX = "kdflow."
-VALUE_DTYPES = {"float16": (np.float16, pa.float16()), "bfloat16": (None, None)}
 
 
 class CacheMismatch(ValueError):
@@ -112,8 +111,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raw = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowInvalid) as e:
         raise CacheError(f"{path}: not a readable Parquet file ({e}); rebuild it with `snakemake --force {path}`") from e
-    meta = {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in raw.items()
-            if k.decode().startswith(META_PREFIX)}
+    try:
+        meta = {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in raw.items()
+                if k.decode().startswith(META_PREFIX)}
+    except ValueError:  # e.g. a shard file: kdflow.* keys, but plain strings, not a cache's JSON values
+        meta = {}
     if "cache" not in meta:
         raise CacheError(f"{path}: has no kdflow cache metadata; it was not written by kdflow")
     return meta
@@ -126,6 +128,8 @@ def check_compatible(path: str | Path, meta: dict[str, Any], expected: dict[str,
     """
     for key, want in expected.items():
         have = meta.get(key)
+        if have != want and key == "cache":
+            raise CacheMismatch(f"{path}: is a {have!r} cache, but {asked_by} needs a {want!r} cache; check the path")
         if have != want:
             raise CacheMismatch(f"{path}: built with {key}={have!r}, but {asked_by} needs {key}={want!r}; rebuild "
                                 f"the cache for this config (`snakemake --force {path}`) or fix the config")

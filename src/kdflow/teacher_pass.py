@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kdflow import __version__
-from kdflow.cache_format import PartWriter, assemble, embed_schema, fixed, hidden_schema, ragged, topk_schema
+from kdflow.cache_format import FORMAT_VERSION, PartWriter, assemble, embed_schema, fixed, hidden_schema, ragged, topk_schema
 from kdflow.config import config_hash
 from kdflow.models import load_model, load_tokenizer, read_manifest, tokenizer_fingerprint
 from kdflow.provenance import file_sha256, git_commit
@@ -90,12 +90,15 @@ def topk_of_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, k: int, chunk
     ids_out, lp_out, rest_out = [], [], []
     for start in range(0, hidden.shape[0], chunk):
         logits = lm_head(hidden[start:start + chunk]).float()
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         values, ids = torch.topk(logits, k, dim=-1)
-        # the mass outside the k ids, from the logits themselves (not 1 - sum, which loses precision)
-        rest = logits.scatter_(-1, ids, float("-inf")).logsumexp(-1, keepdim=True) - lse
+        # One exp pass, in place, shifted by the row maximum (the top-1 value): the total gives the
+        # log-normaliser, and the sum with the k entries zeroed gives the mass outside the k directly
+        # (not as 1 - sum, which would lose precision when the k hold nearly all of it).
+        probs = logits.sub_(values[:, :1]).exp_()
+        log_total = probs.sum(-1, keepdim=True).log_()
+        rest = probs.scatter_(-1, ids, 0.0).sum(-1, keepdim=True).log_() - log_total
         ids_out.append(ids.to(torch.int32))
-        lp_out.append(values - lse)
+        lp_out.append(values - values[:, :1] - log_total)
         rest_out.append(rest.squeeze(-1))
     return torch.cat(ids_out), torch.cat(lp_out), torch.cat(rest_out)
 
@@ -125,7 +128,7 @@ class CacheJob:
         """Provenance for every file of this job; ``keys`` are the settings that change its content."""
         s = self.settings
         return {
-            "format_version": 1, "kdflow_version": __version__, "git_commit": git_commit(),
+            "format_version": FORMAT_VERSION, "kdflow_version": __version__, "git_commit": git_commit(),
             "teacher": teacher_info["name"], "teacher_source_hash": teacher_info.get("source_hash"),
             "teacher_revision": teacher_info.get("revision"), "teacher_layers": n_layers,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
@@ -298,7 +301,7 @@ def layer_hooks(model, layers: Sequence[int], captured: dict[int, torch.Tensor])
 def capture_hidden(job: CacheJob) -> dict[str, Any]:
     """The hidden-state cache of one shard, from a pass that stops after the deepest requested layer."""
     s = job.settings
-    layers = list(s["hidden_layers"])
+    layers = sorted(set(s["hidden_layers"]))
     info, tokenizer, model, tok, pad_id = _setup(job)
     n = model.config.num_hidden_layers
     bad = [layer for layer in layers if not 0 <= layer <= n]
