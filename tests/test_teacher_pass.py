@@ -469,3 +469,59 @@ def test_partial_part_from_other_teacher_weights_is_recomputed(tmp_path, shard, 
     summary = capture_topk(job)
     assert summary["parts_resumed"] == 0
     assert tables_equal(job.outputs["topk"], clean_job.outputs["topk"])
+
+
+_SLOW_CHILD = """
+import sys, time
+import kdflow.cache_format as cf
+from pathlib import Path
+from kdflow.teacher_pass import CacheJob, capture_topk
+settings = {settings!r}
+real_write = cf.PartWriter.write
+calls = [0]
+def write(self, path, columns, meta):
+    calls[0] += 1
+    if calls[0] == 3:                       # part 0 is finished: stall in part 1 until killed
+        Path({ready!r}).write_text("ready")
+        time.sleep(600)
+    return real_write(self, path, columns, meta)
+cf.PartWriter.write = write
+capture_topk(CacheJob("topk", Path({shard!r}), {{"topk": Path({topk!r}), "embed": Path({embed!r})}},
+                      Path({partial!r}), Path({manifest!r}), settings))
+"""
+
+
+def test_sigkill_mid_job_leaves_no_output_and_the_rerun_resumes(tmp_path, shard, teacher_manifest, topk_run):
+    """A real kill -9 (as SLURM preemption without a grace period does), not an exception."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    clean_job, _, _, _ = topk_run
+    job = topk_job(tmp_path, shard, teacher_manifest)
+    ready = tmp_path / "ready"
+    code = _SLOW_CHILD.format(settings=dict(job.settings), ready=str(ready), shard=str(shard),
+                              topk=str(job.outputs["topk"]), embed=str(job.outputs["embed"]),
+                              partial=str(job.partial_dir), manifest=str(teacher_manifest))
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert child.poll() is None, "the capture process ended before it could be killed"
+            assert time.monotonic() < deadline, "the capture process never reached its second part"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert not any(p.exists() for p in job.outputs.values())
+    assert sorted(p.name for p in job.partial_dir.iterdir()) == ["embed_part00000.parquet", "topk_part00000.parquet"]
+
+    summary = capture_topk(job)
+    assert summary["parts_resumed"] == 1
+    for name in ("topk", "embed"):
+        assert tables_equal(job.outputs[name], clean_job.outputs[name]), name
+    assert not job.partial_dir.exists()
+

@@ -27,7 +27,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    _remove(tmp)
+    # Temporaries of earlier, killed writers of this same output (Snakemake runs one job per output).
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        _remove(stale)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
