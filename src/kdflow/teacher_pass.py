@@ -149,7 +149,8 @@ def _part_paths(job: CacheJob, names: Sequence[str], part: int) -> dict[str, Pat
 
 
 def _finished(paths: dict[str, Path], meta: dict[str, Any]) -> bool:
-    """A part counts as done when all its files exist and were made with the same settings and shard."""
+    """A part counts as done when all its files exist and carry this job's resume key (same settings,
+    teacher weights, tokenizer and shard bytes)."""
     try:
         for p in paths.values():
             raw = pq.read_schema(p).metadata or {}
@@ -169,7 +170,7 @@ def run_cache_job(job: CacheJob, metas: dict[str, dict], schemas: dict[str, Any]
     n_parts = max(1, -(-len(order) // rows))
     writers = {name: PartWriter(schemas[name]) for name in job.outputs}
     job.partial_dir.mkdir(parents=True, exist_ok=True)
-    t0, tokens_done, resumed, bytes_parts = time.perf_counter(), 0, 0, 0
+    t0, tokens_done, resumed = time.perf_counter(), 0, 0
     total_tokens = int(sum(len(x) for x in tok.ids))
     bar = tqdm(total=total_tokens, desc=progress_desc, unit="tok", unit_scale=True, mininterval=1)
     all_parts: dict[str, list[Path]] = {name: [] for name in job.outputs}
@@ -185,7 +186,7 @@ def run_cache_job(job: CacheJob, metas: dict[str, dict], schemas: dict[str, Any]
             continue
         columns = make_part(index)
         for name, cols in columns.items():
-            bytes_parts += writers[name].write(paths[name], cols, metas[name])
+            writers[name].write(paths[name], cols, metas[name])
         tokens_done += part_tokens
         bar.update(part_tokens)
         bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
@@ -197,7 +198,7 @@ def run_cache_job(job: CacheJob, metas: dict[str, dict], schemas: dict[str, Any]
                "tokens_computed": tokens_done, "parts": n_parts, "parts_resumed": resumed,
                "truncated_documents": int(tok.truncated.sum()), "seconds": round(seconds, 3),
                "tokens_per_s": round(tokens_done / seconds, 1) if tokens_done else None,
-               "bytes_written": sum(sizes.values()), "bytes": {k: v for k, v in sizes.items()}}
+               "bytes_written": sum(sizes.values()), "bytes": dict(sizes)}
     return summary
 
 
