@@ -25,12 +25,14 @@ wildcard_constraints:
 TEACHER = config["teacher"]["name"]
 STUDENTS = {s["name"]: s for s in config["students"]}
 CACHE_CFG = config["teacher_cache"]
+TOPK_NAME = f"topk_k{CACHE_CFG['k']}"
+HIDDEN_NAME = f"hidden_l{'-'.join(map(str, sorted(CACHE_CFG['hidden_layers'])))}"
 CACHE = f"results/cache/{TEACHER}"
-TOPK_DIR = f"{CACHE}/topk_k{CACHE_CFG['k']}"
+TOPK_DIR = f"{CACHE}/{TOPK_NAME}"
 EMBED_DIR = f"{CACHE}/embed"
-HIDDEN_DIR = f"{CACHE}/hidden_l{'-'.join(map(str, sorted(CACHE_CFG['hidden_layers'])))}"
+HIDDEN_DIR = f"{CACHE}/{HIDDEN_NAME}"
 # Finished parts of unfinished cache jobs: outside the declared outputs, which Snakemake deletes on failure.
-PARTIAL = "results/cache/.partial"
+PARTIAL = f"results/cache/.partial/{TEACHER}"
 
 
 def source_files():

@@ -10,7 +10,7 @@ rule topk_cache:
         embed=f"{EMBED_DIR}/{{shard}}.parquet",
     params:
         settings=cache_settings("k"),
-        partial=f"{PARTIAL}/{TEACHER}/topk_k{CACHE_CFG['k']}/{{shard}}",
+        partial=f"{PARTIAL}/{TOPK_NAME}/{{shard}}",
     threads: 8
     log:
         "results/logs/topk_cache/{shard}.log",
@@ -30,7 +30,7 @@ rule hidden_cache:
         hidden=f"{HIDDEN_DIR}/{{shard}}.parquet",
     params:
         settings=cache_settings("hidden_layers", "hidden_token_ratio", "hidden_token_seed"),
-        partial=f"{PARTIAL}/{TEACHER}/{HIDDEN_DIR.rsplit('/', 1)[1]}/{{shard}}",
+        partial=f"{PARTIAL}/{HIDDEN_NAME}/{{shard}}",
     threads: 8
     log:
         "results/logs/hidden_cache/{shard}.log",

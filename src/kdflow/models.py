@@ -253,11 +253,10 @@ def _max_logit_diff(a, b, vocab: int) -> float:
 def _heldout_ppl(model, tokenizer, heldout: str | Path | None, settings: dict, name: str) -> dict | None:
     if heldout is None or settings["ppl_max_docs"] == 0:
         return None
-    import pyarrow.parquet as pq
-
     from kdflow.perplexity import perplexity
+    from kdflow.shards import read_texts
 
-    texts = pq.read_table(heldout, columns=["text"]).column("text").to_pylist()[: settings["ppl_max_docs"]]
+    texts = read_texts(heldout, settings["ppl_max_docs"])
     if not texts:
         raise ModelError(f"{heldout}: the held-out set is empty; raise data.heldout.fraction")
     result = perplexity(model, tokenizer, texts, max_length=settings["max_length"],
