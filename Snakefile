@@ -16,6 +16,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/teacher.smk"
+include: "rules/train.smk"
 
 
 rule all:

@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from kdflow.config import ConfigError, load_schema, validate_config
 from kdflow.corpus import shard_name
+from kdflow.runs import RUN_NAME_PATTERN, expand_runs
 from kdflow.shards import SHARD_PATTERN
 
 try:
@@ -20,6 +21,7 @@ except ConfigError as e:
 wildcard_constraints:
     shard=SHARD_PATTERN,
     model="[A-Za-z0-9][A-Za-z0-9._-]*",
+    run=RUN_NAME_PATTERN,
 
 
 TEACHER = config["teacher"]["name"]
@@ -33,6 +35,8 @@ EMBED_DIR = f"{CACHE}/embed"
 HIDDEN_DIR = f"{CACHE}/{HIDDEN_NAME}"
 # Finished parts of unfinished cache jobs: outside the declared outputs, which Snakemake deletes on failure.
 PARTIAL = f"results/cache/.partial/{TEACHER}"
+# Training runs by name (already checked by validate_config).
+RUNS = expand_runs(config)[0]
 
 
 def source_files():
@@ -92,10 +96,50 @@ def cache_files():
     ]
 
 
+def run_spec(wildcards):
+    if wildcards.run not in RUNS:
+        raise WorkflowError(
+            f"run {wildcards.run!r} is not in the config's training.experiments; known runs: {sorted(RUNS)}"
+        )
+    return RUNS[wildcards.run]
+
+
+def train_inputs(wildcards):
+    """The student, the training shards' caches this run reads, and the held-out shard."""
+    spec = run_spec(wildcards)
+    shards = shard_names(with_heldout=False)
+    own_vocab = STUDENTS[spec["student"]].get("vocab") == "own"
+    inputs = {
+        "student": model_manifest(spec["student"]),
+        "heldout": "results/shards/heldout.parquet",
+        "topk": [f"{TOPK_DIR}/{s}.parquet" for s in shards],
+    }
+    if "relb" in spec["terms"] or own_vocab:
+        inputs["embed"] = [f"{EMBED_DIR}/{s}.parquet" for s in shards]
+    if "fb" in spec["terms"]:
+        inputs["hidden"] = [f"{HIDDEN_DIR}/{s}.parquet" for s in shards]
+    return inputs
+
+
+def train_expected(wildcards):
+    """Cache metadata a run's files must carry (the loader refuses others, naming the file and key)."""
+    spec = run_spec(wildcards)
+    expected = {"teacher": TEACHER, "k": CACHE_CFG["k"], "max_length": CACHE_CFG["max_length"]}
+    if "fb" in spec["terms"]:
+        expected["layers"] = sorted(set(CACHE_CFG["hidden_layers"]))
+        expected["token_ratio"] = CACHE_CFG["hidden_token_ratio"]
+    return expected
+
+
+def train_outputs():
+    return [f"results/train/{run}" for run in RUNS]
+
+
 def get_final_output():
     return (
         shard_files()
         + ["results/data/manifest.json"]
         + [model_manifest(m) for m in [TEACHER, *STUDENTS]]
         + cache_files()
+        + train_outputs()
     )

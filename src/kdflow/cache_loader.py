@@ -164,7 +164,8 @@ class CacheStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, shards: Sequence[ShardCaches], *, expected: dict | None = None, seed: int = 0,
-                 shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1, asked_by: str = "training"):
+                 shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1, asked_by: str = "training",
+                 with_text: bool = False):
         super().__init__()
         if not shards:
             raise ValueError("CacheStream: no shards given")
@@ -178,6 +179,10 @@ class CacheStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.asked_by = int(rank), int(world_size), asked_by
         per_kind = split_expected(expected)
         self._shards = [self._open(s if isinstance(s, ShardCaches) else ShardCaches(s), per_kind) for s in shards]
+        self.with_text = bool(with_text)
+        if self.with_text and any("embed" not in sh.readers for sh in self._shards):
+            raise ValueError("CacheStream(with_text=True): the document texts are read from the embed files; give "
+                             "every shard its embed file")
         self._check_across_shards()
         # The units of an epoch: (shard number, row group number, rows).
         self._units = [(si, gi, n) for si, sh in enumerate(self._shards) for gi, n in enumerate(sh.row_groups)]
@@ -336,10 +341,11 @@ class CacheStream(torch.utils.data.IterableDataset):
         emb = None
         if "embed" in sh.readers:
             er = sh.readers["embed"]
-            te = _read_row_group(er.path, gi, ["doc_index", "n_tokens", "embedding"])
+            te = _read_row_group(er.path, gi, ["doc_index", "n_tokens", "embedding"] + (["text"] if self.with_text else []))
             _check_rows(top.path, er.path, gi, doc_index, te.column("doc_index").to_numpy(), "doc_index")
             _check_rows(top.path, er.path, gi, lengths, te.column("n_tokens").to_numpy(), "n_tokens")
             emb = _fixed_values(te.column("embedding"))
+            texts = te.column("text").to_pylist() if self.with_text else None
 
         hid = None
         if "hidden" in sh.readers:
@@ -364,6 +370,8 @@ class CacheStream(torch.utils.data.IterableDataset):
                    **{name: values[a:b].copy() for name, values in arrays.items()}}
             if emb is not None:
                 doc["embedding"] = emb[row].copy()
+                if texts is not None:
+                    doc["text"] = texts[row]
             if hid is not None:
                 hoff, positions, states = hid
                 c, d = hoff[row], hoff[row + 1]
@@ -399,7 +407,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
     ``topk_logprobs`` float32 [B, L, k] (pad 0), ``rest_logprob`` float32 [B, L] (pad 0), ``doc_index``
     long [B], ``shard`` list[str]; with embed caches ``embedding`` float32 [B, D]; with hidden caches
     ``hidden_positions`` long [B, P] (P the most stored positions, padded with -1) and ``hidden``
-    {layer: float32 [B, P, D]} (pad 0).
+    {layer: float32 [B, P, D]} (pad 0); with ``with_text`` streams ``text`` list[str] (the part of each
+    document the teacher's tokens cover).
     """
     if not examples:
         raise ValueError("collate: no examples")
@@ -444,4 +453,6 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
                 hidden[layer][i, :p] = values
         out["hidden_positions"] = torch.from_numpy(positions)
         out["hidden"] = {layer: torch.from_numpy(v) for layer, v in hidden.items()}
+    if "text" in keys:
+        out["text"] = [ex["text"] for ex in examples]
     return out

@@ -77,13 +77,15 @@ def validate_config(config: dict, schema: dict | None = None, source: str = "con
     errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.message))
     problems = [_describe(e) for e in errors]
     if not problems:
-        problems = _cross_checks(config)
+        problems = _cross_checks(config, schema)
     if problems:
         raise ConfigError(f"{source} is invalid:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
     return config
 
 
-def _cross_checks(config: dict) -> list[str]:
+def _cross_checks(config: dict, schema: dict) -> list[str]:
+    from kdflow.runs import expand_runs
+
     problems = []
     names = [s["name"] for s in config["data"]["sources"]]
     for dup in sorted({n for n in names if names.count(n) > 1}):
@@ -98,7 +100,7 @@ def _cross_checks(config: dict) -> list[str]:
     data = config["data"]
     if data["long_docs"] != "truncate" and data["max_chars"] is None:
         problems.append(f"data.long_docs: {data['long_docs']!r} needs data.max_chars to be set")
-    return problems
+    return problems + expand_runs(config, schema)[1]
 
 
 def load_config(path: str | Path, schema: dict | None = None) -> dict:

@@ -1,0 +1,25 @@
+# Students: one LoRA training run per entry of the expanded experiment list (kdflow.runs, kdflow.train).
+# Checkpoints and per-step metrics live in results/checkpoints/{run}: outside the declared output, which
+# Snakemake deletes when a job fails, so that a rerun resumes where the killed job stopped.
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        run=directory("results/train/{run}"),
+    params:
+        spec=lambda wildcards: run_spec(wildcards),
+        expected=lambda wildcards: train_expected(wildcards),
+        work="results/checkpoints/{run}",
+    threads: 2
+    resources:
+        gpu=lambda wildcards: run_spec(wildcards)["gpus"],
+    log:
+        "results/logs/train/{run}.log",
+    benchmark:
+        "results/benchmarks/train/{run}.tsv"
+    conda:
+        "../workflow/envs/kdflow.yaml"
+    script:
+        "../workflow/scripts/train.py"

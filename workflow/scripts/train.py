@@ -1,0 +1,46 @@
+"""Rule train: one LoRA student run (see kdflow.train). More than one GPU in the job's resources: torchrun
+starts one process per GPU on this node, each running the same entry point."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821  (this checkout's package)
+
+import json
+import logging
+import os
+import subprocess
+
+from kdflow.logs import run_logged
+from kdflow.train import TrainJob, launch_command, run_training
+
+sm = snakemake  # noqa: F821
+SRC = str(Path(sm.scriptdir).parents[1] / "src")
+
+
+def shard_files():
+    topk = list(sm.input.topk)
+    embed = list(sm.input.get("embed", [])) or [None] * len(topk)
+    hidden = list(sm.input.get("hidden", [])) or [None] * len(topk)
+    return [{"topk": t, "embed": e, "hidden": h} for t, e, h in zip(topk, embed, hidden)]
+
+
+def main():
+    gpus = int(sm.resources.get("gpu", 0) or 0)
+    job = TrainJob(spec=dict(sm.params.spec), student_manifest=sm.input.student, shards=shard_files(),
+                   expected=dict(sm.params.expected), output=sm.output.run, work=sm.params.work,
+                   heldout=sm.input.heldout, threads=max(1, sm.threads // max(1, gpus)))
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        job_file = Path(sm.params.work) / "job.json"
+        job_file.parent.mkdir(parents=True, exist_ok=True)
+        job.save(job_file)
+        cmd = launch_command(job_file, gpus)
+        logging.getLogger("kdflow.train").info("launching %s", " ".join(cmd))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
+        subprocess.run(cmd, check=True, env=env)
+        return
+    summary = run_training(job)
+    print(json.dumps(summary, sort_keys=True, default=str))
+
+
+run_logged(sm.log[0], main)
