@@ -506,3 +506,37 @@ def test_combine_refuses_non_finite_terms_by_name(bad):
 def test_combine_refuses_term_without_weight():
     with pytest.raises(KeyError, match="relb"):
         combine({"relb": torch.tensor(1.0)}, {"ce": 1.0})
+
+
+# --------------------------------------------------------------------------- the fused vocabulary pass
+
+@pytest.mark.parametrize("n_rest", [0, 3])
+def test_gathered_logprobs_values_and_gradients_equal_the_naive_formulas(n_rest):
+    from kdflow.losses import gathered_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(6, 13, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    ids = torch.stack([torch.randperm(13, generator=g)[:5] for _ in range(6)])
+    ids[:, 4] = ids[:, 1]  # a repeated id (a CE target among the teacher's k)
+    torch.autograd.gradcheck(lambda x: gathered_logprobs(x, ids, n_rest), (z,))
+    picked, rest = gathered_logprobs(z, ids, n_rest)
+    ls = z.log_softmax(-1)
+    assert torch.allclose(picked, ls.gather(-1, ids))
+    if n_rest:
+        outside = ls.scatter(-1, ids[:, :n_rest], float("-inf")).logsumexp(-1, keepdim=True)
+        assert torch.allclose(rest, outside)
+
+
+@pytest.mark.parametrize("t,missing_mass", [(1.0, "rest_bucket"), (2.0, "rest_bucket"), (1.0, "renormalize")])
+def test_forward_with_ce_equals_the_two_separate_losses(t, missing_mass):
+    student, ids, lp, rest, mask = random_case(5)
+    input_ids = torch.randint(0, student.shape[-1], mask.shape)
+    loss = TopKKDLoss(temperature=t, missing_mass=missing_mass)
+    a = student.clone().requires_grad_(True)
+    ce, rb = loss.forward_with_ce(a, input_ids, mask, ids, lp, rest, mask)
+    (ce + 0.3 * rb).backward()
+    b = student.clone().requires_grad_(True)
+    ce_ref, rb_ref = CELoss()(b, input_ids, mask), loss(b, ids, lp, rest, mask)
+    (ce_ref + 0.3 * rb_ref).backward()
+    assert torch.allclose(ce, ce_ref, atol=1e-6) and torch.allclose(rb, rb_ref, atol=1e-6)
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)

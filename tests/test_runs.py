@@ -95,7 +95,7 @@ def test_every_run_setting_is_in_the_spec_with_its_default():
     assert set(spec) - run_keys == {"name", "student", "mode", "terms", "tag"}  # seed is a run key
     assert spec["temperature"] == 1.0 and spec["divergence"] == "forward_kl"
     assert spec["missing_mass"] == "rest_bucket" and spec["jsd_beta"] == 0.5
-    assert spec["fb"] == {"layer_map": [], "loss": "mse"}
+    assert spec["fb"] == {"layer_map": [], "loss": "cosine"}
     assert spec["relb"] == {"distance_weight": 1.0, "angle_weight": 2.0}
     assert spec["schedule"] == {"kind": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.1}
     assert spec["steps"] == 24 and spec["epochs"] is None and spec["gpus"] == 0
@@ -122,7 +122,7 @@ def test_set_replaces_lists_and_does_not_leak_between_experiments():
             {"students": ["b"], "modes": ["fb"]},
         ],
     })
-    assert runs["a.fb.s0"]["fb"] == {"layer_map": [{"student": 1, "teacher": 20}], "loss": "mse"}
+    assert runs["a.fb.s0"]["fb"] == {"layer_map": [{"student": 1, "teacher": 20}], "loss": "cosine"}
     assert runs["b.fb.s0"]["fb"]["layer_map"] == [{"student": 5, "teacher": 20}]
     runs["a.fb.s0"]["lora"]["r"] = 99
     assert runs["b.fb.s0"]["lora"]["r"] == 16  # specs are independent copies

@@ -80,6 +80,72 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (a * diff).sum(-1)
 
 
+class _GatheredLogSoftmax(torch.autograd.Function):
+    """``log_softmax(z)`` at chosen ids, and the log of the mass outside the first ``n_rest`` of them, without
+    materialising ``log_softmax`` (or its gradient) as more [N, V] tensors than needed.
+
+    ``z`` [N, V] float, ``ids`` [N, m] long -> ``picked`` [N, m] = z[ids] − logsumexp(z), ``rest`` [N, 1] =
+    log Σ_{j ∉ ids[:, :n_rest]} softmax(z)_j, summed directly over those entries (no ``1 − Σ`` cancellation;
+    −inf when empty). Ids may repeat (a CE target is usually among the teacher's k), but the first ``n_rest``
+    must be distinct. Backward, with s = softmax(z), g = grad of picked, g_r = grad of rest, q_r = exp(rest):
+    ∂/∂z_j = Σ_{i: ids_i = j} g_i − s_j (Σ g + g_r) + [j ∉ K] s_j g_r / q_r: one exp pass, one multiply, two
+    small scatters. ``z`` itself is saved (it is the model's logits, alive anyway), softmax is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, ids: torch.Tensor, n_rest: int):
+        lse = torch.logsumexp(z, -1, keepdim=True)
+        picked = z.gather(-1, ids) - lse
+        rest_mass = None
+        if n_rest:
+            s = (z - lse).exp_()
+            s.scatter_(-1, ids[:, :n_rest], 0.0)
+            rest_mass = s.sum(-1, keepdim=True)
+            del s
+            rest = rest_mass.log()
+        else:
+            rest = z.new_zeros((z.shape[0], 1))
+        ctx.n_rest = n_rest
+        ctx.save_for_backward(z, ids, lse, rest_mass if rest_mass is not None else lse)
+        return picked, rest
+
+    @staticmethod
+    def backward(ctx, g_picked, g_rest):
+        z, ids, lse, rest_mass = ctx.saved_tensors
+        n_rest = ctx.n_rest
+        if g_picked is None:
+            g_picked = torch.zeros_like(ids, dtype=z.dtype)
+        total = g_picked.sum(-1, keepdim=True)
+        grad = (z - lse).exp_()  # softmax
+        if n_rest and g_rest is not None:
+            # rows whose outside mass is 0 (k covers the vocabulary) get no rest gradient: nothing is there
+            per_out = torch.where(rest_mass > 0, g_rest / rest_mass, torch.zeros_like(rest_mass))
+            grad.mul_(per_out - total - g_rest)
+            k_ids = ids[:, :n_rest]
+            grad.scatter_add_(-1, k_ids, -(z.gather(-1, k_ids) - lse).exp() * per_out)
+        else:
+            grad.mul_(-total)
+        grad.scatter_add_(-1, ids, g_picked)
+        return grad, None, None
+
+
+def gathered_logprobs(z: torch.Tensor, ids: torch.Tensor, n_rest: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_softmax(z)[ids], log of the softmax mass outside ids[:, :n_rest])``: [N, V], [N, m] -> [N, m], [N, 1].
+    See :class:`_GatheredLogSoftmax`; the same values as the naive formulas, at a fraction of their cost."""
+    return _GatheredLogSoftmax.apply(z, ids.long(), int(n_rest))
+
+
+def ce_targets(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row j's next-token target ``input_ids[j + 1]`` where ``mask[j]`` and ``mask[j + 1]`` are set, −100 (ignored)
+    elsewhere, including every last column: [B, L] -> [B, L] long."""
+    real = mask != 0
+    counted = torch.zeros_like(real)
+    counted[:, :-1] = real[:, :-1] & real[:, 1:]
+    targets = torch.full_like(input_ids, -100, dtype=torch.long)
+    targets[:, :-1] = input_ids[:, 1:].long()
+    return torch.where(counted, targets, torch.full_like(targets, -100))
+
+
 class CELoss(nn.Module):
     """Next-token cross-entropy: position j predicts ``input_ids[j + 1]``.
 
@@ -94,11 +160,12 @@ class CELoss(nn.Module):
                              f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(mask.shape)}")
         real = mask != 0
         counted = real[:, :-1] & real[:, 1:]
-        # Select before casting so that padding never costs an fp32 copy of its vocabulary row.
-        rows = logits[:, :-1][counted].float()
-        if rows.shape[0] == 0:
-            return rows.sum()  # exactly 0, still on the student's graph
-        return F.cross_entropy(rows, input_ids[:, 1:][counted].long())
+        if not bool(counted.any()):
+            return logits.sum() * 0.0  # exactly 0, still on the student's graph
+        # Every row of the flattened view (no copy of the logits): non-counted targets are ignored, which
+        # zeroes their gradient without boolean-index copies of vocabulary-sized rows.
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ce_targets(input_ids, mask).reshape(-1),
+                               ignore_index=-100)
 
 
 class TopKKDLoss(nn.Module):
@@ -131,25 +198,34 @@ class TopKKDLoss(nn.Module):
         return f"temperature={self.temperature}, divergence={self.divergence}, missing_mass={self.missing_mass}{beta}"
 
     def bucket_logprobs(self, student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                        rest_logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        rest_logprob: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p teacher, log q student) over the buckets, fp32: [..., V], [..., k], [..., k], [...] ->
-        two [..., k] (renormalize) or [..., k+1] (rest_bucket). Every row must be a real position."""
+        two [..., k] (renormalize) or [..., k+1] (rest_bucket). ``keep`` [...] (optional) marks the rows that
+        count; the others get finite placeholder values whatever the logits hold there."""
         t = self.temperature
-        ids = topk_ids.long()
-        z = student_logits.float() / t
-        lse = z.logsumexp(-1, keepdim=True)
-        ls_k = z.gather(-1, ids) - lse  # student full-vocabulary log-probs at T, at the teacher's ids
-        teacher_k = topk_logprobs.detach().float().clamp_min(LOGPROB_FLOOR) / t
+        vocab = student_logits.shape[-1]
+        lead = topk_ids.shape[:-1]
+        k = topk_ids.shape[-1]
+        z = student_logits.reshape(-1, vocab).float()
+        if t != 1:
+            z = z / t
+        ids = topk_ids.reshape(-1, k).long()
+        teacher_k = topk_logprobs.detach().reshape(-1, k).float().clamp_min(LOGPROB_FLOOR) / t
         if self.missing_mass == "renormalize":
-            return teacher_k.log_softmax(-1), ls_k.log_softmax(-1)
-        teacher_rest = rest_logprob.detach().float().clamp_min(LOGPROB_FLOOR).unsqueeze(-1) / t
-        log_p = torch.cat([teacher_k, teacher_rest], -1).log_softmax(-1)
-        outside = z.scatter(-1, ids, float("-inf"))
-        # An all −inf row (k ids covering the vocabulary) is an empty bucket, log 0; the floor makes it the
-        # cache's "zero mass", so a teacher rest that is tiny but not 0 costs ~0, not an infinite KL. The
-        # NaN logsumexp gradient of such a row lands only on scattered entries, whose gradient scatter drops.
-        rest = (outside.logsumexp(-1, keepdim=True) - lse).clamp_min(LOGPROB_FLOOR)
-        return log_p, torch.cat([ls_k, rest], -1)
+            # Renormalised over the k ids, the student's full-vocabulary normaliser cancels: only z at the k ids
+            # matters.
+            z_k = z.gather(-1, ids)
+            if keep is not None:  # rows that do not count: finite values whatever the logits hold there
+                z_k = torch.where(keep.reshape(-1, 1), z_k, torch.zeros((), dtype=z_k.dtype, device=z_k.device))
+            log_p, log_q = teacher_k.log_softmax(-1), z_k.log_softmax(-1)
+        else:
+            ls_k, rest = gathered_logprobs(z, ids, k)
+            teacher_rest = rest_logprob.detach().reshape(-1, 1).float().clamp_min(LOGPROB_FLOOR) / t
+            log_p = torch.cat([teacher_k, teacher_rest], -1).log_softmax(-1)
+            # An empty rest (k ids covering the vocabulary) is log 0; the floor makes it the cache's "zero
+            # mass", so a teacher rest that is tiny but not 0 costs ~0, not an infinite KL.
+            log_q = torch.cat([ls_k, rest.clamp_min(LOGPROB_FLOOR)], -1)
+        return log_p.reshape(*lead, -1), log_q.reshape(*lead, -1)
 
     def divergence_per_row(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         """The chosen divergence of each row, unscaled: [..., K], [..., K] -> [...]."""
@@ -161,8 +237,8 @@ class TopKKDLoss(nn.Module):
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
         return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
-    def forward(self, student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                rest_logprob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _checked(self, student_logits, topk_ids, topk_logprobs, rest_logprob, mask):
+        """Shape and id checks; the inputs with harmless values (id 0, value 0) at the rows that do not count."""
         b, l = mask.shape
         if (student_logits.dim() != 3 or student_logits.shape[:2] != (b, l) or topk_ids.shape[:2] != (b, l)
                 or topk_logprobs.shape != topk_ids.shape or rest_logprob.shape != (b, l)):
@@ -171,18 +247,55 @@ class TopKKDLoss(nn.Module):
                 f"rest_logprob and mask [B, L]; got {tuple(student_logits.shape)}, {tuple(topk_ids.shape)}, "
                 f"{tuple(topk_logprobs.shape)}, {tuple(rest_logprob.shape)}, {tuple(mask.shape)}")
         keep = mask != 0
-        # Row selection rather than multiplying by the mask: padding rows may hold garbage (−1 ids, NaN),
-        # and they should not cost vocabulary-sized fp32 work.
-        rows = student_logits[keep]
-        if rows.shape[0] == 0:
-            return rows.float().sum()  # exactly 0, still on the student's graph
+        vocab = student_logits.shape[-1]
         ids = topk_ids[keep]
-        vocab = rows.shape[-1]
         if bool(((ids < 0) | (ids >= vocab)).any()):
             raise ValueError(f"TopKKDLoss: a teacher top-k id at a masked-in position is outside the student's "
                              f"vocabulary [0, {vocab}); is the student using the teacher's tokenizer?")
-        log_p, log_q = self.bucket_logprobs(rows, ids, topk_logprobs[keep], rest_logprob[keep])
-        return self.divergence_per_row(log_p, log_q).mean() * self.temperature ** 2
+        # Every row of the (viewed, not copied) logits is used; padding rows get harmless inputs and drop out
+        # of the mean, so they never put NaN into the sum or its gradient.
+        live = keep.unsqueeze(-1)
+        safe_ids = torch.where(live, topk_ids.long(), torch.zeros((), dtype=torch.long, device=topk_ids.device))
+        safe_lp = torch.where(live, topk_logprobs.float(), torch.zeros((), device=topk_logprobs.device))
+        safe_rest = torch.where(keep, rest_logprob.float(), torch.zeros((), device=rest_logprob.device))
+        return keep, safe_ids, safe_lp, safe_rest
+
+    def _reduce(self, log_p: torch.Tensor, log_q: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        per_row = self.divergence_per_row(log_p, log_q)
+        per_row = torch.where(keep, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
+        return per_row.sum() / keep.sum() * self.temperature ** 2
+
+    def forward(self, student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                rest_logprob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep, ids, lp, rest = self._checked(student_logits, topk_ids, topk_logprobs, rest_logprob, mask)
+        if not bool(keep.any()):
+            return student_logits.sum().float() * 0.0  # exactly 0, still on the student's graph
+        log_p, log_q = self.bucket_logprobs(student_logits, ids, lp, rest, keep)
+        return self._reduce(log_p, log_q, keep)
+
+    def forward_with_ce(self, student_logits: torch.Tensor, input_ids: torch.Tensor, ce_mask: torch.Tensor,
+                        topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, rest_logprob: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(CELoss()(student_logits, input_ids, ce_mask), self(student_logits, topk_ids, …, mask))`` with one
+        pass over the vocabulary for both at T = 1 with ``rest_bucket`` (the CE target is one more gathered id);
+        otherwise the two separate calls."""
+        if self.temperature != 1 or self.missing_mass != "rest_bucket":
+            return CELoss()(student_logits, input_ids, ce_mask), self(student_logits, topk_ids, topk_logprobs,
+                                                                      rest_logprob, mask)
+        keep, ids, lp, rest = self._checked(student_logits, topk_ids, topk_logprobs, rest_logprob, mask)
+        targets = ce_targets(input_ids, ce_mask)
+        counted = targets >= 0
+        k, vocab = ids.shape[-1], student_logits.shape[-1]
+        all_ids = torch.cat([ids, targets.clamp_min(0).unsqueeze(-1)], -1).reshape(-1, k + 1)
+        picked, student_rest = gathered_logprobs(student_logits.reshape(-1, vocab).float(), all_ids, k)
+        flat_counted = counted.reshape(-1)
+        ce_rows = torch.where(flat_counted, -picked[:, k], torch.zeros((), dtype=picked.dtype, device=picked.device))
+        ce = ce_rows.sum() / flat_counted.sum().clamp_min(1)
+        if not bool(keep.any()):
+            return ce, student_logits.sum().float() * 0.0
+        teacher = torch.cat([lp.reshape(-1, k).clamp_min(LOGPROB_FLOOR), rest.reshape(-1, 1).clamp_min(LOGPROB_FLOOR)], -1)
+        log_q = torch.cat([picked[:, :k], student_rest.clamp_min(LOGPROB_FLOOR)], -1)
+        return ce, self._reduce(teacher.log_softmax(-1).reshape(*keep.shape, -1), log_q.reshape(*keep.shape, -1), keep)
 
 
 class FeatureKDLoss(nn.Module):

@@ -6,7 +6,7 @@ set ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``): :func:`run_training` with a :clas
 
 * **Model**: the prepared student (``kdflow_model.json``) with peft LoRA adapters; the base weights are
   frozen. Feature KD adds one learned projector (student width -> teacher width, no bias) per pair of
-  ``fb.layer_map``. fp32 on CPU, bf16 autocast on GPU (``dtype: bfloat16``); the losses compute in fp32.
+  ``fb.layer_map``, initialised to the identity when the widths are equal. fp32 on CPU, bf16 autocast on GPU (``dtype: bfloat16``); the losses compute in fp32.
 * **Data**: :class:`kdflow.cache_loader.CacheStream` over the training shards' caches: read one row group
   at a time, seeded shuffle buffer, documents split round-robin over the ranks, endless (epoch after
   epoch). A student with its own tokenizer (``vocab: own``, relation KD only) re-tokenises the text the
@@ -161,7 +161,13 @@ class Distiller(nn.Module):
         if "fb" in self.terms:
             width = student.config.hidden_size
             for s, t in self.layer_map:
-                self.fb[f"s{s}_t{t}"] = FeatureKDLoss(width, int(teacher_hidden_size), spec["fb"]["loss"])
+                loss = FeatureKDLoss(width, int(teacher_hidden_size), spec["fb"]["loss"])
+                if width == int(teacher_hidden_size):
+                    # Same width (a pruned or same-family student): start from the identity, so that the loss
+                    # first measures the real gap and the student, not only the projector, has to close it.
+                    with torch.no_grad():
+                        loss.projector.weight.copy_(torch.eye(width))
+                self.fb[f"s{s}_t{t}"] = loss
         self.want_hidden = "fb" in self.terms or "relb" in self.terms
         self.last_parts: dict[str, float] = {}
 
@@ -171,9 +177,13 @@ class Distiller(nn.Module):
                            use_cache=False)
         logits = out.logits
         terms: dict[str, torch.Tensor] = {}
-        if "ce" in self.terms:
+        if "ce" in self.terms and "rb" in self.terms:  # one pass over the vocabulary for both (where possible)
+            terms["ce"], terms["rb"] = self.rb.forward_with_ce(logits, ids, mask, batch["topk_ids"],
+                                                               batch["topk_logprobs"], batch["rest_logprob"],
+                                                               batch["mask"])
+        elif "ce" in self.terms:
             terms["ce"] = self.ce(logits, ids, mask)
-        if "rb" in self.terms:
+        if "rb" in self.terms and "rb" not in terms:
             terms["rb"] = self.rb(logits, batch["topk_ids"], batch["topk_logprobs"], batch["rest_logprob"],
                                   batch["mask"])
         if "fb" in self.terms:
