@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import pytest
 
@@ -322,3 +323,23 @@ def test_expand_runs_reports_instead_of_raising():
     runs, problems = expand_runs(config, SCHEMA)
     assert set(runs) == {"a.ce.s0"}
     assert len(problems) == 1 and problems[0].startswith("training.experiments[1].modes: unknown mode 'nope'")
+
+
+def test_study_cpu_shares_the_default_study_data_and_caches():
+    """config/study_cpu.yaml reuses the embedded default's shards and caches: only training may differ, and its
+    runs are tagged so that they never overwrite the default study's."""
+    import yaml
+
+    from kdflow.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    default, study = (yaml.safe_load((repo / p).read_text()) for p in ("config/config.yaml", "config/study_cpu.yaml"))
+    for key in ("teacher", "students", "data", "teacher_cache", "prepare"):
+        assert study[key] == default[key], key
+    study_runs = expand_runs(load_config(repo / "config/study_cpu.yaml"))[0]
+    default_runs = expand_runs(load_config(repo / "config/config.yaml"))[0]
+    assert not set(study_runs) & set(default_runs)
+    modes = {}
+    for spec in study_runs.values():
+        modes.setdefault(spec["mode"], set()).add(spec["seed"])
+    assert set(modes) >= {"ce", "rb", "fb", "relb"} and all(len(seeds) >= 3 for seeds in modes.values())
