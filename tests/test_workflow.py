@@ -71,6 +71,13 @@ def tiny_config(workdir: Path, teacher_dir: Path) -> dict:
         },
         "prepare": {"max_length": 32, "batch_size": 4, "ppl_max_docs": 4},
         "teacher_cache": {"k": 4, "max_length": 24, "batch_size": 4, "rows_per_part": 8, "hidden_layers": [2]},
+        "training": {
+            "defaults": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "heldout_docs": 2,
+                         "lora": {"r": 2, "alpha": 4}, "fb": {"layer_map": [{"student": 1, "teacher": 2}]}},
+            "experiments": [{"modes": ["ce", "mix"]},
+                            # long enough (on a tiny model) to be killed midway by test_killed_training_resumes
+                            {"modes": ["rb"], "tag": "long", "set": {"steps": 400, "checkpoint_every": 25}}],
+        },
     }
 
 
@@ -87,7 +94,7 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
 def test_dry_run_plans_the_foundation(study):
     _, _, dry, _ = study
     assert planned_jobs(dry.stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2, "topk_cache": 4,
-                                        "hidden_cache": 4}
+                                        "hidden_cache": 4, "train": 3}
 
 
 def test_run_produces_models_shards_and_manifest(study):
@@ -121,8 +128,9 @@ def test_deleted_shard_is_rebuilt_alone_and_identical(study):
     before = target.read_bytes()
     others = {p: p.stat().st_mtime_ns for p in (workdir / "results/shards").glob("*.parquet") if p != target}
     target.unlink()
-    # the shard and the caches made from it, nothing of the other shards
-    assert planned_jobs(snakemake(workdir, "-n").stdout) == {"shard": 1, "topk_cache": 1, "hidden_cache": 1}
+    # the shard and the caches made from it (and the runs trained on them), nothing of the other shards
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {"shard": 1, "topk_cache": 1, "hidden_cache": 1,
+                                                             "train": 3}
     snakemake(workdir)
     assert target.read_bytes() == before
     assert {p: p.stat().st_mtime_ns for p in others} == others
@@ -157,6 +165,24 @@ def test_caches_exist_for_every_shard_with_summaries(study):
     assert not list((workdir / "results/cache/.partial").rglob("*.parquet"))
 
 
+def test_every_run_leaves_a_peft_adapter_and_metrics(study):
+    workdir, _, _, _ = study
+    for run in ("tiny-student.ce.s0", "tiny-student.mix.s0", "tiny-student.rb.s0.long"):
+        out = workdir / "results/train" / run
+        assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == (400 if run.endswith("long") else 4) and summary["heldout"]["ppl"] > 1
+        assert (workdir / f"results/benchmarks/train/{run}.tsv").is_file()
+    assert (workdir / "results/train/tiny-student.mix.s0/projector.safetensors").is_file()
+    rows = (workdir / "results/train/tiny-student.mix.s0/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_forcing_one_run_plans_one_train_job(study):
+    workdir, _, _, _ = study
+    assert planned_jobs(snakemake(workdir, "-n", "--force", "results/train/tiny-student.ce.s0").stdout) == {"train": 1}
+
+
 def test_unknown_key_fails_before_any_job(study, tmp_path):
     _, config, _, _ = study
     bad = dict(config, data=dict(config["data"], n_shard=3))
@@ -172,4 +198,33 @@ def test_editing_a_source_file_reruns_the_corpus(study):
     doc = workdir / "docs" / "doc05.py"
     doc.write_text(doc.read_text() + "extra = 1\n")
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2,
-                                                             "topk_cache": 4, "hidden_cache": 4}
+                                                             "topk_cache": 4, "hidden_cache": 4, "train": 3}
+
+
+def test_killed_training_resumes_from_its_checkpoint_on_rerun(study):
+    """SIGKILL the whole snakemake process group while a run trains; the checkpoints live outside the declared
+    output, so the rerun resumes from the last one and ends with every step logged once."""
+    import signal
+    import time
+
+    workdir, _, _, _ = study
+    run = "tiny-student.rb.s0.long"
+    ckpts = workdir / "results/checkpoints" / run / "checkpoints"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
+           str(workdir / "config.yaml"), "--cores", "2", "--force", f"results/train/{run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step_*")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert list(ckpts.glob("step_*")), "no checkpoint appeared before the kill"
+    assert not (workdir / "results/train" / run).exists(), "the run finished before it could be killed"
+    snakemake(workdir, "--unlock")
+    snakemake(workdir)
+    log = (workdir / f"results/logs/train/{run}.log").read_text()
+    assert "resumed from" in log
+    rows = (workdir / "results/train" / run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, 401))
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {}
