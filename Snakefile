@@ -17,6 +17,7 @@ include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/teacher.smk"
 include: "rules/train.smk"
+include: "rules/eval.smk"
 
 
 rule all:

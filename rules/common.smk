@@ -135,6 +135,70 @@ def train_outputs():
     return [f"results/train/{run}" for run in RUNS]
 
 
+EVAL_CFG = config["eval"]
+
+
+def eval_models():
+    """Every evaluated model by id: the runs, the teacher, each student's untrained init (``<student>.init``)."""
+    models = {}
+    for run, spec in RUNS.items():
+        models[run] = {"kind": "run", "student": spec["student"], "mode": spec["mode"], "seed": spec["seed"],
+                       "tag": spec["tag"], "manifest": model_manifest(spec["student"]),
+                       "adapter": f"results/train/{run}", "gpus": spec["gpus"]}
+    if "teacher" in EVAL_CFG["baselines"]:
+        models[TEACHER] = {"kind": "teacher", "student": None, "mode": None, "seed": None, "tag": None,
+                           "manifest": model_manifest(TEACHER), "adapter": None, "gpus": 0}
+    if "student_init" in EVAL_CFG["baselines"]:
+        for student in STUDENTS:
+            models[f"{student}.init"] = {"kind": "student_init", "student": student, "mode": None, "seed": None,
+                                         "tag": None, "manifest": model_manifest(student), "adapter": None,
+                                         "gpus": 0}
+    return models
+
+
+EVAL_MODELS = eval_models()
+
+
+def eval_target(wildcards):
+    if wildcards.model not in EVAL_MODELS:
+        raise WorkflowError(
+            f"{wildcards.model!r} is neither a training run nor a baseline of this config; evaluated models: "
+            f"{sorted(EVAL_MODELS)}"
+        )
+    return dict(EVAL_MODELS[wildcards.model], model=wildcards.model)
+
+
+def eval_gpus(wildcards):
+    return 1 if eval_target(wildcards)["gpus"] else 0
+
+
+def eval_inputs(wildcards):
+    target = eval_target(wildcards)
+    inputs = {
+        "manifest": target["manifest"],
+        "heldout": "results/shards/heldout.parquet",
+        "heldout_topk": f"{TOPK_DIR}/heldout.parquet",
+    }
+    if target["adapter"]:
+        inputs["adapter"] = target["adapter"]
+    return inputs
+
+
+def eval_files():
+    return [f"results/eval/{m}/{e}.json" for m in EVAL_MODELS for e in ("heldout", "lm_eval")]
+
+
+def expected_results():
+    """What parse_results must find: every model, every evaluation, every configured task."""
+    return {
+        "models": sorted(EVAL_MODELS),
+        "evaluations": {"heldout": ["heldout"], "lm_eval": list(EVAL_CFG["lm_eval"]["tasks"])},
+    }
+
+
+RESULTS = ["results/kdflow.duckdb", "results/summary.csv", "results/summary.md", "results/plots"]
+
+
 def get_final_output():
     return (
         shard_files()
@@ -142,4 +206,6 @@ def get_final_output():
         + [model_manifest(m) for m in [TEACHER, *STUDENTS]]
         + cache_files()
         + train_outputs()
+        + eval_files()
+        + RESULTS
     )

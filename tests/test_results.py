@@ -1,0 +1,399 @@
+"""kdflow.results: the DuckDB database, the checks, the summary (mean ± stderr, best, deltas) and the plots.
+
+Everything is built from small synthetic files in tmp_path (no models): a teacher, a student's init, the groups
+stu.ce and stu.rb with seeds 0, 1, 2, and stu.ce.long / stu.rb.long with seed 0 only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from kdflow.results import TABLES, ResultsError, build_results, main, metric_class
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER, STUDENT = "teach", "stu"
+
+# held-out perplexity, top-1 agreement and KL per model; None: not applicable
+HELDOUT = {
+    "teach": (8.0, 1.0, -0.0005),         # a hair below 0: float16 cache noise, allowed
+    "stu.init": (40.0, 0.3, None),
+    "stu.ce.s0": (15.0, 0.40, 1.0), "stu.ce.s1": (16.0, 0.42, 1.1), "stu.ce.s2": (20.0, 0.44, 1.2),
+    "stu.rb.s0": (10.0, 0.5, 0.5), "stu.rb.s1": (12.0, 0.6, 0.6), "stu.rb.s2": (14.0, 0.7, 0.7),
+    "stu.ce.s0.long": (13.0, 0.45, 0.9),
+    "stu.rb.s0.long": (11.0, 0.55, 0.55),
+}
+ARC = {"teach": 0.8, "stu.init": 0.3, "stu.ce.s0": 0.5, "stu.ce.s1": 0.5, "stu.ce.s2": 0.5, "stu.rb.s0": 0.6,
+       "stu.rb.s1": 0.6, "stu.rb.s2": 0.6, "stu.ce.s0.long": 0.55, "stu.rb.s0.long": 0.6}  # rb and rb.long tie
+EXPECTED = {"models": sorted(HELDOUT), "evaluations": {"heldout": ["heldout"], "lm_eval": ["kdflow_heldout", "arc_easy"]}}
+
+
+def identity(model: str) -> dict:
+    if model == TEACHER:
+        return {"kind": "teacher", "student": None, "mode": None, "seed": None, "tag": None}
+    if model.endswith(".init"):
+        return {"kind": "student_init", "student": STUDENT, "mode": None, "seed": None, "tag": None}
+    parts = model.split(".")
+    return {"kind": "run", "student": parts[0], "mode": parts[1], "seed": int(parts[2][1:]),
+            "tag": parts[3] if len(parts) > 3 else None}
+
+
+def m(task, metric, value, hib, stderr=None):
+    return {"task": task, "metric": metric, "value": value, "stderr": stderr, "higher_is_better": hib}
+
+
+def write_eval(root: Path, model: str, evaluation: str, metrics: list[dict]) -> Path:
+    path = root / "eval" / model / f"{evaluation}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": model, **identity(model), "evaluation": evaluation, "metrics": metrics,
+                                "details": {}, "provenance": {}}))
+    return path
+
+
+def write_run(root: Path, name: str, steps: int = 3) -> Path:
+    ident = identity(name)
+    terms = {"ce": 1.0} if ident["mode"] == "ce" else {"ce": 0.5, ident["mode"]: 0.5}
+    d = root / "train" / name
+    d.mkdir(parents=True)
+    (d / "run_config.json").write_text(json.dumps({"spec": {"name": name, **{k: ident[k] for k in
+                                                   ("student", "mode", "seed", "tag")}, "terms": terms}}))
+    lines = []
+    for i in range(1, steps + 1):
+        row = {"step": i, "epoch": 0, "lr": 1e-3, "grad_norm": 1.0, "tokens": 100, "docs": 4, "tokens_per_s": 50.0,
+               "step_s": 2.0, "elapsed_s": 2.0 * i, **{t: 5.0 / i for t in terms}}
+        row["loss"] = sum(row[t] * w for t, w in terms.items())
+        lines.append(json.dumps(row, sort_keys=True))
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "summary.json").write_text(json.dumps({"run": name, "steps": steps, "tokens": 100 * steps,
+                                                "train_seconds": 2.0 * steps, "final": {"loss": 2.5}}))
+    return d
+
+
+def write_bench(path: Path, rows: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def make_study(root: Path, skip: tuple[str, ...] = ()) -> dict:
+    """The synthetic study's input files; ``skip`` leaves out eval files ``<model>/<evaluation>``."""
+    evals = []
+    for model, (ppl, top1, kl) in HELDOUT.items():
+        heldout = [m("heldout", "ppl", ppl, False), m("heldout", "nll_per_token", math.log(ppl), False),
+                   m("heldout", "top1_agreement", top1, True), m("heldout", "kl_teacher_student", kl, False)]
+        lm = [m("kdflow_heldout", "word_perplexity", 2 * ppl, False, 0.1),
+              m("kdflow_heldout", "bits_per_byte", math.log2(ppl) / 4, False, "N/A"),
+              m("arc_easy", "acc", ARC[model], True, 0.01)]
+        for evaluation, metrics in (("heldout", heldout), ("lm_eval", lm)):
+            if f"{model}/{evaluation}" not in skip:
+                evals.append(write_eval(root, model, evaluation, metrics))
+    runs = [n for n in HELDOUT if identity(n)["kind"] == "run"] + ["stu.fb.s0"]  # fb: trained, not evaluated
+    train = [write_run(root, n) for n in runs]
+    bench = root / "benchmarks"
+    benches = [
+        write_bench(bench / "train" / "stu.rb.s0.tsv", ["12.5\t0:00:12\t1200.5\t3400\t1100\t1150\t6.5\t18.7\t146.7\t20.2"]),
+        write_bench(bench / "topk_cache" / "shard_00000.tsv", ["30\t0:00:30\tNA\t-\tNA\tNA\t-\t-\t99\t29"]),
+        write_bench(bench / "corpus.tsv", ["3\t0:00:03\t200\t400\t150\t160\t1\t2\t90\t2.7"]),
+        write_bench(bench / "eval" / "teach.tsv", ["5\t0:00:05\t300\t500\t250\t260\t1\t1\t80\t4",
+                                                   "6\t0:00:06\t310\t510\t255\t265\t1\t1\t81\t5"]),
+    ]
+    return {"eval_files": evals, "train_dirs": train, "benchmark_files": benches}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    inputs = make_study(root)
+    out = root / "out"
+    result = build_results(**inputs, expected=EXPECTED, db_path=out / "kdflow.duckdb", csv_path=out / "summary.csv",
+                           md_path=out / "summary.md", plots_dir=out / "plots")
+    return root, result
+
+
+def sql(db: Path, query: str) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
+
+
+def summary_row(db: Path, group: str, metric: str) -> dict:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        cur = con.execute("select * from summary where run_group = ? and metric = ?", [group, metric])
+        names = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+    finally:
+        con.close()
+    assert len(rows) == 1, rows
+    return dict(zip(names, rows[0]))
+
+
+# --------------------------------------------------------------------------- the database
+
+def test_schema_and_row_counts(built):
+    root, result = built
+    db = result["database"]
+    assert db.is_file() and not list(db.parent.glob(".*tmp*")) and not Path(str(db) + ".wal").exists()
+    tables = [t for (t,) in sql(db, "select table_name from information_schema.tables order by table_name")]
+    assert tables == ["jobs", "metrics", "runs", "summary", "train_steps"]  # no telemetry without its files
+    cols = {t: [c for (c,) in sql(db, f"select column_name from information_schema.columns where table_name = '{t}' "
+                                      f"order by ordinal_position")] for t in tables}
+    assert cols["runs"] == ["model", "kind", "student", "mode", "seed", "tag", "run_group", "terms", "steps", "tokens",
+                            "train_seconds", "final_loss", "evaluated", "train_dir"]
+    assert cols["metrics"] == ["model", "evaluation", "task", "metric", "value", "stderr", "higher_is_better", "source"]
+    assert cols["train_steps"] == ["model", "step", "epoch", "loss", "ce", "rb", "fb", "relb", "relb_distance",
+                                   "relb_angle", "lr", "grad_norm", "tokens", "docs", "tokens_per_s", "step_s",
+                                   "elapsed_s"]
+    assert cols["jobs"] == ["rule", "name", "repeat", "seconds", "max_rss_mb", "max_vms_mb", "max_uss_mb",
+                            "max_pss_mb", "io_in", "io_out", "mean_load", "cpu_time", "source"]
+    assert cols == {t: [c for c, _, _ in TABLES[t][1]] for t in tables}
+    # the documentation is in the database too
+    assert sql(db, "select comment from duckdb_columns() where table_name = 'jobs' and column_name = 'max_rss_mb'") \
+        == [("peak resident set size, MB",)]
+    counts = {t: sql(db, f"select count(*) from {t}")[0][0] for t in tables}
+    # 10 evaluated models + 1 trained only; 10 x 7 metrics; 9 runs x 3 steps; 4 files, one with 2 repeats;
+    # 6 summary rows (teacher, init, ce, rb, ce.long, rb.long) x 7 metrics
+    assert counts == {"runs": 11, "metrics": 70, "train_steps": 27, "jobs": 5, "summary": 42}
+
+
+def test_runs_metrics_steps_jobs_content(built):
+    _, result = built
+    db = result["database"]
+    rows = {r[0]: r for r in sql(db, "select model, kind, run_group, seed, tag, terms, steps, tokens, train_seconds, "
+                                     "final_loss, evaluated from runs")}
+    assert rows["stu.rb.s1"] == ("stu.rb.s1", "run", "stu.rb", 1, None, '{"ce": 0.5, "rb": 0.5}', 3, 300, 6.0, 2.5, True)
+    assert rows["stu.rb.s0.long"][2:5] == ("stu.rb.long", 0, "long")
+    assert rows["teach"][1:3] == ("teacher", "teach") and rows["teach"][5] is None
+    assert rows["stu.init"][1:3] == ("student_init", "stu.init")
+    assert rows["stu.fb.s0"][1:3] == ("run", "stu.fb") and rows["stu.fb.s0"][-1] is False
+    # n/a and "N/A" stderr are NULL
+    assert sql(db, "select value from metrics where model = 'stu.init' and metric = 'kl_teacher_student'") == [(None,)]
+    assert sql(db, "select count(*) from metrics where metric = 'bits_per_byte' and stderr is null") == [(10,)]
+    # train steps: terms a run does not log are NULL
+    assert sql(db, "select ce, rb, fb from train_steps where model = 'stu.rb.s0' and step = 2") == [(2.5, 2.5, None)]
+    assert sql(db, "select rb from train_steps where model = 'stu.ce.s0' and step = 1") == [(None,)]
+    jobs = {(r[0], r[1], r[2]): r[3:] for r in sql(db, "select rule, name, repeat, seconds, max_rss_mb, max_vms_mb, "
+                                                      "io_in, mean_load from jobs")}
+    assert jobs[("train", "stu.rb.s0", 0)] == (12.5, 1200.5, 3400.0, 6.5, 146.7)
+    assert jobs[("topk_cache", "shard_00000", 0)] == (30.0, None, None, None, 99.0)  # NA and - are NULL
+    assert jobs[("corpus", "corpus", 0)][0] == 3.0
+    assert jobs[("eval", "teach", 1)][0] == 6.0
+
+
+# --------------------------------------------------------------------------- aggregation, best, deltas
+
+def test_mean_and_stderr_over_three_seeds_and_one(built):
+    db = built[1]["database"]
+    rb = summary_row(db, "stu.rb", "ppl")                     # 10, 12, 14
+    assert (rb["n"], rb["mean"]) == (3, 12.0)
+    assert rb["stderr"] == pytest.approx(2.0 / math.sqrt(3))  # sample std 2
+    ce = summary_row(db, "stu.ce", "ppl")                     # 15, 16, 20
+    assert ce["mean"] == 17.0 and ce["stderr"] == pytest.approx(math.sqrt(7.0) / math.sqrt(3))
+    top1 = summary_row(db, "stu.rb", "top1_agreement")       # 0.5, 0.6, 0.7
+    assert top1["mean"] == pytest.approx(0.6) and top1["stderr"] == pytest.approx(0.1 / math.sqrt(3))
+    one = summary_row(db, "stu.rb.long", "ppl")               # one seed: no stderr
+    assert (one["n"], one["mean"], one["stderr"]) == (1, 11.0, None)
+    teacher = summary_row(db, "teach", "ppl")
+    assert (teacher["n"], teacher["mean"], teacher["stderr"], teacher["best"]) == (1, 8.0, None, None)
+
+
+def test_best_marking(built):
+    db = built[1]["database"]
+    best = lambda metric: sorted(g for (g,) in sql(db, f"select run_group from summary where metric = '{metric}' and best"))
+    assert best("ppl") == ["stu.rb.long"]             # lowest: 11 < 12 (teacher's 8 is not ranked)
+    assert best("top1_agreement") == ["stu.rb"]       # highest mean 0.6
+    assert best("acc") == ["stu.rb", "stu.rb.long"]   # a tie marks both
+    assert best("kl_teacher_student") == ["stu.rb.long"]
+    assert summary_row(db, "stu.init", "kl_teacher_student")["best"] is None  # n/a is not ranked
+
+
+def test_deltas_against_ce_and_teacher(built):
+    db = built[1]["database"]
+    rb = summary_row(db, "stu.rb", "ppl")
+    assert rb["ce_group"] == "stu.ce" and rb["delta_ce"] == pytest.approx(-5.0)
+    assert rb["delta_ce_stderr"] == pytest.approx(math.sqrt(4 / 3 + 7 / 3))
+    assert rb["teacher"] == "teach" and rb["delta_teacher"] == pytest.approx(4.0)
+    assert rb["delta_teacher_stderr"] == pytest.approx(2 / math.sqrt(3))
+    long = summary_row(db, "stu.rb.long", "ppl")    # against the ce group of the same tag
+    assert (long["ce_group"], long["delta_ce"], long["delta_ce_stderr"]) == ("stu.ce.long", -2.0, None)
+    acc = summary_row(db, "stu.rb", "acc")
+    assert acc["delta_ce"] == pytest.approx(0.1) and acc["delta_teacher"] == pytest.approx(-0.2)
+    ce = summary_row(db, "stu.ce", "ppl")
+    assert ce["delta_ce"] is None and ce["delta_teacher"] == pytest.approx(9.0)
+    init = summary_row(db, "stu.init", "ppl")
+    assert init["delta_ce"] is None and init["delta_teacher"] == pytest.approx(32.0)
+
+
+def test_summary_csv(built):
+    _, result = built
+    with open(result["csv"], newline="") as f:
+        rows = {r["run_group"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["teach", "stu.init", "stu.ce", "stu.rb", "stu.ce.long", "stu.rb.long"]
+    rb = rows["stu.rb"]
+    assert (rb["kind"], rb["mode"], rb["n_seeds"], rb["seeds"], rb["terms"]) == ("run", "rb", "3", "0;1;2",
+                                                                                   '{"ce": 0.5, "rb": 0.5}')
+    assert float(rb["heldout/ppl"]) == 12.0 and float(rb["heldout/ppl.stderr"]) == pytest.approx(2 / math.sqrt(3))
+    assert rb["heldout/ppl.n"] == "3" and rb["heldout/ppl.best"] == "0" and rows["stu.rb.long"]["heldout/ppl.best"] == "1"
+    assert float(rb["heldout/ppl.delta_ce"]) == -5.0 and float(rb["heldout/ppl.delta_teacher"]) == 4.0
+    assert rows["stu.rb.long"]["heldout/ppl.stderr"] == ""                       # one seed
+    assert rows["stu.init"]["heldout/kl_teacher_student"] == ""                 # n/a
+    assert rows["stu.init"]["heldout/kl_teacher_student.n"] == "0"
+    assert rows["teach"]["heldout/ppl.best"] == ""                               # the teacher is not ranked
+    assert float(rows["stu.rb"]["arc_easy/acc"]) == pytest.approx(0.6)
+
+
+def test_summary_markdown(built):
+    text = built[1]["markdown"].read_text()
+    assert "## heldout" in text and "## kdflow_heldout (lm_eval)" in text and "## arc_easy (lm_eval)" in text
+    assert "| row | n | ppl ↓ | nll_per_token ↓ | top1_agreement ↑ | kl_teacher_student ↓ |" in text
+    rb_long = next(line for line in text.splitlines() if line.startswith("| stu.rb.long | 1 | "))
+    assert rb_long.startswith("| stu.rb.long | 1 | **11** ★ |")                  # best ppl, one seed: no ±
+    rb = next(line for line in text.splitlines() if line.startswith("| stu.rb | 3 | "))
+    assert "| 12 ± 1.155 |" in rb and "**0.6 ± 0.05774** ★" in rb
+    assert "| stu.init | 1 | 40 |" in text and "| n/a |" in text
+    assert "- stu.init: heldout/kl_teacher_student (heldout)" in text            # the n/a list
+    assert "| stu.rb | -5 ± 1.915 | +4 ± 1.155 |" in text                       # Δ ce, Δ teacher of ppl
+    assert "| train | 1 | 12.5 | 12.5 | 1200 |" in text                          # jobs per rule
+
+
+def test_plots_written(built):
+    root, result = built
+    plots = result["plots"]
+    names = [p.name for p in plots]
+    assert names == sorted(names) and all(p.parent == root / "out" / "plots" for p in plots)
+    assert {"train_loss.png", "train_ce.png", "train_rb.png", "train_fb.png"} <= set(names)
+    assert "train_relb.png" not in names                                        # no run logs relb
+    assert "metric_heldout_heldout_ppl.png" in names and "metric_lm_eval_arc_easy_acc.png" in names
+    assert "delta_ce_heldout_heldout_ppl.png" in names
+    assert len([n for n in names if n.startswith("metric_")]) == 7
+    for p in plots:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
+    assert sorted(x.name for x in (root / "out" / "plots").iterdir()) == names
+
+
+# --------------------------------------------------------------------------- checks
+
+def fails(tmp_path, inputs, expected=EXPECTED) -> str:
+    db = tmp_path / "out" / "kdflow.duckdb"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    db.write_bytes(b"previous")
+    with pytest.raises(ResultsError) as e:
+        build_results(**inputs, expected=expected, db_path=db, csv_path=tmp_path / "out" / "summary.csv")
+    assert db.read_bytes() == b"previous" and not (tmp_path / "out" / "summary.csv").exists()  # nothing written
+    return str(e.value)
+
+
+def edit_metric(path: Path, metric: str, value) -> None:
+    data = json.loads(path.read_text())
+    for entry in data["metrics"]:
+        if entry["metric"] == metric:
+            entry["value"] = value
+    path.write_text(json.dumps(data))  # NaN is written as NaN, as json.dumps does
+
+
+def test_accuracy_out_of_range(tmp_path):
+    inputs = make_study(tmp_path)
+    path = tmp_path / "eval" / "stu.rb.s1" / "lm_eval.json"
+    edit_metric(path, "acc", 1.2)
+    msg = fails(tmp_path, inputs)
+    assert msg.startswith("1 problem(s)")
+    assert f"{path}: model stu.rb.s1, task arc_easy, metric acc: value = 1.2 is outside [0, 1]" in msg
+    assert f"`snakemake {path} --force`" in msg
+
+
+def test_perplexity_below_one(tmp_path):
+    inputs = make_study(tmp_path)
+    path = tmp_path / "eval" / "stu.ce.s0" / "heldout.json"
+    edit_metric(path, "ppl", 0.5)
+    msg = fails(tmp_path, inputs)
+    assert f"{path}: model stu.ce.s0, task heldout, metric ppl: value = 0.5 is below 1 (a perplexity)" in msg
+    assert "--force" in msg
+
+
+def test_nan_and_negative_kl(tmp_path):
+    inputs = make_study(tmp_path)
+    path = tmp_path / "eval" / "stu.rb.s0" / "heldout.json"
+    edit_metric(path, "top1_agreement", float("nan"))
+    edit_metric(path, "kl_teacher_student", -0.01)
+    msg = fails(tmp_path, inputs)
+    assert msg.startswith("2 problem(s)")
+    assert "model stu.rb.s0, task heldout, metric top1_agreement: value = nan is not finite (NaN or inf)" in msg
+    assert "metric kl_teacher_student: value = -0.01 is below -0.001" in msg
+
+
+def test_missing_task(tmp_path):
+    inputs = make_study(tmp_path)
+    path = tmp_path / "eval" / "stu.ce.s2" / "lm_eval.json"
+    data = json.loads(path.read_text())
+    data["metrics"] = [x for x in data["metrics"] if x["task"] != "arc_easy"]
+    path.write_text(json.dumps(data))
+    msg = fails(tmp_path, inputs)
+    assert (f"{path}: model stu.ce.s2, evaluation lm_eval: no metric for task arc_easy (tasks present: "
+            f"['kdflow_heldout'])") in msg
+    assert f"`snakemake {path} --force`" in msg
+
+
+def test_missing_model(tmp_path):
+    inputs = make_study(tmp_path, skip=("stu.rb.s2/heldout", "stu.rb.s2/lm_eval"))
+    msg = fails(tmp_path, inputs)
+    assert msg.startswith("2 problem(s)")
+    target = tmp_path / "eval" / "stu.rb.s2" / "heldout.json"
+    assert f"model stu.rb.s2: no heldout results ({target} is not among the inputs); run `snakemake {target}`" in msg
+    assert "model stu.rb.s2: no lm_eval results" in msg
+    # without the coverage check the same inputs build (the group then has two seeds)
+    s = build_results(**inputs, expected=None)["summary"]
+    assert s.cell("stu.rb", ("heldout", "heldout", "ppl")).n == 2
+
+
+def test_malformed_files_and_inconsistent_ids(tmp_path):
+    inputs = make_study(tmp_path)
+    (tmp_path / "eval" / "teach" / "heldout.json").write_text("{not json")
+    path = tmp_path / "eval" / "stu.ce.s1" / "lm_eval.json"
+    data = json.loads(path.read_text())
+    data["seed"] = 7
+    path.write_text(json.dumps(data))
+    msg = fails(tmp_path, inputs)
+    assert f"{tmp_path / 'eval' / 'teach' / 'heldout.json'}: not valid JSON" in msg
+    assert f"{path}: model stu.ce.s1: student/mode/seed/tag say the run is 'stu.ce.s7'" in msg
+
+
+def test_metric_classes():
+    assert [metric_class(x) for x in ("acc", "acc_norm", "exact_match,strict-match", "top1_agreement", "ppl",
+                                      "word_perplexity", "bits_per_byte", "nll_per_token", "kl_teacher_student",
+                                      "f1")] == \
+        ["accuracy", "accuracy", "accuracy", "accuracy", "perplexity", "perplexity", "nonnegative", "nonnegative",
+         "kl", None]
+
+
+def test_telemetry_hook_and_cli(tmp_path, capsys):
+    inputs = make_study(tmp_path)
+    tel = tmp_path / "telemetry.jsonl"
+    tel.write_text('{"gpu": 0, "util": 93}\n\n{"gpu": 1, "util": 88}\n')
+    db = tmp_path / "t.duckdb"
+    build_results(**inputs, db_path=db, telemetry_files=[tel])
+    assert sql(db, "select line, json_extract(record, '$.util')::int from telemetry order by line") == [(1, 93), (3, 88)]
+    # the command line: an error is one message and exit status 1
+    edit_metric(tmp_path / "eval" / "teach" / "heldout.json", "ppl", 0.5)
+    out = tmp_path / "cli"
+    rc = main(["--eval", *map(str, inputs["eval_files"]), "--db", str(out / "x.duckdb"), "--csv", str(out / "s.csv"),
+               "--md", str(out / "s.md"), "--plots", str(out / "plots")])
+    assert rc == 1 and "is below 1 (a perplexity)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_docs_describe_every_column():
+    text = (REPO / "docs" / "results.md").read_text()
+    for table, (_, columns) in TABLES.items():
+        assert f"`{table}`" in text, table
+        missing = [c for c, _, _ in columns if not re.search(rf"`{re.escape(c)}`", text)]
+        assert not missing, f"docs/results.md does not document {table} columns {missing}"
+    assert "duckdb results/kdflow.duckdb" in text and ".df()" in text
