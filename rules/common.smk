@@ -138,6 +138,16 @@ def train_outputs():
 EVAL_CFG = config["eval"]
 
 
+def eval_settings():
+    """config["eval"] with a relative lm_eval.include_path resolved against this repository (where the shipped
+    tasks live), so that a study run with --directory elsewhere finds them."""
+    settings = {**EVAL_CFG, "lm_eval": dict(EVAL_CFG["lm_eval"])}
+    tasks_dir = settings["lm_eval"]["include_path"]
+    if tasks_dir and not os.path.isabs(tasks_dir):
+        settings["lm_eval"]["include_path"] = str(Path(workflow.basedir) / tasks_dir)
+    return settings
+
+
 def eval_models():
     """Every evaluated model by id: the runs, the teacher, each student's untrained init (``<student>.init``)."""
     models = {}

@@ -11,7 +11,7 @@ rule eval:
         raw="results/eval/{model}/lm_eval_raw.json",
     params:
         target=lambda wildcards: eval_target(wildcards),
-        settings=config["eval"],
+        settings=eval_settings(),
     threads: 2
     resources:
         gpu=lambda wildcards: eval_gpus(wildcards),

@@ -78,6 +78,7 @@ def tiny_config(workdir: Path, teacher_dir: Path) -> dict:
                             # long enough (on a tiny model) to be killed midway by test_killed_training_resumes
                             {"modes": ["rb"], "tag": "long", "set": {"steps": 400, "checkpoint_every": 25}}],
         },
+        "eval": {"heldout": {"max_docs": 4}, "lm_eval": {"limit": 3, "batch_size": 4}},
     }
 
 
@@ -94,7 +95,7 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
 def test_dry_run_plans_the_foundation(study):
     _, _, dry, _ = study
     assert planned_jobs(dry.stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2, "topk_cache": 4,
-                                        "hidden_cache": 4, "train": 3}
+                                        "hidden_cache": 4, "train": 3, "eval": 5, "parse_results": 1}
 
 
 def test_run_produces_models_shards_and_manifest(study):
@@ -130,7 +131,7 @@ def test_deleted_shard_is_rebuilt_alone_and_identical(study):
     target.unlink()
     # the shard and the caches made from it (and the runs trained on them), nothing of the other shards
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {"shard": 1, "topk_cache": 1, "hidden_cache": 1,
-                                                             "train": 3}
+                                                             "train": 3, "eval": 3, "parse_results": 1}
     snakemake(workdir)
     assert target.read_bytes() == before
     assert {p: p.stat().st_mtime_ns for p in others} == others
@@ -178,9 +179,35 @@ def test_every_run_leaves_a_peft_adapter_and_metrics(study):
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
 
 
+def test_every_model_is_evaluated_into_one_database_summary_and_report(study, tmp_path):
+    import duckdb
+
+    workdir, _, _, _ = study
+    models = ["tiny-student.ce.s0", "tiny-student.mix.s0", "tiny-student.rb.s0.long", "tiny-teacher",
+              "tiny-student.init"]
+    for model in models:
+        heldout = json.loads((workdir / f"results/eval/{model}/heldout.json").read_text())
+        assert {m["metric"] for m in heldout["metrics"]} == {"ppl", "nll_per_token", "top1_agreement",
+                                                             "kl_teacher_student"}
+        lm = json.loads((workdir / f"results/eval/{model}/lm_eval.json").read_text())
+        assert {m["metric"] for m in lm["metrics"]} >= {"bits_per_byte", "word_perplexity"}
+    with duckdb.connect(str(workdir / "results/kdflow.duckdb"), read_only=True) as db:
+        assert sorted(r[0] for r in db.execute("select model from runs").fetchall()) == sorted(models)
+        assert db.execute("select count(*) from metrics where task = 'kdflow_heldout'").fetchone()[0] >= 15
+        assert db.execute("select count(*) from train_steps").fetchone()[0] == 4 + 4 + 400
+        assert db.execute("select count(distinct rule) from jobs").fetchone()[0] >= 6
+    summary = (workdir / "results/summary.md").read_text()
+    assert all(m in summary for m in ("tiny-teacher", "tiny-student.init", "tiny-student.ce", "tiny-student.mix"))
+    assert list((workdir / "results/plots").glob("*.png"))
+    report = tmp_path / "report.html"
+    snakemake(workdir, "--report", str(report))
+    assert report.stat().st_size > 10_000
+
+
 def test_forcing_one_run_plans_one_train_job(study):
     workdir, _, _, _ = study
-    assert planned_jobs(snakemake(workdir, "-n", "--force", "results/train/tiny-student.ce.s0").stdout) == {"train": 1}
+    out = snakemake(workdir, "-n", "--force", "results/train/tiny-student.ce.s0").stdout
+    assert planned_jobs(out) == {"train": 1}
 
 
 def test_unknown_key_fails_before_any_job(study, tmp_path):
@@ -198,7 +225,7 @@ def test_editing_a_source_file_reruns_the_corpus(study):
     doc = workdir / "docs" / "doc05.py"
     doc.write_text(doc.read_text() + "extra = 1\n")
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2,
-                                                             "topk_cache": 4, "hidden_cache": 4, "train": 3}
+                                                             "topk_cache": 4, "hidden_cache": 4, "train": 3, "eval": 5, "parse_results": 1}
 
 
 def test_killed_training_resumes_from_its_checkpoint_on_rerun(study):
