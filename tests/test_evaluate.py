@@ -8,24 +8,20 @@ import json
 import math
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from kdflow.cache_format import CacheReader
 from kdflow.evaluate import (EvalError, HELDOUT_TASK, evaluate_model, heldout_metrics, lm_eval_metrics,
                              load_eval_model, write_heldout_task_data)
-from kdflow.models import prepare_student, prepare_teacher
 from kdflow.perplexity import perplexity
 from kdflow.shards import read_texts
 from kdflow.teacher_pass import CacheJob, capture_topk
 
-from tiny_models import other_vocab_dir, tiny_teacher_dir  # noqa: F401 (fixtures)
+from tiny_models import one_thread, other_vocab_dir, prepare_tiny_models, tiny_teacher_dir, write_shard  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "resources" / "lm_eval_tasks"
-PREP = {"device": "cpu", "dtype": "float32", "max_length": 16, "batch_size": 4, "ppl_max_docs": 0}
 MAX_LENGTH = 24  # some held-out documents below are longer (truncated), some shorter: padding is exercised
 CACHE = dict(k=4, max_length=MAX_LENGTH, batch_size=3, rows_per_part=4, device="cpu", dtype="float32")
 
@@ -38,31 +34,13 @@ def heldout_texts() -> list[str]:
     return body
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, tiny_teacher_dir, other_vocab_dir):  # noqa: F811
     """Teacher, pruned student, foreign-vocabulary student, the held-out shard and its teacher top-k cache."""
     root = tmp_path_factory.mktemp("eval_study")
-    teacher = root / "models/teacher/kdflow_model.json"
-    prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(tiny_teacher_dir)}}, PREP, teacher)
-    student = root / "models/student/kdflow_model.json"
-    prepare_student({"name": "student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}},
-                    PREP, teacher, student)
-    foreign = root / "models/foreign/kdflow_model.json"
-    prepare_student({"name": "foreign", "vocab": "own", "source": {"kind": "hf", "path": str(other_vocab_dir)}},
-                    PREP, teacher, foreign)
-    docs = heldout_texts()
-    heldout = root / "shards/heldout.parquet"
-    heldout.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"doc_id": [f"h{i}" for i in range(len(docs))], "source": ["code"] * len(docs),
-                             "text": docs}), heldout)
+    models = prepare_tiny_models(root, tiny_teacher_dir, other_vocab_dir)
+    teacher, student, foreign = models["teacher"], models["student"], models["foreign"]
+    heldout = write_shard(root / "shards/heldout.parquet", heldout_texts())
     topk = root / "cache/topk/heldout.parquet"
     capture_topk(CacheJob("topk", heldout, {"topk": topk, "embed": root / "cache/embed/heldout.parquet"},
                           root / ".p/h", teacher, CACHE))
@@ -210,7 +188,7 @@ def test_write_heldout_task_data(study, tmp_path):
     out = tmp_path / "d.jsonl"
     assert write_heldout_task_data(study["heldout"], out, max_docs=3) == 3
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["text"] for r in rows] == heldout_texts()[:3] and rows[0]["doc_id"] == "h0"
+    assert [r["text"] for r in rows] == heldout_texts()[:3] and rows[0]["doc_id"] == "doc-00"
 
 
 def rolling_bits_per_byte(model, tok, texts: list[str]) -> float:

@@ -17,7 +17,7 @@ from kdflow.cache_format import CacheReader, PartWriter
 from kdflow.models import load_model, load_tokenizer, prepare_teacher, read_manifest
 from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
 
-from tiny_models import tiny_teacher_dir  # noqa: F401 (fixture)
+from tiny_models import one_thread, tiny_teacher_dir, write_shard  # noqa: F401 (fixtures)
 
 PREP = {"device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 2, "ppl_max_docs": 0}
 SETTINGS = dict(k=4, max_length=24, batch_size=3, rows_per_part=5, device="cpu", dtype="float32",
@@ -43,15 +43,6 @@ TEXTS = [
 ]
 
 
-def write_shard(path: Path, texts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"doc_id": pa.array([f"doc-{i:02d}" for i in range(len(texts))], pa.string()),
-                      "source": pa.array(["code"] * len(texts), pa.string()),
-                      "text": pa.array(texts, pa.string())})
-    pq.write_table(table, path)
-    return path
-
-
 def make_teacher(out: Path, model, tokenizer, note: str | None = None) -> Path:
     """A teacher manifest (named "teacher") over a local model directory holding ``model`` (and ``note`` as a
     README, which changes the directory's source hash)."""
@@ -62,15 +53,6 @@ def make_teacher(out: Path, model, tokenizer, note: str | None = None) -> Path:
     manifest = out / "models" / "teacher" / "kdflow_model.json"
     prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(out / "weights")}}, PREP, manifest, None)
     return manifest
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and several threads spin for ages on busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,23 +12,20 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from kdflow.cache_format import CacheMismatch
 from kdflow.config import validate_config
-from kdflow.models import load_model, load_tokenizer, prepare_student, prepare_teacher
+from kdflow.models import load_model, load_tokenizer
 from kdflow.runs import expand_runs
 from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
 from kdflow.train import Batches, TrainJob, Trainer, TrainingError, launch_command, lr_lambda, run_training
 
-from tiny_models import other_vocab_dir, tiny_teacher_dir  # noqa: F401 (fixtures)
+from tiny_models import one_thread, other_vocab_dir, prepare_tiny_models, tiny_teacher_dir, write_shard  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-PREP = {"device": "cpu", "dtype": "float32", "max_length": 16, "batch_size": 4, "ppl_max_docs": 0}
 MAX_LENGTH = 12  # every document below is longer, so every cached document has exactly 12 tokens
 CACHE = dict(k=4, max_length=MAX_LENGTH, batch_size=4, rows_per_part=4, device="cpu", dtype="float32",
              hidden_layers=[2], hidden_token_ratio=1.0, hidden_token_seed=0)
@@ -38,33 +35,12 @@ def texts(offset: int, n: int) -> list[str]:
     return [f"def f{i}(x, y):\n    total = x * {i} + y\n    return total - {i * i}\n" for i in range(offset, offset + n)]
 
 
-def write_shard(path: Path, docs: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(len(docs))], "source": ["code"] * len(docs),
-                             "text": docs}), path)
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, tiny_teacher_dir, other_vocab_dir):  # noqa: F811
     """Teacher, pruned student, a foreign-vocabulary student, two training shards with all three caches."""
     root = tmp_path_factory.mktemp("train_study")
-    teacher = root / "models/teacher/kdflow_model.json"
-    prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(tiny_teacher_dir)}}, PREP, teacher)
-    student = root / "models/student/kdflow_model.json"
-    prepare_student({"name": "student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}},
-                    PREP, teacher, student)
-    foreign = root / "models/foreign/kdflow_model.json"
-    prepare_student({"name": "foreign", "vocab": "own", "source": {"kind": "hf", "path": str(other_vocab_dir)}},
-                    PREP, teacher, foreign)
+    models = prepare_tiny_models(root, tiny_teacher_dir, other_vocab_dir)
+    teacher, student, foreign = models["teacher"], models["student"], models["foreign"]
     shards = []
     for i, docs in enumerate([texts(0, 10), texts(10, 9)]):
         shard = write_shard(root / f"shards/shard_{i:05d}.parquet", docs)

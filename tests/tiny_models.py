@@ -60,3 +60,44 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
 def other_vocab_dir(tmp_path_factory) -> Path:
     """A model whose tokenizer differs from the tiny teacher's."""
     return save_model_dir(tmp_path_factory.mktemp("other"), CORPUS_B * 5, vocab_size=280, layers=2, seed=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and several threads spin for ages on busy cores. Autouse in every
+    test module that imports it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PREP = {"device": "cpu", "dtype": "float32", "max_length": 16, "batch_size": 4, "ppl_max_docs": 0}
+
+
+def prepare_tiny_models(root: Path, teacher_dir: Path, other_dir: Path) -> dict[str, Path]:
+    """Manifests of the tiny teacher, a student pruned from it (layers 0 and 3) and a student with its own
+    vocabulary (``vocab: own``), as prepare_models writes them: {"teacher", "student", "foreign"}."""
+    from kdflow.models import prepare_student, prepare_teacher
+
+    out = {name: root / f"models/{name}/kdflow_model.json" for name in ("teacher", "student", "foreign")}
+    prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(teacher_dir)}}, PREP, out["teacher"])
+    prepare_student({"name": "student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}},
+                    PREP, out["teacher"], out["student"])
+    prepare_student({"name": "foreign", "vocab": "own", "source": {"kind": "hf", "path": str(other_dir)}},
+                    PREP, out["teacher"], out["foreign"])
+    return out
+
+
+def write_shard(path: Path, texts: list[str]) -> Path:
+    """A shard file (doc_id, source, text) as the shard rule writes it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"doc_id": pa.array([f"doc-{i:02d}" for i in range(len(texts))], pa.string()),
+                             "source": pa.array(["code"] * len(texts), pa.string()),
+                             "text": pa.array(texts, pa.string())}), path)
+    return path
