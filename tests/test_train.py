@@ -300,3 +300,12 @@ def test_bad_lora_target_and_layer_are_named(study, tmp_path):
     with pytest.raises(TrainingError, match=r"fb.layer_map\[0\].student = 9, but student 'student' has hidden "
                                             r"states 0..2"):
         run_training(job)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(study, tmp_path):
+    plain = spec_for("mix", steps=3)
+    run_training(job_for(study, tmp_path / "plain", plain))
+    ckpt = spec_for("mix", steps=3, gradient_checkpointing=True)
+    run_training(job_for(study, tmp_path / "ckpt", ckpt))
+    assert_same_weights(adapter(tmp_path / "plain" / "out" / plain["name"]),
+                        adapter(tmp_path / "ckpt" / "out" / ckpt["name"]), atol=1e-6)

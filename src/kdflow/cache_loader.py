@@ -151,7 +151,8 @@ class CacheStream(torch.utils.data.IterableDataset):
     Each item: ``{"shard": str, "doc_index": int, "input_ids": int32 [n], "topk_ids": int32 [n, k],
     "topk_logprobs": float16 [n, k], "rest_logprob": float16 [n]}`` plus ``"embedding": float16 [D]`` when
     the shards have embed files, and ``"hidden_positions": int32 [p], "hidden": {layer: float16 [p, D]}``
-    when they have hidden files (layers in the file's order). Arrays are the document's own copies.
+    when they have hidden files (layers in the file's order), and ``"text": str`` (the text the teacher saw,
+    from the embed file) with ``with_text=True``. Arrays are the document's own copies.
     Row ``j`` of the top-k arrays is the teacher's prediction for token ``j + 1`` (docs/cache_format.md).
 
     ``expected``: metadata the files must have been built with, e.g. ``{"k": 16, "tokenizer_fingerprint":
