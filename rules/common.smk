@@ -121,6 +121,12 @@ def train_inputs(wildcards):
     return inputs
 
 
+def train_gpus(wildcards):
+    """GPUs of a run's job: per node x nodes (SLURM: --gpus=<model>:<total> with --nodes)."""
+    spec = run_spec(wildcards)
+    return spec["gpus"] * spec["nodes"]
+
+
 def train_expected(wildcards):
     """Cache metadata a run's files must carry (the loader refuses others, naming the file and key)."""
     spec = run_spec(wildcards)

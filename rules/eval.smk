@@ -42,6 +42,7 @@ rule parse_results:
     params:
         expected=lambda wildcards: expected_results(),
         benchmarks="results/benchmarks",
+        telemetry="results/telemetry",
     log:
         "results/logs/parse_results.log",
     conda:

@@ -14,7 +14,11 @@ rule train:
         work="results/checkpoints/{run}",
     threads: 2
     resources:
-        gpu=lambda wildcards: run_spec(wildcards)["gpus"],
+        gpu=lambda wildcards: train_gpus(wildcards),
+        nodes=lambda wildcards: run_spec(wildcards)["nodes"],
+        # several nodes: one srun task per node, started by the script itself (kdflow.launch)
+        tasks=lambda wildcards: run_spec(wildcards)["nodes"] if run_spec(wildcards)["nodes"] > 1 else None,
+        mpi=lambda wildcards: "srun" if run_spec(wildcards)["nodes"] > 1 else None,
     log:
         "results/logs/train/{run}.log",
     benchmark:

@@ -144,7 +144,7 @@ def test_schema_and_row_counts(built):
     db = result["database"]
     assert db.is_file() and not list(db.parent.glob(".*tmp*")) and not Path(str(db) + ".wal").exists()
     tables = [t for (t,) in sql(db, "select table_name from information_schema.tables order by table_name")]
-    assert tables == ["jobs", "metrics", "runs", "summary", "train_steps"]  # no telemetry without its files
+    assert tables == ["energy", "jobs", "metrics", "runs", "summary", "telemetry", "train_steps"]
     cols = {t: [c for (c,) in sql(db, f"select column_name from information_schema.columns where table_name = '{t}' "
                                       f"order by ordinal_position")] for t in tables}
     assert cols["runs"] == ["model", "kind", "student", "mode", "seed", "tag", "run_group", "terms", "steps", "tokens",
@@ -155,6 +155,9 @@ def test_schema_and_row_counts(built):
                                    "elapsed_s"]
     assert cols["jobs"] == ["rule", "name", "repeat", "seconds", "max_rss_mb", "max_vms_mb", "max_uss_mb",
                             "max_pss_mb", "io_in", "io_out", "mean_load", "cpu_time", "source"]
+    assert cols["energy"] == ["rule", "job", "host", "nvml", "nvml_error", "gpus", "gpu_names", "samples", "complete",
+                              "elapsed_s", "tokens", "energy_j", "energy_per_token_j", "peak_gpu_mem_mb",
+                              "peak_rss_mb", "source"]
     assert cols == {t: [c for c, _, _ in TABLES[t][1]] for t in tables}
     # the documentation is in the database too
     assert sql(db, "select comment from duckdb_columns() where table_name = 'jobs' and column_name = 'max_rss_mb'") \
@@ -162,7 +165,8 @@ def test_schema_and_row_counts(built):
     counts = {t: sql(db, f"select count(*) from {t}")[0][0] for t in tables}
     # 10 evaluated models + 1 trained only; 10 x 7 metrics; 9 runs x 3 steps; 4 files, one with 2 repeats;
     # 6 summary rows (teacher, init, ce, rb, ce.long, rb.long) x 7 metrics
-    assert counts == {"runs": 11, "metrics": 70, "train_steps": 27, "jobs": 5, "summary": 42}
+    assert counts == {"runs": 11, "metrics": 70, "train_steps": 27, "jobs": 5, "summary": 42, "telemetry": 0,
+                      "energy": 0}
 
 
 def test_runs_metrics_steps_jobs_content(built):
@@ -374,14 +378,81 @@ def test_metric_classes():
          "kl", None]
 
 
-def test_telemetry_hook_and_cli(tmp_path, capsys):
+def write_telemetry(path: Path, rule: str, job: str, samples: list[tuple], end: dict | None,
+                    nvml: bool = True) -> Path:
+    """A telemetry file; samples are (elapsed_s, rss_mb, [(gpu, power_w, energy_j, mem_used_mb), ...])."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gpus = sorted({g[0] for _, _, gs in samples for g in gs})
+    recs = [{"kind": "start", "rule": rule, "job": job, "host": "node1", "nvml": nvml,
+             "nvml_error": None if nvml else "NVMLError_LibraryNotFound: NVML Shared Library Not Found",
+             "gpus": [{"index": i, "name": "H100", "memory_total_mb": 81559.0} for i in gpus], "interval_s": 5,
+             "t": 1.7e9}]
+    for n, (elapsed, rss, gs) in enumerate(samples):
+        recs.append({"kind": "sample", "t": 1.7e9 + elapsed, "elapsed_s": elapsed, "cpu_percent": None if n == 0 else 99.0,
+                     "rss_mb": rss, "gpus": [{"index": i, "power_w": p, "energy_j": e, "mem_used_mb": m,
+                                              "util_gpu": 90.0} for i, p, e, m in gs]})
+    if end is not None:
+        recs.append({"kind": "end", "t": 1.7e9 + samples[-1][0], "elapsed_s": samples[-1][0], "ok": True, **end})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_telemetry_energy_per_token_peaks_and_cli(tmp_path, capsys):
     inputs = make_study(tmp_path)
-    tel = tmp_path / "telemetry.jsonl"
-    tel.write_text('{"gpu": 0, "util": 93}\n\n{"gpu": 1, "util": 88}\n')
-    db = tmp_path / "t.duckdb"
-    build_results(**inputs, db_path=db, telemetry_files=[tel])
-    assert sql(db, "select line, json_extract(record, '$.util')::int from telemetry order by line") == [(1, 93), (3, 88)]
-    # the command line: an error is one message and exit status 1
+    tel = tmp_path / "telemetry"
+    files = [
+        # two GPUs with energy counters: 1000 + 3000 J over 6000 tokens
+        write_telemetry(tel / "topk_cache" / "shard_00000.jsonl", "topk_cache", "shard_00000",
+                        [(0.0, 900.0, [(0, 300.0, 10_000.0, 20_000.0), (1, 310.0, 50_000.0, 30_000.0)]),
+                         (5.0, 1200.0, [(0, 320.0, 11_000.0, 60_000.0), (1, 330.0, 53_000.0, 40_000.0)])],
+                        {"tokens": 6000, "energy_j": 4000.0}),
+        write_telemetry(tel / "topk_cache" / "shard_00001.jsonl", "topk_cache", "shard_00001",
+                        [(0.0, 800.0, [(0, 300.0, 20_000.0, 10_000.0)]), (5.0, 800.0, [(0, 300.0, 21_000.0, 10_000.0)])],
+                        {"tokens": 4000, "energy_j": 1000.0}),
+        # killed: no end line; no counter, so the energy is the power's trapezoid: (100 + 300) / 2 * 10 s
+        write_telemetry(tel / "train" / "stu.rb.s0.jsonl", "train", "stu.rb.s0",
+                        [(0.0, 500.0, [(0, 100.0, None, 5000.0)]), (10.0, 700.0, [(0, 300.0, None, 7000.0)])], None),
+        # no NVML: CPU and memory only
+        write_telemetry(tel / "eval" / "teach.jsonl", "eval", "teach", [(0.0, 300.0, []), (3.0, 350.0, [])],
+                        {"tokens": 100, "energy_j": None}, nvml=False),
+    ]
+    out = tmp_path / "t"
+    build_results(**inputs, db_path=out / "t.duckdb", md_path=out / "summary.md", telemetry_files=files)
+    db = out / "t.duckdb"
+    assert sql(db, "select rule, job, nvml, gpus, samples, complete, elapsed_s, tokens, energy_j, energy_per_token_j, "
+                   "peak_gpu_mem_mb, peak_rss_mb from energy order by rule, job") == [
+        ("eval", "teach", False, 0, 2, True, 3.0, 100, None, None, None, 350.0),
+        ("topk_cache", "shard_00000", True, 2, 2, True, 5.0, 6000, 4000.0, 4000.0 / 6000, 60_000.0, 1200.0),
+        ("topk_cache", "shard_00001", True, 1, 2, True, 5.0, 4000, 1000.0, 0.25, 10_000.0, 800.0),
+        ("train", "stu.rb.s0", True, 1, 2, False, 10.0, None, 2000.0, None, 7000.0, 700.0),
+    ]
+    assert sql(db, "select nvml_error from energy where not nvml") == [
+        ("NVMLError_LibraryNotFound: NVML Shared Library Not Found",)]
+    assert sql(db, "select count(*), count(gpu), sum(power_w) from telemetry") == [(4 + 2 + 2 + 2, 8, 2260.0)]
+    assert sql(db, "select sample, gpu, power_w, cpu_percent, rss_mb, line from telemetry "
+                   "where job = 'shard_00000' order by sample, gpu") == [
+        (0, 0, 300.0, None, 900.0, 2), (0, 1, 310.0, None, 900.0, 2), (1, 0, 320.0, 99.0, 1200.0, 3),
+        (1, 1, 330.0, 99.0, 1200.0, 3)]
+    md = (out / "summary.md").read_text()
+    assert "## Energy and memory per stage" in md
+    assert "| rule | jobs | NVML | tokens | energy J | J/token | peak GPU MB | peak RSS MB |" in md
+    assert "| topk_cache | 2 | 2/2 | 10,000 | 5,000 | 0.5 | 60,000 | 1,200 |" in md
+    assert "| train | 1 | 1/1 |  | 2,000 |  | 7,000 | 700 |" in md
+    assert "| eval | 1 | 0/1 | 100 |  |  |  | 350 |" in md
+    assert "NVML unavailable in 1 of 4 jobs (NVMLError_LibraryNotFound: NVML Shared Library Not Found)" in md
+    assert "Incomplete telemetry (killed or failed jobs): train/stu.rb.s0." in md
+    # a malformed line: named by file and line, nothing written
+    bad = tel / "hidden_cache" / "shard_00000.jsonl"
+    bad.parent.mkdir()
+    bad.write_text(files[0].read_text().splitlines()[0] + "\n{\"kind\": \"sample\", \"t\"\n")
+    with pytest.raises(ResultsError, match=re.escape(f"{bad}:2: not valid JSON")):
+        build_results(**inputs, db_path=tmp_path / "never.duckdb", telemetry_files=files + [bad])
+    assert not (tmp_path / "never.duckdb").exists()
+    # the command line: --telemetry; an error is one message and exit status 1
+    ok = tmp_path / "cli_ok"
+    assert main(["--eval", *map(str, inputs["eval_files"]), "--telemetry", *map(str, files), "--db", str(ok / "x.duckdb"),
+                 "--csv", str(ok / "s.csv"), "--md", str(ok / "s.md"), "--plots", str(ok / "plots")]) == 0
+    assert sql(ok / "x.duckdb", "select count(*) from energy") == [(4,)]
     edit_metric(tmp_path / "eval" / "teach" / "heldout.json", "ppl", 0.5)
     out = tmp_path / "cli"
     rc = main(["--eval", *map(str, inputs["eval_files"]), "--db", str(out / "x.duckdb"), "--csv", str(out / "s.csv"),

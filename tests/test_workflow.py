@@ -196,6 +196,8 @@ def test_every_model_is_evaluated_into_one_database_summary_and_report(study, tm
         assert db.execute("select count(*) from metrics where task = 'kdflow_heldout'").fetchone()[0] >= 15
         assert db.execute("select count(*) from train_steps").fetchone()[0] == 4 + 4 + 400
         assert db.execute("select count(distinct rule) from jobs").fetchone()[0] >= 6
+        assert db.execute("select rule, count(*), count(tokens) from energy group by rule order by rule").fetchall() \
+            == [("eval", 5, 5), ("hidden_cache", 4, 4), ("prepare_models", 2, 0), ("topk_cache", 4, 4), ("train", 3, 3)]
     summary = (workdir / "results/summary.md").read_text()
     assert all(m in summary for m in ("tiny-teacher", "tiny-student.init", "tiny-student.ce", "tiny-student.mix"))
     assert list((workdir / "results/plots").glob("*.png"))

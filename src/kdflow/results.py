@@ -1,4 +1,5 @@
-"""The results: every evaluation, training log and job benchmark in one DuckDB database, a summary, plots.
+"""The results: every evaluation, training log, job benchmark and telemetry file in one DuckDB database, a
+summary, plots.
 
 :func:`build_results` reads
 
@@ -7,17 +8,16 @@
 * the training run directories ``results/train/<run>/`` (``run_config.json``, ``metrics.jsonl``,
   ``summary.json``),
 * the Snakemake benchmark files ``results/benchmarks/<rule>/<name>.tsv``,
-* (later) telemetry files, JSON lines,
+* the telemetry files of the GPU rules ``results/telemetry/<rule>/<job>.jsonl`` (:mod:`kdflow.telemetry`),
 
 checks them (:func:`validate`: finite values, accuracies in [0, 1], perplexities >= 1, bits per byte and
 NLL >= 0, KL >= -1e-3, and that every expected model has every expected evaluation and task) and writes,
 each atomically and only once everything checked out:
 
-* the DuckDB database (tables ``runs``, ``metrics``, ``train_steps``, ``jobs``, ``summary`` and, when
-  telemetry files are given, ``telemetry``; :data:`TABLES` holds their columns, also stored as DuckDB
-  comments),
+* the DuckDB database (tables ``runs``, ``metrics``, ``train_steps``, ``jobs``, ``telemetry``, ``energy``,
+  ``summary``; :data:`TABLES` holds their columns, also stored as DuckDB comments),
 * ``summary.csv`` (one row per run group and per baseline, columns per metric) and ``summary.md`` (one table
-  per evaluation task, best marked, deltas against no-KD and the teacher),
+  per evaluation task, best marked, deltas against no-KD and the teacher; time, energy and memory per stage),
 * PNG plots (training curves, metric bars, KD-vs-no-KD deltas).
 
 ``docs/results.md`` documents the tables, the summary layout and how to query the database.
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kdflow.atomic import atomic_path
+from kdflow.telemetry import EnergyMeter
 
 log = logging.getLogger("kdflow.results")
 
@@ -112,6 +113,42 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         ("cpu_time", "DOUBLE", "CPU seconds (user + system)"),
         ("source", "VARCHAR", "the benchmark file"),
     ]),
+    "telemetry": ("one row per telemetry sample and GPU (one row with gpu NULL where a job sampled no GPU)", [
+        ("rule", "VARCHAR", "the rule of the job (the file's start line)"),
+        ("job", "VARCHAR", "the job: its shard, model or run (jobs.name)"),
+        ("sample", "INTEGER", "sample of the job, from 0 (the first is taken at the start, the last at the end)"),
+        ("t", "DOUBLE", "Unix time of the sample, s"),
+        ("elapsed_s", "DOUBLE", "seconds since the job's telemetry started"),
+        ("gpu", "INTEGER", "NVML index of the GPU (NULL: no GPU sampled)"),
+        ("power_w", "DOUBLE", "GPU power draw, W"),
+        ("energy_j", "DOUBLE", "the GPU's energy counter (since the driver loaded), J; NULL where unsupported"),
+        ("mem_used_mb", "DOUBLE", "GPU memory in use (all processes on the GPU), MB"),
+        ("util_gpu", "DOUBLE", "GPU utilisation, percent of the last sample period with a kernel running"),
+        ("cpu_percent", "DOUBLE", "CPU of the job's processes since the previous sample, percent of one core "
+                                  "(NULL in sample 0); repeated on each GPU row of a sample"),
+        ("rss_mb", "DOUBLE", "resident memory of the job's processes, MB; repeated on each GPU row of a sample"),
+        ("line", "INTEGER", "line of the telemetry file, from 1"),
+        ("source", "VARCHAR", "the telemetry file"),
+    ]),
+    "energy": ("one row per telemetry file: energy, tokens and peak memory of one job", [
+        ("rule", "VARCHAR", "the rule of the job"),
+        ("job", "VARCHAR", "the job: its shard, model or run (jobs.name)"),
+        ("host", "VARCHAR", "the machine it ran on"),
+        ("nvml", "BOOLEAN", "whether NVML (GPU telemetry) was available"),
+        ("nvml_error", "VARCHAR", "why NVML was unavailable (NULL with NVML)"),
+        ("gpus", "INTEGER", "GPUs sampled"),
+        ("gpu_names", "VARCHAR", "their names, comma-separated (NULL: none)"),
+        ("samples", "INTEGER", "sample lines"),
+        ("complete", "BOOLEAN", "the file has its end line and the job's work succeeded (false: killed or failed)"),
+        ("elapsed_s", "DOUBLE", "seconds measured (end line; without one, up to the last sample)"),
+        ("tokens", "BIGINT", "tokens the job processed, as it reported them (NULL: none reported)"),
+        ("energy_j", "DOUBLE", "GPU energy of the job over all its GPUs, J: the energy counters' difference, "
+                               "integrated power where a GPU has no counter; NULL without NVML"),
+        ("energy_per_token_j", "DOUBLE", "energy_j / tokens, J per token (NULL without energy or tokens)"),
+        ("peak_gpu_mem_mb", "DOUBLE", "highest GPU memory in use on any one of its GPUs, MB (NULL: no GPU)"),
+        ("peak_rss_mb", "DOUBLE", "highest resident memory of the job's processes, MB"),
+        ("source", "VARCHAR", "the telemetry file"),
+    ]),
     "summary": ("one row per (summary row, evaluation, task, metric): what summary.csv and summary.md show", [
         ("run_group", "VARCHAR", "run group (runs aggregated over seeds) or baseline model id"),
         ("kind", "VARCHAR", "run | teacher | student_init"),
@@ -134,11 +171,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         ("delta_teacher_stderr", "DOUBLE", "stderr of this row (the teacher's value is one number)"),
     ]),
 }
-TELEMETRY_TABLE = ("telemetry", "one row per JSON line of a telemetry file (provisional, generic)", [
-    ("source", "VARCHAR", "the telemetry file"),
-    ("line", "INTEGER", "line number, from 1"),
-    ("record", "VARCHAR", "the line's JSON object as text (query with json_extract)"),
-])
+TELEMETRY_GPU_FIELDS = ("power_w", "energy_j", "mem_used_mb", "util_gpu")
 
 STEP_COLUMNS = [c for c, _, _ in TABLES["train_steps"][1]]
 BENCH_FIELDS = {"s": "seconds", "max_rss": "max_rss_mb", "max_vms": "max_vms_mb", "max_uss": "max_uss_mb",
@@ -207,6 +240,7 @@ class Collected:
     train: list[TrainRun] = field(default_factory=list)
     jobs: list[dict] = field(default_factory=list)
     telemetry: list[dict] = field(default_factory=list)
+    energy: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -374,24 +408,113 @@ def load_benchmark(path: str | Path, problems: list[str]) -> list[dict]:
     return out
 
 
-def load_telemetry(path: str | Path, problems: list[str]) -> list[dict]:
-    """Generic hook: every JSON line of a telemetry file, kept as text (a dedicated schema comes later)."""
-    out = []
+def _opt_number(record: dict, key: str) -> bool:
+    v = record.get(key)
+    return v is None or (_is_number(v) and _finite(float(v)))
+
+
+def _max(*values: float | None) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return max(present) if present else None
+
+
+def load_telemetry(path: str | Path, problems: list[str]) -> tuple[list[dict], dict | None]:
+    """One telemetry file (:mod:`kdflow.telemetry`): its sample rows and its job's energy row (None if unreadable).
+
+    A file without its end line (a killed job) still counts, with ``complete`` false: its elapsed time and
+    energy are taken from the samples.
+    """
+    p = str(path)
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        problems.append(f"{path}: telemetry file not found")
-        return out
+        problems.append(f"{p}: telemetry file not found")
+        return [], None
+    except UnicodeDecodeError as e:
+        problems.append(f"{p}: not UTF-8 text ({e}); delete it or rerun the job")
+        return [], None
+    start: dict | None = None
+    end: dict | None = None
+    rows: list[dict] = []
+    meter = EnergyMeter()
+    samples = 0
+    last_elapsed: float | None = None
+    peak_mem: float | None = None
+    peak_rss: float | None = None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{p}:{n}"
+        fix = f"delete {p} or rerun its job" + (f" ({start['rule']} {start['job']})" if start else "")
         try:
-            record = json.loads(line)
+            rec = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(f"{path}:{n}: not JSON ({e})")
+            problems.append(f"{where}: not valid JSON ({e}); {fix}")
+            return [], None
+        kind = rec.get("kind") if isinstance(rec, dict) else None
+        if start is None:
+            if kind != "start" or not isinstance(rec.get("rule"), str) or not isinstance(rec.get("job"), str):
+                problems.append(f"{where}: the first line of a telemetry file must be its start line (kind "
+                                f"start, with rule and job), found {line[:80]!r}; {fix}")
+                return [], None
+            start = rec
             continue
-        out.append({"source": str(path), "line": n, "record": json.dumps(record, sort_keys=True)})
-    return out
+        if end is not None:
+            problems.append(f"{where}: a line after the end line; {fix}")
+            return [], None
+        if kind == "sample":
+            gpus = rec.get("gpus", [])
+            bad = [k for k in ("elapsed_s", "t") if not _is_number(rec.get(k))]
+            bad += [k for k in ("cpu_percent", "rss_mb") if not _opt_number(rec, k)]
+            if not isinstance(gpus, list) or not all(
+                    isinstance(g, dict) and isinstance(g.get("index"), int) and not isinstance(g["index"], bool)
+                    for g in gpus):
+                bad.append("gpus")
+            else:
+                bad += [f"gpus[{i}].{k}" for i, g in enumerate(gpus) for k in TELEMETRY_GPU_FIELDS
+                        if not _opt_number(g, k)]
+            if bad:
+                problems.append(f"{where}: sample with missing or non-numeric {', '.join(bad)}; {fix}")
+                return [], None
+            base = {"rule": start["rule"], "job": start["job"], "sample": samples, "t": float(rec["t"]),
+                    "elapsed_s": float(rec["elapsed_s"]), "cpu_percent": rec.get("cpu_percent"),
+                    "rss_mb": rec.get("rss_mb"), "line": n, "source": p}
+            for g in gpus or [None]:
+                rows.append({**base, "gpu": None if g is None else g["index"],
+                             **{k: None if g is None else g.get(k) for k in TELEMETRY_GPU_FIELDS}})
+            meter.add(float(rec["elapsed_s"]), gpus)
+            peak_mem = _max(peak_mem, *(g.get("mem_used_mb") for g in gpus))
+            peak_rss = _max(peak_rss, rec.get("rss_mb"))
+            last_elapsed = float(rec["elapsed_s"])
+            samples += 1
+        elif kind == "end":
+            tokens = rec.get("tokens")
+            bad = [k for k in ("elapsed_s",) if not _is_number(rec.get(k))]
+            bad += [k for k in ("energy_j",) if not _opt_number(rec, k)]
+            if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0):
+                bad.append("tokens")
+            if bad:
+                problems.append(f"{where}: end line with missing or invalid {', '.join(bad)}; {fix}")
+                return [], None
+            end = rec
+        else:
+            problems.append(f"{where}: unknown line kind {kind!r} (expected sample or end); {fix}")
+            return [], None
+    if start is None:
+        problems.append(f"{p}: empty telemetry file; delete it or rerun its job")
+        return [], None
+    gpu_info = start.get("gpus") or []
+    names = [str(g.get("name")) for g in gpu_info if isinstance(g, dict) and g.get("name") is not None]
+    energy = end.get("energy_j") if end is not None else meter.total_j()
+    tokens = end.get("tokens") if end is not None else None
+    job = {"rule": start["rule"], "job": start["job"], "host": start.get("host"), "nvml": bool(start.get("nvml")),
+           "nvml_error": start.get("nvml_error"), "gpus": len(gpu_info), "gpu_names": ", ".join(names) or None,
+           "samples": samples, "complete": end is not None and end.get("ok", True) is not False,
+           "elapsed_s": float(end["elapsed_s"]) if end is not None else last_elapsed, "tokens": tokens,
+           "energy_j": None if energy is None else float(energy),
+           "energy_per_token_j": float(energy) / tokens if energy is not None and tokens else None,
+           "peak_gpu_mem_mb": peak_mem, "peak_rss_mb": peak_rss, "source": p}
+    return rows, job
 
 
 def collect(eval_files: Iterable[str | Path], train_dirs: Iterable[str | Path] = (),
@@ -409,7 +532,10 @@ def collect(eval_files: Iterable[str | Path], train_dirs: Iterable[str | Path] =
     for f in sorted(map(str, benchmark_files)):
         c.jobs += load_benchmark(f, c.problems)
     for f in sorted(map(str, telemetry_files)):
-        c.telemetry += load_telemetry(f, c.problems)
+        rows, job = load_telemetry(f, c.problems)
+        c.telemetry += rows
+        if job is not None:
+            c.energy.append(job)
     return c
 
 
@@ -726,15 +852,13 @@ def write_database(c: Collected, s: Summary, db_path: str | Path) -> Path:
                    for ev in c.evals for m in ev.metrics]
     data = {"runs": _runs_rows(c), "metrics": metric_rows,
             "train_steps": sorted((x for r in c.train for x in r.steps), key=lambda x: (x["model"], x["step"])),
-            "jobs": c.jobs, "summary": _summary_rows(s)}
+            "jobs": c.jobs, "telemetry": c.telemetry, "energy": c.energy, "summary": _summary_rows(s)}
     with atomic_path(db_path) as tmp:
         wal = tmp.with_name(tmp.name + ".wal")
         con = duckdb.connect(str(tmp))
         try:
             for name, (comment, columns) in TABLES.items():
                 _create(con, name, comment, columns, data[name])
-            if c.telemetry:
-                _create(con, *TELEMETRY_TABLE, c.telemetry)
             con.execute("CHECKPOINT")
         finally:
             con.close()
@@ -815,7 +939,8 @@ def _md_table(header: list[str], rows: list[list[str]], align: list[str] | None 
 
 
 def summary_markdown(s: Summary, c: Collected) -> str:
-    """summary.md: runs overview, one values table and one deltas table per evaluation task, n/a list, jobs."""
+    """summary.md: runs overview, one values table and one deltas table per evaluation task, n/a list, jobs,
+    energy and memory per stage."""
     lines = ["# kdflow results", "",
              f"{len({ev.model for ev in c.evals})} evaluated models ({len(c.evals)} evaluation files), "
              f"{len(c.train)} training runs, {len(c.jobs)} job benchmarks.", "",
@@ -882,7 +1007,46 @@ def summary_markdown(s: Summary, c: Collected) -> str:
             table.append([rule, str(len(js)), _fmt(sum(secs)) if secs else "", _fmt(max(secs)) if secs else "",
                           _fmt(max(rss)) if rss else ""])
         lines += ["## Jobs", ""] + _md_table(["rule", "jobs", "total s", "longest s", "peak RSS MB"], table) + [""]
+    if c.energy:
+        lines += _energy_markdown(c.energy)
     return "\n".join(lines)
+
+
+def _fmt_amount(x: float | None) -> str:
+    """Tokens, joules, MB: whole numbers with thousands separators from 1,000 on (not 6e+04 MB)."""
+    return f"{x:,.0f}" if x is not None and abs(x) >= 1000 else _fmt(x)
+
+
+def _energy_markdown(energy: list[dict]) -> list[str]:
+    """The "Energy and memory per stage" section: the energy table aggregated per rule."""
+    per_rule: dict[str, list[dict]] = {}
+    for j in energy:
+        per_rule.setdefault(j["rule"], []).append(j)
+    table = []
+    for rule in sorted(per_rule):
+        js = per_rule[rule]
+        tokens = [j["tokens"] for j in js if j["tokens"] is not None]
+        joules = [j["energy_j"] for j in js if j["energy_j"] is not None]
+        both = [j for j in js if j["energy_j"] is not None and j["tokens"]]
+        per_token = sum(j["energy_j"] for j in both) / sum(j["tokens"] for j in both) if both else None
+        table.append([rule, str(len(js)), f"{sum(j['nvml'] for j in js)}/{len(js)}",
+                      _fmt_amount(sum(tokens) if tokens else None), _fmt_amount(sum(joules) if joules else None),
+                      _fmt(per_token), _fmt_amount(_max(*(j["peak_gpu_mem_mb"] for j in js))),
+                      _fmt_amount(_max(*(j["peak_rss_mb"] for j in js)))])
+    lines = ["## Energy and memory per stage", "",
+             "From the GPU rules' telemetry (results/telemetry): tokens and GPU energy summed over a rule's jobs, "
+             "J/token over the jobs that have both, peaks over its jobs (GPU memory: the fullest single GPU).", ""]
+    lines += _md_table(["rule", "jobs", "NVML", "tokens", "energy J", "J/token", "peak GPU MB", "peak RSS MB"],
+                       table) + [""]
+    reasons = sorted({j["nvml_error"] or "unknown" for j in energy if not j["nvml"]})
+    if reasons:
+        n = sum(not j["nvml"] for j in energy)
+        lines += [f"NVML unavailable in {n} of {len(energy)} jobs ({'; '.join(reasons)}): no energy or GPU memory "
+                  f"for those, CPU and RSS only.", ""]
+    incomplete = [f"{j['rule']}/{j['job']}" for j in energy if not j["complete"]]
+    if incomplete:
+        lines += [f"Incomplete telemetry (killed or failed jobs): {', '.join(incomplete)}.", ""]
+    return lines
 
 
 def write_summary_md(s: Summary, c: Collected, path: str | Path) -> Path:
@@ -1026,9 +1190,9 @@ def build_results(eval_files: Iterable[str | Path], train_dirs: Iterable[str | P
         out["markdown"] = write_summary_md(s, c, md_path)
     if plots_dir is not None:
         out["plots"] = make_plots(c, s, plots_dir)
-    log.info("results: %d models, %d metrics, %d training runs, %d jobs -> %s, %s, %s, %d plots",
+    log.info("results: %d models, %d metrics, %d training runs, %d jobs, %d telemetry files -> %s, %s, %s, %d plots",
              len({ev.model for ev in c.evals}), sum(len(ev.metrics) for ev in c.evals), len(c.train), len(c.jobs),
-             db_path, csv_path, md_path, len(out["plots"]))
+             len(c.energy), db_path, csv_path, md_path, len(out["plots"]))
     return out
 
 

@@ -408,6 +408,7 @@ class Trainer:
             self.total_steps = max(1, math.ceil(spec["epochs"] * stream.num_documents / per_step))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, self.total_steps))
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.resumes: list[int] = []  # the steps this run was resumed from (a preempted run may be resumed often)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -423,7 +424,8 @@ class Trainer:
                             "scheduler": self.scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
                 write_json(tmp / "checkpoint.json", {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed,
                                                      "data": data, "resume_key": self.resume_key(),
-                                                     "run": self.spec["name"], "world_size": ctx.world})
+                                                     "run": self.spec["name"], "world_size": ctx.world,
+                                                     "resumes": self.resumes})
             for old in _checkpoints(self.work)[:-self.spec["keep_checkpoints"]]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint at step %d: %s", self.step, target)
@@ -460,6 +462,7 @@ class Trainer:
         _set_rng_state(state["rng"][self.ctx.rank], self.ctx)
         self.batches.load_state_dict(info["data"][self.ctx.rank])
         self.step, self.tokens, self.elapsed = int(info["step"]), int(info["tokens"]), float(info["elapsed_s"])
+        self.resumes = [*info.get("resumes", []), self.step]
         log.info("resumed from %s (step %d of %d)", latest, self.step, self.total_steps)
         return True
 
@@ -636,6 +639,7 @@ class Trainer:
             "run": spec["name"], "student": spec["student"], "mode": spec["mode"], "seed": spec["seed"],
             "terms": spec["terms"], "steps": self.step, "tokens": self.tokens, "train_seconds": self.elapsed,
             "tokens_per_s": self.tokens / self.elapsed if self.elapsed else None, "world_size": self.ctx.world,
+            "resumed_from_steps": self.resumes,
             "final": {k: float(np.mean([r[k] for r in last])) for k in ("loss", *spec["terms"])} if last else {},
             "student_heldout_ppl_init": (self.student_info.get("heldout") or {}).get("ppl"),
         }
@@ -690,10 +694,12 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def launch_command(job_file: str | Path, nproc: int) -> list[str]:
-    """The torchrun line that starts ``nproc`` processes of this entry point on this node."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "kdflow.train", str(job_file)]
+def launch_command(job_file: str | Path, nproc: int, nodes: int = 1) -> list[str]:
+    """How the train rule starts ``nproc`` processes per node on ``nodes`` nodes (see :mod:`kdflow.launch`): torchrun
+    on this node, or srun with one torchrun per node."""
+    from kdflow.launch import multi_node_command, single_node_command
+
+    return single_node_command(job_file, nproc) if nodes <= 1 else multi_node_command(job_file, nproc, nodes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,14 +9,17 @@ import torch
 
 from kdflow.evaluate import evaluate_model
 from kdflow.logs import run_logged
+from kdflow.telemetry import job_telemetry
 
 sm = snakemake  # noqa: F821
 torch.set_num_threads(sm.threads)
 
 
 def main():
-    evaluate_model(dict(sm.params.target), sm.params.settings, sm.input.heldout, sm.input.heldout_topk,
-                   sm.output.heldout, sm.output.lm_eval, out_raw=sm.output.raw)
+    with job_telemetry(sm) as tel:
+        records = evaluate_model(dict(sm.params.target), sm.params.settings, sm.input.heldout, sm.input.heldout_topk,
+                                 sm.output.heldout, sm.output.lm_eval, out_raw=sm.output.raw)
+        tel.tokens = records["heldout"]["details"].get("tokens")  # held-out tokens scored (not lm-eval's)
 
 
 run_logged(sm.log[0], main)

@@ -1,5 +1,5 @@
-"""Rule parse_results: every eval JSON, training run and benchmark file into results/kdflow.duckdb, the
-summary (CSV, Markdown) and the plots (kdflow.results; docs/results.md)."""
+"""Rule parse_results: every eval JSON, training run, benchmark and telemetry file into results/kdflow.duckdb,
+the summary (CSV, Markdown) and the plots (kdflow.results; docs/results.md)."""
 
 import sys
 from pathlib import Path
@@ -16,8 +16,9 @@ sm = snakemake  # noqa: F821
 
 def main():
     benchmarks = sorted(Path(sm.params.benchmarks).rglob("*.tsv"))
+    telemetry = sorted(Path(sm.params.telemetry).rglob("*.jsonl"))
     out = build_results(list(sm.input.evals), list(sm.input.runs), benchmarks, dict(sm.params.expected),
-                        sm.output.db, sm.output.csv, sm.output.md, sm.output.plots)
+                        sm.output.db, sm.output.csv, sm.output.md, sm.output.plots, telemetry_files=telemetry)
     logging.getLogger("kdflow.results").info("wrote %s, %s, %s and %d plots", out["database"], out["csv"],
                                              out["markdown"], len(out["plots"]))
 

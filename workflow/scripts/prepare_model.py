@@ -9,16 +9,18 @@ import torch
 
 from kdflow.logs import run_logged
 from kdflow.models import prepare_student, prepare_teacher
+from kdflow.telemetry import job_telemetry
 
 sm = snakemake  # noqa: F821
 torch.set_num_threads(sm.threads)
 
 
 def main():
-    if sm.params.role == "teacher":
-        return prepare_teacher(sm.params.model, sm.params.settings, sm.output.manifest, sm.input.heldout)
-    return prepare_student(sm.params.model, sm.params.settings, sm.input.teacher, sm.output.manifest,
-                           sm.input.heldout)
+    with job_telemetry(sm):
+        if sm.params.role == "teacher":
+            return prepare_teacher(sm.params.model, sm.params.settings, sm.output.manifest, sm.input.heldout)
+        return prepare_student(sm.params.model, sm.params.settings, sm.input.teacher, sm.output.manifest,
+                               sm.input.heldout)
 
 
 run_logged(sm.log[0], main)

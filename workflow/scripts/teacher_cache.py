@@ -12,6 +12,7 @@ import torch
 
 from kdflow.logs import run_logged
 from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
+from kdflow.telemetry import job_telemetry
 
 sm = snakemake  # noqa: F821
 torch.set_num_threads(sm.threads)
@@ -22,7 +23,9 @@ def main():
     job = CacheJob(kind=kind, shard=Path(sm.input.shard), outputs={k: Path(v) for k, v in sm.output.items()},
                    partial_dir=Path(sm.params.partial), teacher_manifest=Path(sm.input.teacher),
                    settings=sm.params.settings)
-    summary = capture_topk(job) if kind == "topk" else capture_hidden(job)
+    with job_telemetry(sm) as tel:
+        summary = capture_topk(job) if kind == "topk" else capture_hidden(job)
+        tel.tokens = summary["tokens_computed"]  # this attempt's: parts resumed from a killed one cost nothing now
     line = json.dumps(summary, sort_keys=True)
     logging.getLogger("kdflow.teacher_pass").info("summary %s", line)
     print(line)

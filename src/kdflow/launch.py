@@ -1,0 +1,87 @@
+"""Starting a training run on the GPUs and nodes SLURM granted, with torchrun (torch.distributed.run).
+
+One node: the train rule runs ``torchrun --standalone --nproc_per_node=G -m kdflow.train JOB.json`` itself.
+Several nodes: the rule runs ``srun --nodes=N --ntasks=N --ntasks-per-node=1 python -m kdflow.launch JOB.json G``,
+one task per node; each task (this module) reads what srun tells it (``SLURM_NNODES``, ``SLURM_NODEID``,
+``SLURM_JOB_NODELIST``, ``SLURM_JOB_ID``) and becomes ``torchrun --nnodes=N --node_rank=I --nproc_per_node=G
+--rdzv_backend=c10d --rdzv_endpoint=<first node>:<port> --rdzv_id=<job id> -m kdflow.train JOB.json``, so that
+every node's G processes meet at the first node. No home-made process management: torchrun starts, watches
+and tears down the ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Mapping
+
+RDZV_PORT = 29500
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def single_node_command(job_file: str | Path, nproc: int) -> list[str]:
+    """torchrun starting ``nproc`` processes of the training entry point on this node."""
+    return torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "kdflow.train", str(job_file)])
+
+
+def multi_node_command(job_file: str | Path, nproc_per_node: int, nodes: int) -> list[str]:
+    """srun starting one launcher task per node of the job's allocation (each becomes a torchrun)."""
+    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            sys.executable, "-m", "kdflow.launch", str(job_file), str(nproc_per_node)]
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM's compact host list (``gpu[01-03,07],login1``) as host names, in order."""
+    hosts: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", hostlist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            width = len(lo)
+            hosts += [f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
+    if not hosts:
+        raise LaunchError(f"SLURM_JOB_NODELIST {hostlist!r}: no host names in it")
+    return hosts
+
+
+def node_command(job_file: str | Path, nproc_per_node: int, env: Mapping[str, str]) -> list[str]:
+    """The torchrun line for this node of a multi-node job, from the variables srun sets in each task."""
+    missing = [k for k in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID") if k not in env]
+    if missing:
+        raise LaunchError(f"python -m kdflow.launch runs inside `srun` (one task per node); {', '.join(missing)} "
+                          f"not set")
+    nodes, rank = int(env["SLURM_NNODES"]), int(env["SLURM_NODEID"])
+    head = expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
+    port = int(env.get("KDFLOW_RDZV_PORT", RDZV_PORT))
+    return torchrun([f"--nnodes={nodes}", f"--node_rank={rank}", f"--nproc_per_node={nproc_per_node}",
+                     "--rdzv_backend=c10d", f"--rdzv_endpoint={head}:{port}", f"--rdzv_id={env['SLURM_JOB_ID']}",
+                     "-m", "kdflow.train", str(job_file)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m kdflow.launch JOB.json GPUS_PER_NODE   (one srun task per node)", file=sys.stderr)
+        return 2
+    cmd = node_command(argv[0], int(argv[1]), os.environ)
+    print(f"kdflow.launch node {os.environ['SLURM_NODEID']}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Launch lines for the GPUs and nodes SLURM grants (kdflow.launch); the processes themselves are tested in
+test_train (two gloo ranks under torchrun) and test_slurm (two GPUs granted by a real SLURM)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kdflow.launch import LaunchError, expand_hostlist, multi_node_command, node_command, single_node_command
+from kdflow.train import launch_command
+
+
+@pytest.mark.parametrize("hostlist,hosts", [
+    ("gpu07", ["gpu07"]),
+    ("gpu[01-03]", ["gpu01", "gpu02", "gpu03"]),
+    ("gpu[08-10,12],login1", ["gpu08", "gpu09", "gpu10", "gpu12", "login1"]),
+    ("a[1-2],b[7]", ["a1", "a2", "b7"]),
+])
+def test_hostlists_expand_in_order(hostlist, hosts):
+    assert expand_hostlist(hostlist) == hosts
+
+
+def test_one_node_is_torchrun_standalone_with_one_process_per_gpu():
+    cmd = launch_command("work/job.json", 4)
+    assert cmd == single_node_command("work/job.json", 4)
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "kdflow.train",
+                       "work/job.json"]
+
+
+def test_several_nodes_start_one_srun_task_per_node():
+    cmd = launch_command("job.json", 8, nodes=2)
+    assert cmd == multi_node_command("job.json", 8, 2)
+    assert cmd[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert cmd[-4:] == ["-m", "kdflow.launch", "job.json", "8"]
+
+
+def test_each_node_becomes_a_torchrun_that_meets_at_the_first_node():
+    env = {"SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "h100-[04-06]", "SLURM_JOB_ID": "4242"}
+    cmd = node_command("job.json", 8, env)
+    assert cmd[3:] == ["--nnodes=3", "--node_rank=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
+                       "--rdzv_endpoint=h100-04:29500", "--rdzv_id=4242", "-m", "kdflow.train", "job.json"]
+    assert node_command("job.json", 8, {**env, "KDFLOW_RDZV_PORT": "31000"})[7] == "--rdzv_endpoint=h100-04:31000"
+
+
+def test_outside_srun_the_node_launcher_says_what_is_missing():
+    with pytest.raises(LaunchError, match="SLURM_NNODES, SLURM_NODEID"):
+        node_command("job.json", 8, {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a1"})
+    proc = subprocess.run([sys.executable, "-m", "kdflow.launch", "job.json"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_a_multi_node_run_asks_slurm_for_nodes_tasks_and_every_gpu(tmp_path):
+    """Dry run of the default config plus a 2-node run with the users' profile: what the job would ask for."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "config/config.yaml").read_text())
+    config["training"]["experiments"] = [{"modes": ["ce"], "tag": "wide", "set": {"gpus": 4, "nodes": 2}},
+                                         {"modes": ["ce"], "tag": "one", "set": {"gpus": 4}}]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+                           "--configfile", str(tmp_path / "config.yaml"), "--profile", str(repo / "profiles/slurm"),
+                           "-n", "--forceall", "results/train/smollm2-pruned15.ce.s0.wide",
+                           "results/train/smollm2-pruned15.ce.s0.one"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, KDFLOW_SLURM_GPU_MODEL="h100"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    blocks = {b.split("wildcards: run=")[1].split()[0]: b for b in proc.stdout.split("rule train:")[1:]}
+    wide = blocks["smollm2-pruned15.ce.s0.wide"].split("resources:")[1].splitlines()[0]
+    one = blocks["smollm2-pruned15.ce.s0.one"].split("resources:")[1].splitlines()[0]
+    assert all(f in wide for f in ("gpu=8", "nodes=2", "tasks=2", "mpi=srun", "gpu_model=h100", "slurm_partition=h100"))
+    assert "gpu=4" in one and "nodes=1" in one and "mpi" not in one and "tasks" not in one
