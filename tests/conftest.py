@@ -100,3 +100,12 @@ def built_corpus(tmp_path, corpus_data) -> tuple[Path, dict, dict]:
     out = tmp_path / "results" / "data"
     manifest = build_corpus(corpus_data, out / "corpus.parquet", out / "manifest.json")
     return out / "corpus.parquet", manifest, corpus_data
+
+
+# The end-to-end modules (minutes each) start first: under xdist's --dist loadfile a module goes to the next
+# free worker in collection order, so left last they would run alone at the end.
+FIRST_MODULES = ("test_workflow.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    items.sort(key=lambda item: 0 if item.path.name in FIRST_MODULES else 1)  # stable: order within a module kept

@@ -117,7 +117,9 @@ def test_max_docs_takes_the_first_shard_rows_and_batching_does_not_matter(study)
     assert some["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
     other = heldout_metrics(model, tok, info, study["topk"], max_docs=5, batch_size=16)
     assert other["ppl"] == pytest.approx(some["ppl"], rel=1e-5)
-    assert other["kl_teacher_student"] == pytest.approx(some["kl_teacher_student"], rel=1e-5)
+    # the KL here is ~2e-5, a difference of nearly equal log-probs: float32 rounding that depends on the batch
+    # shape moves it by ~1e-9 (measured), so an absolute tolerance is the honest one
+    assert other["kl_teacher_student"] == pytest.approx(some["kl_teacher_student"], rel=1e-5, abs=1e-8)
 
 
 def test_teacher_against_its_own_cache(study):

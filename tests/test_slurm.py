@@ -136,10 +136,8 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
                 uuid = run_uuid(workdir)
                 job = next(j for j in squeue_jobs(uuid) if LONG in j["comment"] and j["state"] == "RUNNING")
                 subprocess.run(["scontrol", "requeue", job["id"]], check=True, timeout=30)
-                # SLURM holds a requeued job back for a while (BeginTime); let it start again at once
-                time.sleep(1)
-                subprocess.run(["scontrol", "update", f"JobId={job['id']}", "StartTime=now"], check=True, timeout=30)
                 requeued = {"id": job["id"], "checkpoints": sorted(p.name for p in ckpts.glob("step_*"))}
+                release_requeued(job["id"])
             time.sleep(0.2)
         if proc.poll() is None:
             os.killpg(proc.pid, 15)
@@ -150,6 +148,22 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
     output = (workdir / "snakemake.out").read_text()
     assert proc.returncode == 0, f"snakemake --profile profiles/slurm failed ({proc.returncode}):\n{output[-6000:]}"
     return {"workdir": workdir, "output": output, "uuid": run_uuid(workdir), "requeued": requeued}
+
+
+def release_requeued(job_id: str, timeout: float = 120) -> None:
+    """SLURM holds a requeued job back for two minutes (reason BeginTime); once it is pending again (its
+    processes have stopped), let it start at once."""
+    deadline, out, pending = time.time() + timeout, "", False
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+        pending = pending or out.startswith("PENDING")
+        if out == "PENDING|BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
+        elif pending and not out.startswith("PENDING"):  # running (or done) again
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"requeued SLURM job {job_id} did not start again within {timeout}s ({out})")
 
 
 def run_uuid(workdir: Path) -> str:

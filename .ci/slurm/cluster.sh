@@ -91,8 +91,8 @@ MailProg=/bin/true
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-# finished jobs stay visible to squeue (the status command without sacct) for 5 minutes
-MinJobAge=300
+# finished jobs stay visible to squeue (the status command without sacct, and the test's checks) for an hour
+MinJobAge=3600
 ReturnToService=2
 KillWait=10
 GresTypes=gpu
