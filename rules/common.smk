@@ -20,6 +20,7 @@ except ConfigError as e:
 
 wildcard_constraints:
     shard=SHARD_PATTERN,
+    cache="topk_k[0-9]+|embed|hidden_l[0-9-]+",
     model="[A-Za-z0-9][A-Za-z0-9._-]*",
     run=RUN_NAME_PATTERN,
 
@@ -104,20 +105,27 @@ def run_spec(wildcards):
     return RUNS[wildcards.run]
 
 
+def cache_index_inputs(wildcards):
+    """The training shards' files of one cache (the held-out shard's file is for evaluation)."""
+    if wildcards.cache not in (TOPK_NAME, "embed", HIDDEN_NAME):
+        raise WorkflowError(f"results/cache/{TEACHER}/{wildcards.cache}: not a cache of this config "
+                            f"(caches: {TOPK_NAME}, embed, {HIDDEN_NAME})")
+    return [f"{CACHE}/{wildcards.cache}/{s}.parquet" for s in shard_names(with_heldout=False)]
+
+
 def train_inputs(wildcards):
-    """The student, the training shards' caches this run reads, and the held-out shard."""
+    """The student, the index of each cache this run reads (kdflow.cache_index), and the held-out shard."""
     spec = run_spec(wildcards)
-    shards = shard_names(with_heldout=False)
     own_vocab = STUDENTS[spec["student"]].get("vocab") == "own"
     inputs = {
         "student": model_manifest(spec["student"]),
         "heldout": "results/shards/heldout.parquet",
-        "topk": [f"{TOPK_DIR}/{s}.parquet" for s in shards],
+        "topk": f"{TOPK_DIR}/index.json",
     }
     if "relb" in spec["terms"] or own_vocab:
-        inputs["embed"] = [f"{EMBED_DIR}/{s}.parquet" for s in shards]
+        inputs["embed"] = f"{EMBED_DIR}/index.json"
     if "fb" in spec["terms"]:
-        inputs["hidden"] = [f"{HIDDEN_DIR}/{s}.parquet" for s in shards]
+        inputs["hidden"] = f"{HIDDEN_DIR}/index.json"
     return inputs
 
 

@@ -40,3 +40,22 @@ rule hidden_cache:
         "../workflow/envs/kdflow.yaml"
     script:
         "../workflow/scripts/teacher_cache.py"
+
+
+# One index per cache over the training shards' files (kdflow.cache_index): what a training run depends on.
+# Cheap (file footers only), so it runs where Snakemake runs, not as a cluster job.
+localrules:
+    cache_index,
+
+
+rule cache_index:
+    input:
+        files=cache_index_inputs,
+    output:
+        index=f"{CACHE}/{{cache}}/index.json",
+    log:
+        "results/logs/cache_index/{cache}.log",
+    conda:
+        "../workflow/envs/kdflow.yaml"
+    script:
+        "../workflow/scripts/cache_index.py"

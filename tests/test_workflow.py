@@ -95,7 +95,7 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
 def test_dry_run_plans_the_foundation(study):
     _, _, dry, _ = study
     assert planned_jobs(dry.stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2, "topk_cache": 4,
-                                        "hidden_cache": 4, "train": 3, "eval": 5, "parse_results": 1}
+                                        "hidden_cache": 4, "cache_index": 3, "train": 3, "eval": 5, "parse_results": 1}
 
 
 def test_run_produces_models_shards_and_manifest(study):
@@ -131,7 +131,7 @@ def test_deleted_shard_is_rebuilt_alone_and_identical(study):
     target.unlink()
     # the shard and the caches made from it (and the runs trained on them), nothing of the other shards
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {"shard": 1, "topk_cache": 1, "hidden_cache": 1,
-                                                             "train": 3, "eval": 3, "parse_results": 1}
+                                                             "cache_index": 3, "train": 3, "eval": 3, "parse_results": 1}
     snakemake(workdir)
     assert target.read_bytes() == before
     assert {p: p.stat().st_mtime_ns for p in others} == others
@@ -227,7 +227,7 @@ def test_editing_a_source_file_reruns_the_corpus(study):
     doc = workdir / "docs" / "doc05.py"
     doc.write_text(doc.read_text() + "extra = 1\n")
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2,
-                                                             "topk_cache": 4, "hidden_cache": 4, "train": 3, "eval": 5, "parse_results": 1}
+                                                             "topk_cache": 4, "hidden_cache": 4, "cache_index": 3, "train": 3, "eval": 5, "parse_results": 1}
 
 
 def test_killed_training_resumes_from_its_checkpoint_on_rerun(study):

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 
+from kdflow.cache_index import index_files
 from kdflow.logs import run_logged
 from kdflow.telemetry import job_telemetry
 from kdflow.train import TrainJob, launch_command, run_training
@@ -21,10 +22,11 @@ SRC = str(Path(sm.scriptdir).parents[1] / "src")
 
 
 def shard_files():
-    topk = list(sm.input.topk)
-    embed = list(sm.input.get("embed", [])) or [None] * len(topk)
-    hidden = list(sm.input.get("hidden", [])) or [None] * len(topk)
-    return [{"topk": t, "embed": e, "hidden": h} for t, e, h in zip(topk, embed, hidden)]
+    """Per training shard, its file of each cache this run reads (from the caches' index files)."""
+    topk = index_files(sm.input.topk)
+    embed = index_files(sm.input.embed) if "embed" in sm.input.keys() else [None] * len(topk)
+    hidden = index_files(sm.input.hidden) if "hidden" in sm.input.keys() else [None] * len(topk)
+    return [{"topk": t, "embed": e, "hidden": h} for t, e, h in zip(topk, embed, hidden, strict=True)]
 
 
 def main():
