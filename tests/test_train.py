@@ -249,6 +249,28 @@ def test_ddp_two_gloo_processes_equal_one_process_with_twice_the_batch(study, tm
     assert_same_weights(adapter(job.output), adapter(tmp_path / "one" / "out" / single["name"]), atol=1e-6)
 
 
+def test_the_per_node_launcher_of_a_multi_node_job_trains_through_a_c10d_rendezvous(study, tmp_path):
+    """What each srun task of a multi-node job runs (kdflow.launch), here as the one node of a one-node job:
+    torchrun with a c10d rendezvous at the first node of SLURM_JOB_NODELIST, two gloo processes."""
+    import socket
+
+    spec = spec_for("ce", steps=2, batch_size=2)
+    job = job_for(study, tmp_path / "node", spec)
+    job_file = tmp_path / "job.json"
+    job.save(job_file)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", SLURM_NNODES="1", SLURM_NODEID="0",
+               SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="77", KDFLOW_RDZV_PORT=str(port))
+    done = subprocess.run([sys.executable, "-m", "kdflow.launch", str(job_file), "2"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"--rdzv_endpoint=localhost:{port}" in done.stderr
+    summary = json.loads((Path(job.output) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+
+
 # --------------------------------------------------------------------------- errors and compatibility
 
 def test_nan_loss_stops_naming_step_batch_and_term(study, tmp_path, monkeypatch):
