@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiny_models import tiny_teacher_dir  # noqa: F401 (fixture)
+from tiny_models import tiny_teacher_dir, write_code_docs  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -59,11 +59,7 @@ def cluster():
 
 
 def study_config(workdir: Path, teacher_dir: Path) -> dict:
-    docs = workdir / "docs"
-    docs.mkdir(parents=True)
-    for i in range(20):
-        lines = [f"# document {i}"] + [f"value_{i}_{j} = {i * j} + {j}" for j in range(i % 5 + 3)]
-        (docs / f"doc{i:02d}.py").write_text("\n".join(lines) + "\n")
+    docs = write_code_docs(workdir / "docs", 20)
     rb_long = {"steps": 120, "checkpoint_every": 5}
     return {
         "teacher": {"name": "tiny-teacher", "source": {"kind": "hf", "path": str(teacher_dir)}},

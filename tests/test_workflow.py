@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tiny_models import tiny_teacher_dir  # noqa: F401 (fixture)
+from tiny_models import tiny_teacher_dir, write_code_docs  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,11 +42,7 @@ def planned_jobs(output: str) -> dict[str, int]:
 
 
 def tiny_config(workdir: Path, teacher_dir: Path) -> dict:
-    docs = workdir / "docs"
-    docs.mkdir(parents=True)
-    for i in range(24):
-        lines = [f"# document {i}"] + [f"value_{i}_{j} = {i * j} + {j}" for j in range(i % 5 + 3)]
-        (docs / f"doc{i:02d}.py").write_text("\n".join(lines) + "\n")
+    docs = write_code_docs(workdir / "docs", 24)
     (docs / "dup.py").write_text((docs / "doc03.py").read_text())
     with open(workdir / "chat.jsonl", "wb") as f:
         for i in range(30):

@@ -51,6 +51,15 @@ def save_model_dir(path: Path, texts: list[str], vocab_size: int, layers: int = 
     return path
 
 
+def write_code_docs(folder: Path, n: int) -> Path:
+    """``n`` small Python files ``doc00.py`` … in ``folder`` (distinct, of varying length): a text_files corpus."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        lines = [f"# document {i}"] + [f"value_{i}_{j} = {i * j} + {j}" for j in range(i % 5 + 3)]
+        (folder / f"doc{i:02d}.py").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory) -> Path:
     return save_model_dir(tmp_path_factory.mktemp("teacher"), CORPUS_A * 5, vocab_size=300)
