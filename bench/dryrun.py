@@ -6,7 +6,10 @@ dry run of a bare Snakefile with the same number of trivial jobs (Snakemake's ow
 
 Nothing needs to exist: no model, no dataset (the dry run runs in an empty temporary directory). The last
 line is one JSON object: dryrun_s (median seconds of `snakemake -n --profile profiles/slurm --configfile
-CONFIG`), floor_s (median of the bare Snakefile), jobs, and the rounds.
+CONFIG`), floor_s (median of the bare Snakefile), jobs, the rounds, and slurm_import_s: how long importing
+snakemake-executor-plugin-slurm takes here (Snakemake imports it for every run; at import it asks `scontrol`
+about the cluster, which waits about 9 s where SLURM's commands are installed but no controller answers, as on
+a machine after `.ci/slurm/cluster.sh down`: both figures above then include that wait).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def main() -> None:
         (bare / "in.txt").write_text("")
         bare_cmd = [sys.executable, "-m", "snakemake", "-s", str(bare / "Snakefile"), "-d", str(bare), "-n",
                     "--cores", "1"]
+        slurm_import = timed([sys.executable, "-c", "import snakemake_executor_plugin_slurm"], bare)[0]
         real, floor = [], []
         for r in range(args.rounds):
             real.append(timed(real_cmd, study)[0])
@@ -69,7 +73,8 @@ def main() -> None:
             print(f"round {r}: dry run {real[-1]:.1f} s, bare Snakefile {floor[-1]:.1f} s", file=sys.stderr)
     print(json.dumps({"config": args.config, "jobs": jobs, "dryrun_s": round(statistics.median(real), 2),
                       "floor_s": round(statistics.median(floor), 2), "dryrun_rounds": [round(x, 2) for x in real],
-                      "floor_rounds": [round(x, 2) for x in floor]}))
+                      "floor_rounds": [round(x, 2) for x in floor],
+                      "slurm_import_s": round(slurm_import, 2)}))
 
 
 if __name__ == "__main__":

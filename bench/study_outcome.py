@@ -1,7 +1,7 @@
 """Does KD beat no-KD? The outcome of a study's training runs, from their summary.json files.
 
-    snakemake --cores all --configfile config/study_cpu.yaml
-    python bench/study_outcome.py --configfile config/study_cpu.yaml
+    snakemake --cores all --configfile config/study_cpu.yaml --directory study_cpu
+    python bench/study_outcome.py --configfile config/study_cpu.yaml --results study_cpu/results/train
 
 For every mode of the config's runs: the end-of-training held-out perplexity (and its log, the NLL per
 token) as mean ± standard error over the seeds, the difference to the ce (no-KD) mode with a paired

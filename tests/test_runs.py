@@ -325,17 +325,19 @@ def test_expand_runs_reports_instead_of_raising():
     assert len(problems) == 1 and problems[0].startswith("training.experiments[1].modes: unknown mode 'nope'")
 
 
-def test_study_cpu_shares_the_default_study_data_and_caches():
-    """config/study_cpu.yaml reuses the embedded default's shards and caches: only training may differ, and its
-    runs are tagged so that they never overwrite the default study's."""
+def test_study_cpu_is_the_default_teacher_and_student_on_more_data_with_three_seeds():
+    """config/study_cpu.yaml trains the embedded default's student from the same teacher, on its own larger data
+    (it runs in a directory of its own), every mode with three seeds, tagged so that no run name is shared."""
     import yaml
 
     from kdflow.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
     default, study = (yaml.safe_load((repo / p).read_text()) for p in ("config/config.yaml", "config/study_cpu.yaml"))
-    for key in ("teacher", "students", "data", "teacher_cache", "prepare"):
+    for key in ("teacher", "students"):
         assert study[key] == default[key], key
+    assert study["data"]["sources"][0]["weight"] > default["data"]["sources"][0]["weight"]
+    assert "--directory study_cpu" in (repo / "config/study_cpu.yaml").read_text()
     study_runs = expand_runs(load_config(repo / "config/study_cpu.yaml"))[0]
     default_runs = expand_runs(load_config(repo / "config/config.yaml"))[0]
     assert not set(study_runs) & set(default_runs)

@@ -122,15 +122,20 @@ def test_second_run_does_nothing(study):
 def test_deleted_shard_is_rebuilt_alone_and_identical(study):
     workdir, _, _, _ = study
     target = workdir / "results/shards/shard_00001.parquet"
-    before = target.read_bytes()
-    others = {p: p.stat().st_mtime_ns for p in (workdir / "results/shards").glob("*.parquet") if p != target}
+    caches = [workdir / f"results/cache/tiny-teacher/{c}/shard_00001.parquet" for c in ("topk_k4", "embed", "hidden_l2")]
+    before = {p: p.read_bytes() for p in [target, *caches]}
+    others = {p: p.stat().st_mtime_ns for d in ("results/shards", "results/cache") for p in (workdir / d).rglob("*")
+              if p.is_file() and p not in before}
     target.unlink()
     # the shard and the caches made from it (and the runs trained on them), nothing of the other shards
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {"shard": 1, "topk_cache": 1, "hidden_cache": 1,
                                                              "cache_index": 3, "train": 3, "eval": 3, "parse_results": 1}
-    snakemake(workdir)
-    assert target.read_bytes() == before
+    snakemake(workdir, *[str(p.relative_to(workdir)) for p in caches])
+    assert {p: p.read_bytes() for p in before} == before, "the rebuilt shard or its caches differ"
     assert {p: p.stat().st_mtime_ns for p in others} == others
+    # byte-identical shard and caches: the runs trained on them stand (training them again is the workflow's
+    # ordinary rerun, which test_killed_training_resumes_from_its_checkpoint_on_rerun runs)
+    snakemake(workdir, "--touch")
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {}
 
 
