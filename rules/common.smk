@@ -25,6 +25,16 @@ wildcard_constraints:
     run=RUN_NAME_PATTERN,
 
 
+# Threads of each model job (prepare_models, the caches, train, eval) when jobs run where Snakemake runs: half
+# the cores given (--cores), so that two jobs run side by side. A third or more of such a job on a CPU is
+# single-threaded start-up (imports, model loading); two at once keep every core busy. The SLURM profile sets
+# these rules' threads itself (set-threads), and SLURM gives each job its own CPUs.
+try:
+    JOB_THREADS = max(1, workflow.cores // 2)
+except WorkflowError:  # no --cores (a dry run, or a cluster executor): the profile's set-threads decide
+    JOB_THREADS = 1
+
+
 TEACHER = config["teacher"]["name"]
 STUDENTS = {s["name"]: s for s in config["students"]}
 CACHE_CFG = config["teacher_cache"]

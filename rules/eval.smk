@@ -12,7 +12,7 @@ rule eval:
     params:
         target=lambda wildcards: eval_target(wildcards),
         settings=eval_settings(),
-    threads: 2
+    threads: JOB_THREADS
     resources:
         gpu=lambda wildcards: eval_gpus(wildcards),
     log:

@@ -7,7 +7,7 @@ rule prepare_models:
         model=model_config,
         role=model_role,
         settings=config["prepare"],
-    threads: 8
+    threads: JOB_THREADS
     log:
         "results/logs/prepare_models/{model}.log",
     benchmark:

@@ -11,7 +11,7 @@ rule topk_cache:
     params:
         settings=cache_settings("k"),
         partial=f"{PARTIAL}/{TOPK_NAME}/{{shard}}",
-    threads: 8
+    threads: JOB_THREADS
     log:
         "results/logs/topk_cache/{shard}.log",
     benchmark:
@@ -31,7 +31,7 @@ rule hidden_cache:
     params:
         settings=cache_settings("hidden_layers", "hidden_token_ratio", "hidden_token_seed"),
         partial=f"{PARTIAL}/{HIDDEN_NAME}/{{shard}}",
-    threads: 8
+    threads: JOB_THREADS
     log:
         "results/logs/hidden_cache/{shard}.log",
     benchmark:

@@ -12,7 +12,7 @@ rule train:
         spec=lambda wildcards: run_spec(wildcards),
         expected=lambda wildcards: train_expected(wildcards),
         work="results/checkpoints/{run}",
-    threads: 2
+    threads: JOB_THREADS
     resources:
         gpu=lambda wildcards: train_gpus(wildcards),
         nodes=lambda wildcards: run_spec(wildcards)["nodes"],
