@@ -28,8 +28,8 @@ wildcard_constraints:
 # Threads of each model job (prepare_models, the caches, train, eval) when jobs run where Snakemake runs: half
 # the cores given (--cores), so that two jobs run side by side. A third or more of such a job on a CPU is
 # single-threaded start-up (imports, model loading); two at once keep every core busy (the default study in CI
-# on 2 cores: 470 s, against 641 s one 2-thread job at a time in the CI run before, 2026-12-01). The SLURM profile sets
-# these rules' threads itself (set-threads), and SLURM gives each job its own CPUs.
+# on 2 cores: 470 s, against 641 s one 2-thread job at a time in the CI run before, 2026-12-01). The SLURM
+# profile sets these rules' threads itself (set-threads), and SLURM gives each job its own CPUs.
 try:
     JOB_THREADS = max(1, workflow.cores // 2)
 except WorkflowError:  # no --cores (a dry run, or a cluster executor): the profile's set-threads decide
