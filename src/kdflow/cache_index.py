@@ -8,6 +8,7 @@ refuses caches that were built by different teachers, tokenizers or settings, be
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,7 +52,5 @@ def write_index(files: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
 
 def index_files(index: str | Path) -> list[str]:
     """The cache files an index lists, in shard order."""
-    import json
-
     data = json.loads(Path(index).read_text(encoding="utf-8"))
     return [e["path"] for e in data["files"]]
