@@ -1,0 +1,36 @@
+"""bench/dryrun.py: the planning time of a config beside Snakemake's bare floor, as JSON on the last line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "bench/dryrun.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_one_round_on_the_default_config_reports_every_key():
+    proc = run_bench("--config", "config/config.yaml", "--rounds", "1", "--floor-jobs", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["config"] == "config/config.yaml"
+    # the default study's DAG: 4 shards + held-out, caches, 5 runs, 7 evaluations, results (at least 20 jobs)
+    assert isinstance(result["jobs"], int) and result["jobs"] >= 20
+    for key in ("dryrun_s", "floor_s", "slurm_import_s"):
+        assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
+    assert len(result["dryrun_rounds"]) == len(result["floor_rounds"]) == 1
+    assert list(result["floor_by_jobs"]) == ["3"] and result["floor_by_jobs"]["3"] > 0
+    assert "round 0: dry run" in proc.stderr and "bare Snakefile of 3 jobs" in proc.stderr
+
+
+def test_a_bad_job_count_is_refused_with_the_option_named():
+    for bad in ("12,x", "1"):
+        proc = run_bench("--floor-jobs", bad)
+        assert proc.returncode == 2, proc.stderr
+        assert "--floor-jobs" in proc.stderr and repr(bad) in proc.stderr
