@@ -169,6 +169,55 @@ def test_perplexity_matches_manual_cross_entropy_and_ignores_padding(tiny_teache
     assert padded["ppl"] == pytest.approx(one["ppl"], rel=1e-5)
 
 
+def _local(model_dir) -> dict:
+    return {"load_path": str(model_dir), "origin": "local_dir"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_bytes_counts_the_parameters_without_loading_them(tiny_teacher_dir, dtype):
+    loaded = load_model(_local(tiny_teacher_dir), "cpu", dtype)
+    expected = sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert models.model_bytes(_local(tiny_teacher_dir), dtype) == expected
+    assert expected == sum(p.numel() for p in loaded.parameters()) * (4 if dtype == "float32" else 2)
+
+
+def test_device_auto_without_a_visible_gpu_is_refused_before_loading(tiny_teacher_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ModelError) as err:
+        load_model(_local(tiny_teacher_dir), "auto", "bfloat16")
+    msg = str(err.value)
+    assert str(tiny_teacher_dir) in msg and "sees none (CUDA_VISIBLE_DEVICES=)" in msg
+    assert "KDFLOW_TEACHER_GPUS" in msg and "KDFLOW_EVAL_GPUS" in msg and "device to cpu" in msg
+
+
+def test_device_auto_refuses_a_model_larger_than_the_free_gpu_memory(tiny_teacher_dir, monkeypatch):
+    need = models.model_bytes(_local(tiny_teacher_dir), "bfloat16")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    free = {0: need // 4, 1: need // 4}  # half of what the parameters need, over two GPUs
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 2 * free[i]))
+    with pytest.raises(ModelError) as err:
+        models.check_fits_gpus(_local(tiny_teacher_dir), "bfloat16")
+    msg = str(err.value)
+    assert f"need {need / 2**30:.1f} GiB in bfloat16" in msg and "the 2 visible GPU(s)" in msg
+    assert "CUDA_VISIBLE_DEVICES=0,1" in msg and "KDFLOW_TEACHER_GPUS" in msg
+    free.update({0: need, 1: need})  # room enough: no error
+    models.check_fits_gpus(_local(tiny_teacher_dir), "bfloat16")
+
+
+def test_a_placement_with_modules_on_cpu_or_disk_is_refused():
+    info = {"load_path": "/models/teacher"}
+    models.check_on_gpus(info, {"model.embed_tokens": 0, "model.layers.0": 0, "lm_head": 1})
+    models.check_on_gpus(info, {})  # a model loaded without a map (one device) has nothing to check
+    with pytest.raises(ModelError) as err:
+        models.check_on_gpus(info, {"model.embed_tokens": 0, "model.layers.0": 1, "model.layers.1": "cpu",
+                                    "lm_head": "disk"})
+    msg = str(err.value)
+    assert msg.startswith("/models/teacher: device auto placed 2 of 4 modules on cpu and disk")
+    assert "(first: lm_head)" in msg and "KDFLOW_TEACHER_GPUS" in msg
+
+
 @pytest.mark.slow
 def test_embedded_gguf_converts_to_identical_logits(tmp_path):
     """The real embedded teacher: the converted HF directory gives the GGUF model's logits exactly."""
