@@ -254,7 +254,7 @@ def _visible_gpus() -> str:
 
 def model_bytes(info: dict, dtype: str) -> int:
     """Bytes of a prepared model's parameters in ``dtype``, counted on an empty (meta-device) copy built from
-    its config: nothing is loaded (a 70B Llama takes ~2 s)."""
+    its config: no weights are read."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
