@@ -181,6 +181,17 @@ def test_model_bytes_counts_the_parameters_without_loading_them(tiny_teacher_dir
     assert expected == sum(p.numel() for p in loaded.parameters()) * (4 if dtype == "float32" else 2)
 
 
+def test_model_bytes_of_the_70b_teacher_shape_is_about_140_gb(tmp_path):
+    """config/llama70b.yaml's teacher (Llama-3.1-70B's shape, written here: nothing is downloaded) needs
+    ~141 GB in bf16, the figure docs/cluster.md sizes KDFLOW_TEACHER_GPUS by."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False).save_pretrained(tmp_path)
+    need = models.model_bytes({"load_path": str(tmp_path)}, "bfloat16")
+    assert need == 2 * 70_553_706_496  # 70.55 B parameters, 2 bytes each
+
+
 def test_device_auto_without_a_visible_gpu_is_refused_before_loading(tiny_teacher_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
