@@ -20,8 +20,9 @@ def test_one_round_on_the_default_config_reports_every_key():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["config"] == "config/config.yaml"
-    # the default study's DAG: 4 shards + held-out, caches, 5 runs, 7 evaluations, results (at least 20 jobs)
-    assert isinstance(result["jobs"], int) and result["jobs"] >= 20
+    # the default study's DAG: corpus; shard, topk_cache and hidden_cache for 4 shards + held-out; 2 models;
+    # 3 cache indexes; 5 runs; 7 evaluations; parse_results; all
+    assert result["jobs"] == 1 + 3 * 5 + 2 + 3 + 5 + 7 + 1 + 1
     for key in ("dryrun_s", "floor_s", "slurm_import_s"):
         assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
     assert len(result["dryrun_rounds"]) == len(result["floor_rounds"]) == 1

