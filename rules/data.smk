@@ -1,6 +1,6 @@
 rule corpus:
     input:
-        source_files(),
+        PLAN.source_files(),
     output:
         corpus="results/data/corpus.parquet",
         manifest="results/data/manifest.json",

@@ -10,11 +10,11 @@ rule eval:
         lm_eval="results/eval/{model}/lm_eval.json",
         raw="results/eval/{model}/lm_eval_raw.json",
     params:
-        target=lambda wildcards: eval_target(wildcards),
-        settings=eval_settings(),
+        target=eval_target,
+        settings=PLAN.eval_settings(),
     threads: JOB_THREADS
     resources:
-        gpu=lambda wildcards: eval_gpus(wildcards),
+        gpu=eval_gpus,
     log:
         "results/logs/eval/{model}.log",
     benchmark:
@@ -27,8 +27,8 @@ rule eval:
 
 rule parse_results:
     input:
-        evals=lambda wildcards: eval_files(),
-        runs=lambda wildcards: train_outputs(),
+        evals=PLAN.eval_files(),
+        runs=PLAN.train_outputs(),
     output:
         db="results/kdflow.duckdb",
         csv=report("results/summary.csv", category="Summary", caption="../workflow/report/summary.rst"),
@@ -40,7 +40,7 @@ rule parse_results:
             caption="../workflow/report/plots.rst",
         ),
     params:
-        expected=lambda wildcards: expected_results(),
+        expected=PLAN.expected_results(),
         benchmarks="results/benchmarks",
         telemetry="results/telemetry",
     log:

@@ -6,11 +6,11 @@ rule topk_cache:
         shard="results/shards/{shard}.parquet",
         teacher=model_manifest(TEACHER),
     output:
-        topk=f"{TOPK_DIR}/{{shard}}.parquet",
-        embed=f"{EMBED_DIR}/{{shard}}.parquet",
+        topk=f"{CACHE}/{TOPK_NAME}/{{shard}}.parquet",
+        embed=f"{CACHE}/embed/{{shard}}.parquet",
     params:
-        settings=cache_settings("k"),
-        partial=f"{PARTIAL}/{TOPK_NAME}/{{shard}}",
+        settings=PLAN.cache_settings("topk"),
+        partial=PLAN.partial_dir(TOPK_NAME) + "/{shard}",
     threads: JOB_THREADS
     log:
         "results/logs/topk_cache/{shard}.log",
@@ -27,10 +27,10 @@ rule hidden_cache:
         shard="results/shards/{shard}.parquet",
         teacher=model_manifest(TEACHER),
     output:
-        hidden=f"{HIDDEN_DIR}/{{shard}}.parquet",
+        hidden=f"{CACHE}/{HIDDEN_NAME}/{{shard}}.parquet",
     params:
-        settings=cache_settings("hidden_layers", "hidden_token_ratio", "hidden_token_seed"),
-        partial=f"{PARTIAL}/{HIDDEN_NAME}/{{shard}}",
+        settings=PLAN.cache_settings("hidden"),
+        partial=PLAN.partial_dir(HIDDEN_NAME) + "/{shard}",
     threads: JOB_THREADS
     log:
         "results/logs/hidden_cache/{shard}.log",

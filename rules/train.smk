@@ -9,16 +9,16 @@ rule train:
     output:
         run=directory("results/train/{run}"),
     params:
-        spec=lambda wildcards: run_spec(wildcards),
-        expected=lambda wildcards: train_expected(wildcards),
+        spec=run_spec,
+        expected=train_expected,
         work="results/checkpoints/{run}",
     threads: JOB_THREADS
     resources:
-        gpu=lambda wildcards: train_gpus(wildcards),
-        nodes=lambda wildcards: run_spec(wildcards)["nodes"],
+        gpu=train_gpus,
+        nodes=train_nodes,
         # several nodes: one srun task per node, started by the script itself (kdflow.launch)
-        tasks=lambda wildcards: run_spec(wildcards)["nodes"] if run_spec(wildcards)["nodes"] > 1 else None,
-        mpi=lambda wildcards: "srun" if run_spec(wildcards)["nodes"] > 1 else None,
+        tasks=train_tasks,
+        mpi=train_mpi,
     log:
         "results/logs/train/{run}.log",
     benchmark:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from kdflow.config import ConfigError, load_schema, validate_config
-from kdflow.runs import deep_merge, expand_runs, needs, run_name
+from kdflow.plan import caches_read
+from kdflow.runs import expand_runs, run_name
+from kdflow.schema import deep_merge
 
 from conftest import stub_config
 
@@ -145,8 +147,9 @@ def test_zero_weights_are_dropped_from_terms():
         "experiments": [{"students": ["a"], "modes": ["half"]}],
     })
     assert runs["a.half.s0"]["terms"] == {"ce": 1.0, "relb": 0.25}
-    assert needs(runs["a.half.s0"]["terms"]) == {"embed": True, "hidden": False}
-    assert needs({"ce": 1.0, "fb": 1.0}) == {"embed": False, "hidden": True}
+    assert caches_read(runs["a.half.s0"]["terms"], own_vocab=False) == {"embed": True, "hidden": False}
+    assert caches_read({"ce": 1.0, "fb": 1.0}, own_vocab=False) == {"embed": False, "hidden": True}
+    assert caches_read({"ce": 1.0}, own_vocab=True) == {"embed": True, "hidden": False}
 
 
 def test_given_modes_replace_the_default_modes():

@@ -7,63 +7,21 @@ place, refuses unknown keys and wrong types, and reports every problem with its 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SCHEMA = REPO_ROOT / "config" / "schema.yaml"
+from kdflow.runs import expand_runs
+from kdflow.schema import DEFAULT_SCHEMA, describe, load_schema, validator_class
+
+__all__ = ["DEFAULT_SCHEMA", "ConfigError", "config_hash", "load_config", "load_schema", "validate_config"]
 
 
 class ConfigError(ValueError):
     """A config that does not match the schema or contradicts itself."""
-
-
-def _with_defaults(validator_class: type) -> type:
-    # jsonschema's documented recipe: fill "default" while descending through "properties", so a
-    # defaulted parent object ({}) then gets its own children's defaults too.
-    validate_properties = validator_class.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for name, sub in properties.items():
-                if isinstance(sub, dict) and "default" in sub and name not in instance:
-                    instance[name] = copy.deepcopy(sub["default"])
-        yield from validate_properties(validator, properties, instance, schema)
-
-    # JSON Schema counts 4.0 as an integer; kdflow's integers are counts and indices, so refuse floats.
-    types = validator_class.TYPE_CHECKER.redefine(
-        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults}, type_checker=types)
-
-
-def load_schema(path: str | Path = DEFAULT_SCHEMA) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
-
-
-def _key_path(error: jsonschema.ValidationError) -> str:
-    out = ""
-    for part in error.absolute_path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _describe(error: jsonschema.ValidationError) -> str:
-    where = _key_path(error)
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed))
-        keys = ", ".join(f"{where}.{k}" if where != "(top level)" else k for k in extra)
-        return f"unknown key {keys} (allowed here: {', '.join(allowed)})"
-    if error.validator == "required":
-        return f"{where}: {error.message}"
-    return f"{where}: {error.message}"
 
 
 def validate_config(config: dict, schema: dict | None = None, source: str = "config") -> dict:
@@ -73,9 +31,9 @@ def validate_config(config: dict, schema: dict | None = None, source: str = "con
     cannot express (unique names, a pruned student's layers).
     """
     schema = load_schema() if schema is None else schema
-    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    validator = validator_class()(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.message))
-    problems = [_describe(e) for e in errors]
+    problems = [describe(e) for e in errors]
     if not problems:
         problems = _cross_checks(config, schema)
     if problems:
@@ -84,8 +42,6 @@ def validate_config(config: dict, schema: dict | None = None, source: str = "con
 
 
 def _cross_checks(config: dict, schema: dict) -> list[str]:
-    from kdflow.runs import expand_runs
-
     problems = []
     names = [s["name"] for s in config["data"]["sources"]]
     for dup in sorted({n for n in names if names.count(n) > 1}):

@@ -23,20 +23,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from kdflow.schema import deep_merge, describe, key_path, load_schema, validator_class
+
 RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 KD_TERMS = ("ce", "rb", "fb", "relb")
 SHARED_VOCAB_TERMS = ("rb", "fb")  # need the teacher's token ids
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """``base`` with ``override`` laid over it; nested dicts merge, anything else is replaced."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def run_name(student: str, mode: str, seed: int, tag: str | None) -> str:
@@ -45,30 +36,25 @@ def run_name(student: str, mode: str, seed: int, tag: str | None) -> str:
 
 def _check_settings(settings: dict, schema: dict, where: str) -> list[str]:
     """Validate merged run settings against ``$defs.run`` of the schema; problems prefixed with ``where``."""
-    from kdflow.config import _describe, _key_path, _with_defaults
-    import jsonschema
-
     sub = {"$defs": schema["$defs"], "$ref": "#/$defs/run"}
-    validator = _with_defaults(jsonschema.Draft202012Validator)(sub)
+    validator = validator_class()(sub)
     problems = []
     for error in sorted(validator.iter_errors(settings), key=lambda e: list(map(str, e.absolute_path))):
         if error.validator == "additionalProperties":
             # every unknown key gets the full path (not only the first of several)
-            inner = _key_path(error)
+            inner = key_path(error)
             base = where if inner == "(top level)" else f"{where}.{inner}"
             allowed = sorted(error.schema.get("properties", {}))
             extra = sorted(set(error.instance) - set(allowed))
             problems.append(f"unknown key {', '.join(f'{base}.{k}' for k in extra)} "
                             f"(allowed here: {', '.join(allowed)})")
             continue
-        problems.append(f"{where}.{_describe(error)}".replace(f"{where}.(top level)", where))
+        problems.append(f"{where}.{describe(error)}".replace(f"{where}.(top level)", where))
     return problems
 
 
 def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """``({run name: spec}, problems)`` for a validated config (defaults filled); problems name key paths."""
-    from kdflow.config import load_schema
-
     schema = load_schema() if schema is None else schema
     training = config.get("training") or {}
     defaults = training.get("defaults") or {}
@@ -139,8 +125,3 @@ def _check_run(where: str, student: str, student_cfg: dict, mode: str, terms: di
     if settings["steps"] is None and settings["epochs"] is None:
         problems.append(f"{where}: set steps or epochs (both are null)")
     return problems
-
-
-def needs(terms: dict) -> dict[str, bool]:
-    """Which caches a run with these terms reads besides the top-k file (which also carries the tokens)."""
-    return {"embed": "relb" in terms, "hidden": "fb" in terms}

@@ -1,0 +1,282 @@
+"""The study plan: every file target of a study and what each job reads, computed once from the config.
+
+``rules/common.smk`` builds one :class:`StudyPlan` after validating the config and its input functions only
+look things up in it (``PLAN.train_inputs(wildcards.run)``); the training job decides which caches it reads
+with the same :func:`caches_read`. Paths are relative to the workflow's working directory, as Snakemake's are.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping
+
+from kdflow.config import load_schema, validate_config
+from kdflow.corpus import shard_name
+from kdflow.runs import expand_runs
+
+CACHE_ROOT = "results/cache"
+SHARDS_DIR = "results/shards"
+HELDOUT_SHARD = f"{SHARDS_DIR}/heldout.parquet"
+RESULTS = ["results/kdflow.duckdb", "results/summary.csv", "results/summary.md", "results/plots"]
+# The teacher_cache settings every cache job depends on (so that other changes do not rerun one).
+COMMON_CACHE_SETTINGS = ("max_length", "batch_size", "rows_per_part", "device", "dtype")
+CACHE_SETTINGS = {"topk": (*COMMON_CACHE_SETTINGS, "k"),
+                  "hidden": (*COMMON_CACHE_SETTINGS, "hidden_layers", "hidden_token_ratio", "hidden_token_seed")}
+
+
+class PlanError(ValueError):
+    """A target that is not part of this study (an unknown model, run or cache name)."""
+
+
+def study_plan(config: dict[str, Any], repo: str | Path) -> StudyPlan:
+    """Validate ``config`` in place against ``<repo>/config/schema.yaml`` (defaults filled; ConfigError names
+    every key at fault) and plan the study it describes."""
+    validate_config(config, load_schema(Path(repo) / "config" / "schema.yaml"))
+    return StudyPlan(config, Path(repo))
+
+
+def caches_read(terms: Mapping[str, float], own_vocab: bool) -> dict[str, bool]:
+    """Which caches a run reads besides the top-k one (which also carries the tokens): the pooled embeddings
+    for relation KD, or for a student with its own vocabulary (it re-tokenises the text stored beside them);
+    the hidden states for feature KD."""
+    return {"embed": "relb" in terms or own_vocab, "hidden": "fb" in terms}
+
+
+def model_manifest(name: str) -> str:
+    return f"resources/models/{name}/kdflow_model.json"
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """One evaluated model: a training run, the teacher, or a student's untrained init (``<student>.init``)."""
+
+    kind: str                 # "run" | "teacher" | "student_init" (kdflow.evaluate.KINDS)
+    student: str | None
+    mode: str | None
+    seed: int | None
+    tag: str | None
+    manifest: str
+    adapter: str | None       # results/train/<run> for a run
+    gpus: int
+    model: str                # its id: the run name, the teacher's name or <student>.init
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    config: dict[str, Any]
+    repo: Path                # the workflow's base directory (shipped lm-eval tasks live there)
+
+    @property
+    def teacher(self) -> str:
+        return self.config["teacher"]["name"]
+
+    @cached_property
+    def students(self) -> dict[str, dict]:
+        return {s["name"]: s for s in self.config["students"]}
+
+    @property
+    def cache_cfg(self) -> dict:
+        return self.config["teacher_cache"]
+
+    # -- names and directories -------------------------------------------------------------------------------
+    @property
+    def topk_name(self) -> str:
+        return f"topk_k{self.cache_cfg['k']}"
+
+    @property
+    def hidden_name(self) -> str:
+        return f"hidden_l{'-'.join(map(str, sorted(self.cache_cfg['hidden_layers'])))}"
+
+    @property
+    def cache_dir(self) -> str:
+        return f"{CACHE_ROOT}/{self.teacher}"
+
+    def cache_path(self, cache: str) -> str:
+        return f"{self.cache_dir}/{cache}"
+
+    def partial_dir(self, cache: str) -> str:
+        """Finished parts of unfinished cache jobs: outside the declared outputs, which Snakemake deletes on
+        failure."""
+        return f"{CACHE_ROOT}/.partial/{self.teacher}/{cache}"
+
+    @property
+    def cache_names(self) -> tuple[str, str, str]:
+        return (self.topk_name, "embed", self.hidden_name)
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def source_files(self) -> list[str]:
+        """The local files the configured sources read, so that editing one reruns the corpus."""
+        files: list[str] = []
+        for source in self.config["data"]["sources"]:
+            for pattern in source.get("paths", []):
+                files += sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        return list(dict.fromkeys(files))
+
+    def shard_names(self, with_heldout: bool = True) -> list[str]:
+        names = [shard_name(i) for i in range(self.config["data"]["n_shards"])]
+        return names + ["heldout"] if with_heldout else names
+
+    def shard_files(self) -> list[str]:
+        return [f"{SHARDS_DIR}/{s}.parquet" for s in self.shard_names()]
+
+    # -- models ----------------------------------------------------------------------------------------------
+    def model_config(self, model: str) -> dict:
+        if model == self.teacher:
+            return self.config["teacher"]
+        if model in self.students:
+            return self.students[model]
+        raise PlanError(f"model {model!r} is not in the config: known are teacher {self.teacher!r} and students "
+                        f"{sorted(self.students)}")
+
+    def model_role(self, model: str) -> str:
+        return "teacher" if model == self.teacher else "student"
+
+    def prepare_inputs(self, model: str) -> dict[str, str]:
+        self.model_config(model)  # fails early on an unknown name
+        inputs = {"heldout": HELDOUT_SHARD}
+        if self.model_role(model) == "student":
+            inputs["teacher"] = model_manifest(self.teacher)
+        return inputs
+
+    # -- teacher caches --------------------------------------------------------------------------------------
+    def cache_settings(self, kind: str) -> dict[str, Any]:
+        """The teacher_cache settings a cache rule (``topk`` or ``hidden``) depends on."""
+        return {k: self.cache_cfg[k] for k in CACHE_SETTINGS[kind]}
+
+    def cache_files(self) -> list[str]:
+        return [f"{self.cache_path(c)}/{s}.parquet" for c in self.cache_names for s in self.shard_names()]
+
+    def cache_index_inputs(self, cache: str) -> list[str]:
+        """The training shards' files of one cache (the held-out shard's file is for evaluation)."""
+        if cache not in self.cache_names:
+            raise PlanError(f"{self.cache_path(cache)}: not a cache of this config (caches: "
+                            f"{', '.join(self.cache_names)})")
+        return [f"{self.cache_path(cache)}/{s}.parquet" for s in self.shard_names(with_heldout=False)]
+
+    # -- training --------------------------------------------------------------------------------------------
+    @cached_property
+    def runs(self) -> dict[str, dict]:
+        """Training runs by name (kdflow.runs; the config is already validated)."""
+        return expand_runs(self.config)[0]
+
+    def run_spec(self, run: str) -> dict:
+        if run not in self.runs:
+            raise PlanError(f"run {run!r} is not in the config's training.experiments; known runs: "
+                            f"{sorted(self.runs)}")
+        return self.runs[run]
+
+    def train_inputs(self, run: str) -> dict[str, str]:
+        """The student, the index of each cache this run reads (kdflow.cache_index), and the held-out shard."""
+        spec = self.run_spec(run)
+        own_vocab = self.students[spec["student"]].get("vocab") == "own"
+        inputs = {"student": model_manifest(spec["student"]), "heldout": HELDOUT_SHARD,
+                  "topk": f"{self.cache_path(self.topk_name)}/index.json"}
+        need = caches_read(spec["terms"], own_vocab)
+        if need["embed"]:
+            inputs["embed"] = f"{self.cache_path('embed')}/index.json"
+        if need["hidden"]:
+            inputs["hidden"] = f"{self.cache_path(self.hidden_name)}/index.json"
+        return inputs
+
+    def train_gpus(self, run: str) -> int:
+        """GPUs of a run's job: per node x nodes (SLURM: --gpus=<model>:<total> with --nodes)."""
+        spec = self.run_spec(run)
+        return spec["gpus"] * spec["nodes"]
+
+    def train_nodes(self, run: str) -> int:
+        return self.run_spec(run)["nodes"]
+
+    def train_tasks(self, run: str) -> int | None:
+        """Several nodes: one srun task per node, started by the job's script itself (kdflow.launch)."""
+        nodes = self.train_nodes(run)
+        return nodes if nodes > 1 else None
+
+    def train_mpi(self, run: str) -> str | None:
+        return "srun" if self.train_nodes(run) > 1 else None
+
+    def train_expected(self, run: str) -> dict[str, Any]:
+        """Cache metadata a run's files must carry (the loader refuses others, naming the file and key)."""
+        spec = self.run_spec(run)
+        cfg = self.cache_cfg
+        expected = {"teacher": self.teacher, "k": cfg["k"], "max_length": cfg["max_length"]}
+        if caches_read(spec["terms"], False)["hidden"]:
+            expected["layers"] = sorted(set(cfg["hidden_layers"]))
+            expected["token_ratio"] = cfg["hidden_token_ratio"]
+        return expected
+
+    def train_outputs(self) -> list[str]:
+        return [f"results/train/{run}" for run in self.runs]
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def eval_settings(self) -> dict[str, Any]:
+        """config["eval"] with a relative lm_eval.include_path resolved against the workflow's directory (where
+        the shipped tasks live), so that a study run with --directory elsewhere finds them."""
+        cfg = self.config["eval"]
+        settings = {**cfg, "lm_eval": dict(cfg["lm_eval"])}
+        tasks_dir = settings["lm_eval"]["include_path"]
+        if tasks_dir and not os.path.isabs(tasks_dir):
+            settings["lm_eval"]["include_path"] = str(self.repo / tasks_dir)
+        return settings
+
+    @cached_property
+    def eval_targets(self) -> dict[str, EvalTarget]:
+        """Every evaluated model by id: the runs, then the teacher and each student's untrained init (as the
+        config's eval.baselines ask)."""
+        baselines = self.config["eval"]["baselines"]
+        targets = {}
+        for run, spec in self.runs.items():
+            targets[run] = EvalTarget(kind="run", student=spec["student"], mode=spec["mode"], seed=spec["seed"],
+                                      tag=spec["tag"], manifest=model_manifest(spec["student"]),
+                                      adapter=f"results/train/{run}", gpus=spec["gpus"], model=run)
+        if "teacher" in baselines:
+            targets[self.teacher] = EvalTarget(kind="teacher", student=None, mode=None, seed=None, tag=None,
+                                               manifest=model_manifest(self.teacher), adapter=None, gpus=0,
+                                               model=self.teacher)
+        if "student_init" in baselines:
+            for student in self.students:
+                targets[f"{student}.init"] = EvalTarget(kind="student_init", student=student, mode=None, seed=None,
+                                                        tag=None, manifest=model_manifest(student), adapter=None,
+                                                        gpus=0, model=f"{student}.init")
+        return targets
+
+    def eval_target(self, model: str) -> EvalTarget:
+        if model not in self.eval_targets:
+            raise PlanError(f"{model!r} is neither a training run nor a baseline of this config; evaluated "
+                            f"models: {sorted(self.eval_targets)}")
+        return self.eval_targets[model]
+
+    def eval_params(self, model: str) -> dict[str, Any]:
+        """The eval job's ``target`` parameter (kdflow.evaluate.evaluate_model)."""
+        return self.eval_target(model).to_dict()
+
+    def eval_gpus(self, model: str) -> int:
+        return 1 if self.eval_target(model).gpus else 0
+
+    def eval_inputs(self, model: str) -> dict[str, str]:
+        target = self.eval_target(model)
+        inputs = {"manifest": target.manifest, "heldout": HELDOUT_SHARD,
+                  "heldout_topk": f"{self.cache_path(self.topk_name)}/heldout.parquet"}
+        if target.adapter:
+            inputs["adapter"] = target.adapter
+        return inputs
+
+    def eval_files(self) -> list[str]:
+        return [f"results/eval/{m}/{e}.json" for m in self.eval_targets for e in ("heldout", "lm_eval")]
+
+    def expected_results(self) -> dict[str, Any]:
+        """What parse_results must find: every model, every evaluation, every configured task."""
+        return {"models": sorted(self.eval_targets),
+                "evaluations": {"heldout": ["heldout"], "lm_eval": list(self.config["eval"]["lm_eval"]["tasks"])}}
+
+    # -- the whole study -------------------------------------------------------------------------------------
+    def final_outputs(self) -> list[str]:
+        return (self.shard_files() + ["results/data/manifest.json"]
+                + [model_manifest(m) for m in [self.teacher, *self.students]]
+                + self.cache_files() + self.train_outputs() + self.eval_files() + RESULTS)
