@@ -9,7 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -31,7 +34,8 @@ HELDOUT = {
 }
 ARC = {"teach": 0.8, "stu.init": 0.3, "stu.ce.s0": 0.5, "stu.ce.s1": 0.5, "stu.ce.s2": 0.5, "stu.rb.s0": 0.6,
        "stu.rb.s1": 0.6, "stu.rb.s2": 0.6, "stu.ce.s0.long": 0.55, "stu.rb.s0.long": 0.6}  # rb and rb.long tie
-EXPECTED = {"models": sorted(HELDOUT), "evaluations": {"heldout": ["heldout"], "lm_eval": ["kdflow_heldout", "arc_easy"]}}
+EXPECTED = {"models": sorted(HELDOUT),
+            "evaluations": {"heldout": ["heldout"], "lm_eval": ["kdflow_heldout", "arc_easy"]}}
 
 
 def identity(model: str) -> dict:
@@ -98,7 +102,8 @@ def make_study(root: Path, skip: tuple[str, ...] = ()) -> dict:
     train = [write_run(root, n) for n in runs]
     bench = root / "benchmarks"
     benches = [
-        write_bench(bench / "train" / "stu.rb.s0.tsv", ["12.5\t0:00:12\t1200.5\t3400\t1100\t1150\t6.5\t18.7\t146.7\t20.2"]),
+        write_bench(bench / "train" / "stu.rb.s0.tsv",
+                    ["12.5\t0:00:12\t1200.5\t3400\t1100\t1150\t6.5\t18.7\t146.7\t20.2"]),
         write_bench(bench / "topk_cache" / "shard_00000.tsv", ["30\t0:00:30\tNA\t-\tNA\tNA\t-\t-\t99\t29"]),
         write_bench(bench / "corpus.tsv", ["3\t0:00:03\t200\t400\t150\t160\t1\t2\t90\t2.7"]),
         write_bench(bench / "eval" / "teach.tsv", ["5\t0:00:05\t300\t500\t250\t260\t1\t1\t80\t4",
@@ -134,7 +139,7 @@ def summary_row(db: Path, group: str, metric: str) -> dict:
     finally:
         con.close()
     assert len(rows) == 1, rows
-    return dict(zip(names, rows[0]))
+    return dict(zip(names, rows[0], strict=True))
 
 
 # --------------------------------------------------------------------------- the database
@@ -174,7 +179,8 @@ def test_runs_metrics_steps_jobs_content(built):
     db = result["database"]
     rows = {r[0]: r for r in sql(db, "select model, kind, run_group, seed, tag, terms, steps, tokens, train_seconds, "
                                      "final_loss, evaluated from runs")}
-    assert rows["stu.rb.s1"] == ("stu.rb.s1", "run", "stu.rb", 1, None, '{"ce": 0.5, "rb": 0.5}', 3, 300, 6.0, 2.5, True)
+    assert rows["stu.rb.s1"] == ("stu.rb.s1", "run", "stu.rb", 1, None, '{"ce": 0.5, "rb": 0.5}', 3, 300, 6.0, 2.5,
+                                 True)
     assert rows["stu.rb.s0.long"][2:5] == ("stu.rb.long", 0, "long")
     assert rows["teach"][1:3] == ("teacher", "teach") and rows["teach"][5] is None
     assert rows["stu.init"][1:3] == ("student_init", "stu.init")
@@ -212,7 +218,10 @@ def test_mean_and_stderr_over_three_seeds_and_one(built):
 
 def test_best_marking(built):
     db = built[1]["database"]
-    best = lambda metric: sorted(g for (g,) in sql(db, f"select run_group from summary where metric = '{metric}' and best"))
+
+    def best(metric: str) -> list[str]:
+        return sorted(g for (g,) in sql(db, f"select run_group from summary where metric = '{metric}' and best"))
+
     assert best("ppl") == ["stu.rb.long"]             # lowest: 11 < 12 (teacher's 8 is not ranked)
     assert best("top1_agreement") == ["stu.rb"]       # highest mean 0.6
     assert best("acc") == ["stu.rb", "stu.rb.long"]   # a tie marks both
@@ -246,7 +255,8 @@ def test_summary_csv(built):
     assert (rb["kind"], rb["mode"], rb["n_seeds"], rb["seeds"], rb["terms"]) == ("run", "rb", "3", "0;1;2",
                                                                                    '{"ce": 0.5, "rb": 0.5}')
     assert float(rb["heldout/ppl"]) == 12.0 and float(rb["heldout/ppl.stderr"]) == pytest.approx(2 / math.sqrt(3))
-    assert rb["heldout/ppl.n"] == "3" and rb["heldout/ppl.best"] == "0" and rows["stu.rb.long"]["heldout/ppl.best"] == "1"
+    assert rb["heldout/ppl.n"] == "3" and rb["heldout/ppl.best"] == "0"
+    assert rows["stu.rb.long"]["heldout/ppl.best"] == "1"
     assert float(rb["heldout/ppl.delta_ce"]) == -5.0 and float(rb["heldout/ppl.delta_teacher"]) == 4.0
     assert rows["stu.rb.long"]["heldout/ppl.stderr"] == ""                       # one seed
     assert rows["stu.init"]["heldout/kl_teacher_student"] == ""                 # n/a
@@ -388,7 +398,8 @@ def write_telemetry(path: Path, rule: str, job: str, samples: list[tuple], end: 
              "gpus": [{"index": i, "name": "H100", "memory_total_mb": 81559.0} for i in gpus], "interval_s": 5,
              "t": 1.7e9}]
     for n, (elapsed, rss, gs) in enumerate(samples):
-        recs.append({"kind": "sample", "t": 1.7e9 + elapsed, "elapsed_s": elapsed, "cpu_percent": None if n == 0 else 99.0,
+        recs.append({"kind": "sample", "t": 1.7e9 + elapsed, "elapsed_s": elapsed,
+                     "cpu_percent": None if n == 0 else 99.0,
                      "rss_mb": rss, "gpus": [{"index": i, "power_w": p, "energy_j": e, "mem_used_mb": m,
                                               "util_gpu": 90.0} for i, p, e, m in gs]})
     if end is not None:
@@ -407,7 +418,8 @@ def test_telemetry_energy_per_token_peaks_and_cli(tmp_path, capsys):
                          (5.0, 1200.0, [(0, 320.0, 11_000.0, 60_000.0), (1, 330.0, 53_000.0, 40_000.0)])],
                         {"tokens": 6000, "energy_j": 4000.0}),
         write_telemetry(tel / "topk_cache" / "shard_00001.jsonl", "topk_cache", "shard_00001",
-                        [(0.0, 800.0, [(0, 300.0, 20_000.0, 10_000.0)]), (5.0, 800.0, [(0, 300.0, 21_000.0, 10_000.0)])],
+                        [(0.0, 800.0, [(0, 300.0, 20_000.0, 10_000.0)]),
+                         (5.0, 800.0, [(0, 300.0, 21_000.0, 10_000.0)])],
                         {"tokens": 4000, "energy_j": 1000.0}),
         # killed: no end line; no counter, so the energy is the power's trapezoid: (100 + 300) / 2 * 10 s
         write_telemetry(tel / "train" / "stu.rb.s0.jsonl", "train", "stu.rb.s0",
@@ -450,7 +462,8 @@ def test_telemetry_energy_per_token_peaks_and_cli(tmp_path, capsys):
     assert not (tmp_path / "never.duckdb").exists()
     # the command line: --telemetry; an error is one message and exit status 1
     ok = tmp_path / "cli_ok"
-    assert main(["--eval", *map(str, inputs["eval_files"]), "--telemetry", *map(str, files), "--db", str(ok / "x.duckdb"),
+    assert main(["--eval", *map(str, inputs["eval_files"]), "--telemetry", *map(str, files),
+                 "--db", str(ok / "x.duckdb"),
                  "--csv", str(ok / "s.csv"), "--md", str(ok / "s.md"), "--plots", str(ok / "plots")]) == 0
     assert sql(ok / "x.duckdb", "select count(*) from energy") == [(4,)]
     edit_metric(tmp_path / "eval" / "teach" / "heldout.json", "ppl", 0.5)
@@ -459,6 +472,17 @@ def test_telemetry_energy_per_token_peaks_and_cli(tmp_path, capsys):
                "--md", str(out / "s.md"), "--plots", str(out / "plots")])
     assert rc == 1 and "is below 1 (a perplexity)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_python_m_kdflow_results_is_the_cli(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "kdflow.results", "--help"], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, check=True).stdout
+    assert out.startswith("usage: python -m kdflow.results") and "--telemetry" in out and "--expected" in out
+    bad = subprocess.run([sys.executable, "-m", "kdflow.results", "--eval", str(tmp_path / "none.json"),
+                          "--db", str(tmp_path / "x.duckdb")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 1 and "none.json: file not found" in bad.stderr
+    assert not (tmp_path / "x.duckdb").exists()
 
 
 def test_docs_describe_every_column():

@@ -1,25 +1,5 @@
-"""Telemetry of a GPU job: power, energy, memory and utilisation per GPU (NVML) and the CPU and resident memory
-of the job's processes, sampled by a daemon thread into one JSON-lines file per job.
-
-Why: the benchmark files Snakemake writes know nothing of GPUs; what a study costs is GPU energy and what
-decides the hardware is peak GPU memory, per stage. :func:`kdflow.results.build_results` turns these files into
-energy per token and peak memory per stage (docs/results.md).
-
-The file (``results/telemetry/<rule>/<job>.jsonl``) has a ``start`` line, then ``sample`` lines, then an ``end``
-line; each line is written whole and flushed at once, so a killed or preempted job leaves valid JSON lines
-up to its last sample (and no ``end``)::
-
-    {"kind": "start", "rule", "job", "host", "nvml": bool, "nvml_error": why NVML is unavailable | null,
-     "gpus": [{"index", "name", "memory_total_mb"}], "cuda_visible_devices", "interval_s", "t"}
-    {"kind": "sample", "t", "elapsed_s", "cpu_percent", "rss_mb",
-     "gpus": [{"index", "power_w", "energy_j", "mem_used_mb", "util_gpu"}]}
-    {"kind": "end", "t", "elapsed_s", "tokens", "energy_j", "ok"}
-
-``t`` is Unix time, ``elapsed_s`` seconds since the start (monotonic clock). Without NVML (no driver, no GPU,
-no ``pynvml``) the start line says so once, with the reason, and samples carry only CPU and memory: that is
-a normal state on a laptop or a CPU node, not an error. Telemetry never fails the job it measures: an error
-while sampling is logged once and sampling stops; the work goes on.
-"""
+"""The telemetry writer: :class:`Telemetry` samples a job into its JSON-lines file (the format:
+:mod:`kdflow.telemetry`), :func:`job_telemetry` makes one for a Snakemake script job."""
 
 from __future__ import annotations
 
@@ -33,6 +13,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from kdflow.telemetry.energy import EnergyMeter
 
 log = logging.getLogger("kdflow.telemetry")
 
@@ -62,48 +44,6 @@ def visible_gpu_indices(value: str | None, count: int) -> list[int]:
             break
         out.append(i)
     return out
-
-
-class EnergyMeter:
-    """Energy of a job from its samples, summed over GPUs.
-
-    Per GPU the difference of the driver's energy counter (exact: the driver integrates at a high rate);
-    where the counter is unsupported (older GPUs) or goes backwards (a driver reload), the trapezoid integral
-    of the sampled power instead (an estimate, as good as the sampling interval).
-    """
-
-    def __init__(self) -> None:
-        self._gpus: dict[int, dict[str, Any]] = {}
-
-    def add(self, elapsed_s: float, gpus: list[dict]) -> None:
-        for g in gpus:
-            s = self._gpus.setdefault(g["index"], {"first": None, "last": None, "counter": True, "joules": 0.0,
-                                                   "power": None, "powered": 0})
-            energy, power = g.get("energy_j"), g.get("power_w")
-            if energy is None:
-                s["counter"] = False
-            else:
-                s["first"] = energy if s["first"] is None else s["first"]
-                s["last"] = energy
-            if power is not None:
-                if s["power"] is not None:
-                    t0, p0 = s["power"]
-                    s["joules"] += (elapsed_s - t0) * (power + p0) / 2
-                s["power"] = (elapsed_s, power)
-                s["powered"] += 1
-
-    def total_j(self) -> float | None:
-        """Joules over every GPU measured; None when no GPU had a counter or two power readings."""
-        total, measured = 0.0, False
-        for s in self._gpus.values():
-            if s["counter"] and s["first"] is not None and s["last"] >= s["first"]:
-                total += s["last"] - s["first"]
-            elif s["powered"] >= 2:
-                total += s["joules"]
-            else:
-                continue
-            measured = True
-        return total if measured else None
 
 
 def _rss_and_cpu_s() -> tuple[float | None, float]:
