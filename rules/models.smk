@@ -15,4 +15,4 @@ rule prepare_models:
     conda:
         "../workflow/envs/kdflow.yaml"
     script:
-        "../workflow/scripts/prepare_model.py"
+        "../workflow/scripts/prepare_models.py"

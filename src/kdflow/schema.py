@@ -69,3 +69,13 @@ def deep_merge(base: dict, override: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def section_defaults(section: str, schema: dict | None = None) -> dict:
+    """The top-level config section ``section`` as the schema fills it when the config leaves it out."""
+    schema = load_schema() if schema is None else schema
+    sub = {**schema["properties"][section], "$defs": schema.get("$defs", {})}
+    filled: dict = {}
+    for _ in validator_class()(sub).iter_errors(filled):
+        pass  # validation of {} only fills defaults; the schema's own tests check it is valid
+    return filled
