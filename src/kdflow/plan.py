@@ -28,6 +28,10 @@ CACHE_SETTINGS = {"topk": (*COMMON_CACHE_SETTINGS, "k"),
                   "hidden": (*COMMON_CACHE_SETTINGS, "hidden_layers", "hidden_token_ratio", "hidden_token_seed")}
 
 
+# What an evaluated model is (EvalTarget.kind): a training run or one of the two baselines.
+KINDS = ("run", "teacher", "student_init")
+
+
 class PlanError(ValueError):
     """A target that is not part of this study (an unknown model, run or cache name)."""
 
@@ -54,7 +58,7 @@ def model_manifest(name: str) -> str:
 class EvalTarget:
     """One evaluated model: a training run, the teacher, or a student's untrained init (``<student>.init``)."""
 
-    kind: str                 # "run" | "teacher" | "student_init" (kdflow.evaluate.KINDS)
+    kind: str                 # one of KINDS
     student: str | None
     mode: str | None
     seed: int | None
@@ -63,6 +67,12 @@ class EvalTarget:
     adapter: str | None       # results/train/<run> for a run
     gpus: int
     model: str                # its id: the run name, the teacher's name or <student>.init
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise PlanError(f"eval target {self.model!r}: kind {self.kind!r} is none of {list(KINDS)}")
+        if (self.kind == "run") != (self.adapter is not None):
+            raise PlanError(f"eval target {self.model!r}: a run has an adapter directory, a baseline none")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,7 +30,13 @@ KD_TERMS = ("ce", "rb", "fb", "relb")
 SHARED_VOCAB_TERMS = ("rb", "fb")  # need the teacher's token ids
 
 
+def run_group(student: str, mode: str, tag: str | None) -> str:
+    """The runs that differ only by seed: ``<student>.<mode>[.<tag>]`` (one row of the study's summary)."""
+    return f"{student}.{mode}" + (f".{tag}" if tag else "")
+
+
 def run_name(student: str, mode: str, seed: int, tag: str | None) -> str:
+    """``<student>.<mode>.s<seed>[.<tag>]``."""
     return f"{student}.{mode}.s{seed}" + (f".{tag}" if tag else "")
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdflow.evaluate import KINDS
+from kdflow.plan import KINDS
 from kdflow.results.tables import STEP_COLUMNS
-from kdflow.runs import run_name
+from kdflow.runs import run_group, run_name
 from kdflow.telemetry import load_telemetry
 
 BENCH_FIELDS = {"s": "seconds", "max_rss": "max_rss_mb", "max_vms": "max_vms_mb", "max_uss": "max_uss_mb",
@@ -75,9 +75,7 @@ def _is_number(x: Any) -> bool:
 
 def group_of(model: str, kind: str, student: str | None, mode: str | None, tag: str | None) -> str:
     """The summary row a model belongs to: ``<student>.<mode>[.<tag>]`` for a run, its own id otherwise."""
-    if kind != "run":
-        return model
-    return f"{student}.{mode}" + (f".{tag}" if tag else "")
+    return run_group(student, mode, tag) if kind == "run" else model
 
 
 def load_eval(path: str | Path, problems: list[str]) -> EvalFile | None:
