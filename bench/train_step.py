@@ -1,6 +1,6 @@
 """What knowledge distillation costs per training step, and whether the cache loader keeps up.
 
-Runs the real training code (``kdflow.train.Trainer``: ``_setup()``, then ``train_step()`` calls; nothing is
+Runs the real training code (``kdflow.train.Trainer``: ``setup()``, then ``train_step()`` calls; nothing is
 written, no checkpoints) for four runs of the same student on the same documents, same batch size and
 same settings, differing only in their terms:
 
@@ -228,7 +228,7 @@ def make_trainers(study: Study, args, tmp: Path) -> dict[str, Trainer]:
                        expected=expected_for(study.config, terms), output=str(tmp / "output" / mode),
                        work=str(tmp / "work" / mode), heldout=None, threads=args.threads)
         trainer = Trainer(job)
-        trainer._setup()
+        trainer.setup()
         trainer.recorder = Recorder(trainer.batches)
         trainers[mode] = trainer
     return trainers
@@ -302,7 +302,7 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
     trainers = make_trainers(study, args, tmp)
     ce = trainers["ce"]
     spec = ce.spec
-    print(f"{ME}: student {ce.student_info['name']}, {len(study.shards)} shards, batch {spec['batch_size']} x "
+    print(f"{ME}: student {ce.inputs.student_info['name']}, {len(study.shards)} shards, batch {spec['batch_size']} x "
           f"accum {spec['grad_accum']}, device {ce.ctx.device}, {torch.get_num_threads()} torch threads; "
           f"{args.warmup} warm-up + {args.steps} timed steps per mode per round, {args.rounds} rounds",
           file=sys.stderr, flush=True)
@@ -341,7 +341,7 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
         "batch_size": int(spec["batch_size"]), "grad_accum": int(spec["grad_accum"]),
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
         "timed_steps_per_mode": args.steps * args.rounds,
-        "student": ce.student_info["name"], "device": str(ce.ctx.device), "dtype": spec["dtype"],
+        "student": ce.inputs.student_info["name"], "device": str(ce.ctx.device), "dtype": spec["dtype"],
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "gradient_checkpointing": bool(spec["gradient_checkpointing"]), "lora_r": spec["lora"]["r"],
         "k": study.config["teacher_cache"]["k"], "max_length": study.config["teacher_cache"]["max_length"],

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from kdflow.launch import LaunchError, expand_hostlist, multi_node_command, node_command, single_node_command
-from kdflow.train import launch_command
+from kdflow.launch import (
+    LaunchError,
+    expand_hostlist,
+    launch_command,
+    multi_node_command,
+    node_command,
+    single_node_command,
+)
 
 
 @pytest.mark.parametrize("hostlist,hosts", [
@@ -51,10 +58,65 @@ def test_outside_srun_the_node_launcher_says_what_is_missing():
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
+def _job(tmp_path):
+    from kdflow.train import TrainJob
+
+    return TrainJob(spec={"name": "r"}, student_manifest="m.json", shards=[{"topk": "t.parquet"}], expected={},
+                    output=str(tmp_path / "out"), work=str(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("gpus,nodes", [(4, 1), (8, 2)])
+def test_several_gpus_or_nodes_write_the_job_file_and_run_the_launch_line(tmp_path, monkeypatch, gpus, nodes):
+    import json
+    import os
+
+    import kdflow.launch as launch
+    from kdflow.train import TrainJob
+
+    job, ran = _job(tmp_path), []
+
+    def fake_run(cmd, check, env):  # what torchrun's rank 0 leaves: the run directory with its summary
+        ran.append((cmd, env))
+        Path(job.output).mkdir(parents=True)
+        (Path(job.output) / "summary.json").write_text(json.dumps({"tokens": 7, "world_size": gpus * nodes}))
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    summary = launch.launch_training(job, gpus_per_node=gpus, nodes=nodes)
+    job_file = Path(job.work) / "job.json"
+    assert summary == {"tokens": 7, "world_size": gpus * nodes} and TrainJob.load(job_file) == job
+    (cmd, env), = ran
+    assert cmd == launch_command(job_file, gpus, nodes)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == launch.SRC == str(Path(launch.__file__).parents[1])
+
+
+@pytest.mark.parametrize("gpus,world", [(0, None), (1, None), (4, "4")])
+def test_one_gpu_or_a_launched_rank_trains_in_this_process(tmp_path, monkeypatch, capsys, gpus, world):
+    import json
+
+    import kdflow.launch as launch
+    import kdflow.train
+
+    job = _job(tmp_path)
+    if world:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: pytest.fail("launched a subprocess"))
+    monkeypatch.setattr(kdflow.train, "run_training", lambda j: {"tokens": 3, "run": j.spec["name"]})
+    assert launch.launch_training(job, gpus_per_node=gpus) == {"tokens": 3, "run": "r"}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"run": "r", "tokens": 3}
+    assert not (Path(job.work) / "job.json").exists()
+
+
+def test_the_training_entry_point_wants_one_job_file():
+    proc = subprocess.run([sys.executable, "-m", "kdflow.train"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: python -m kdflow.train JOB.json" in proc.stderr
+
+
 def test_a_multi_node_run_asks_slurm_for_nodes_tasks_and_every_gpu(tmp_path):
     """Dry run of the default config plus a 2-node run with the users' profile: what the job would ask for."""
     import os
-    from pathlib import Path
 
     import yaml
 

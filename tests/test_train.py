@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 
 from kdflow.cache_format import CacheMismatch
 from kdflow.config import validate_config
+from kdflow.launch import launch_command
 from kdflow.models import load_model, load_tokenizer
 from kdflow.runs import expand_runs
 from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
-from kdflow.train import Batches, TrainJob, Trainer, TrainingError, launch_command, lr_lambda, run_training
+from kdflow.train import Batches, Trainer, TrainingError, TrainJob, lr_lambda, run_training
 
 from tiny_models import one_thread, other_vocab_dir, prepare_tiny_models, tiny_teacher_dir, write_shard  # noqa: F401
 

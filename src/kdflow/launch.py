@@ -1,5 +1,9 @@
 """Starting a training run on the GPUs and nodes SLURM granted, with torchrun (torch.distributed.run).
 
+:func:`launch_training` is what the train rule calls: with one GPU or none (or inside a launcher, ``WORLD_SIZE``
+set) it trains in this process; otherwise it writes the job file and runs :func:`launch_command`.
+:func:`train_main` is the entry point every launched process runs (``python -m kdflow.train JOB.json``).
+
 One node: the train rule runs ``torchrun --standalone --nproc_per_node=G -m kdflow.train JOB.json`` itself.
 Several nodes: the rule runs ``srun --nodes=N --ntasks=N --ntasks-per-node=1 python -m kdflow.launch JOB.json G``,
 one task per node; each task (this module) reads what srun tells it (``SLURM_NNODES``, ``SLURM_NODEID``,
@@ -11,13 +15,21 @@ and tears down the ranks.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # kdflow.train pulls in torch; a per-node launcher task only execs torchrun
+    from kdflow.train import TrainJob
 
 RDZV_PORT = 29500
+SRC = str(Path(__file__).parents[1])  # this checkout's package, for the launched processes
 
 
 class LaunchError(RuntimeError):
@@ -72,7 +84,52 @@ def node_command(job_file: str | Path, nproc_per_node: int, env: Mapping[str, st
                      "-m", "kdflow.train", str(job_file)])
 
 
+def launch_command(job_file: str | Path, nproc: int, nodes: int = 1) -> list[str]:
+    """How the train rule starts ``nproc`` processes per node on ``nodes`` nodes: torchrun on this node, or srun
+    with one torchrun per node."""
+    return single_node_command(job_file, nproc) if nodes <= 1 else multi_node_command(job_file, nproc, nodes)
+
+
+def launch_training(job: TrainJob, gpus_per_node: int = 0, nodes: int = 1) -> dict[str, Any]:
+    """Train ``job`` and return its summary. One GPU or none on one node, or already one rank of a launcher
+    (``WORLD_SIZE`` set): in this process, printing the summary as one JSON line. Otherwise: the job goes to
+    ``<work>/job.json`` and :func:`launch_command` runs it (one process per GPU, this package on ``PYTHONPATH``);
+    the summary is then read from the run directory (rank 0 printed it)."""
+    if (gpus_per_node > 1 or nodes > 1) and "WORLD_SIZE" not in os.environ:
+        job_file = Path(job.work) / "job.json"
+        job_file.parent.mkdir(parents=True, exist_ok=True)
+        job.save(job_file)
+        cmd = launch_command(job_file, max(1, gpus_per_node), nodes)
+        logging.getLogger("kdflow.train").info("launching %s", " ".join(cmd))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
+        subprocess.run(cmd, check=True, env=env)
+        return json.loads((Path(job.output) / "summary.json").read_text(encoding="utf-8"))
+    from kdflow.train import run_training
+
+    summary = run_training(job)
+    print(json.dumps(summary, sort_keys=True, default=str))
+    return summary
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``python -m kdflow.train JOB.json``: one process of a run (rank ``RANK`` of a launcher, or alone)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m kdflow.train JOB.json   (a TrainJob written by the train rule)", file=sys.stderr)
+        return 2
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    from kdflow.train import TrainJob, run_training
+
+    summary = run_training(TrainJob.load(argv[0]))
+    if rank == "0":
+        print(json.dumps(summary, sort_keys=True, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m kdflow.launch JOB.json GPUS_PER_NODE``: one srun task of a multi-node job becomes its torchrun."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m kdflow.launch JOB.json GPUS_PER_NODE   (one srun task per node)", file=sys.stderr)

@@ -1,0 +1,109 @@
+"""What a run leaves: ``work/metrics.jsonl`` while it trains (one JSON line per optimiser step, trimmed back to
+the checkpoint's step on resume) and, when it is done, the run directory ``results/train/<run>/`` (atomic):
+
+``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT: loads with ``PeftModel.from_pretrained(base, dir)``
+and lm-eval's ``pretrained=BASE,peft=DIR``), ``projector.safetensors`` (fb), ``run_config.json`` (the resolved
+run), ``provenance.json``, ``metrics.jsonl`` and ``summary.json`` (end-of-training held-out perplexity,
+throughput).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from kdflow.atomic import atomic_path, write_json
+from kdflow.config import config_hash
+from kdflow.provenance import provenance
+from kdflow.train.job import TrainJob
+
+log = logging.getLogger("kdflow.train")
+
+
+def metrics_file(work: Path) -> Path:
+    return work / "metrics.jsonl"
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps up to ``step`` (a resumed run rewrites what came after)."""
+    if step == 0 or not path.exists():
+        path.unlink(missing_ok=True)
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break  # a line cut by a kill: nothing after it counts
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+
+
+def run_summary(spec: dict, metrics: Path, *, steps: int, tokens: int, elapsed: float, world: int,
+                resumes: list[int], student_info: dict) -> dict[str, Any]:
+    """``summary.json`` without its ``heldout`` entry: totals, throughput, the mean of the last 5 steps' terms."""
+    rows = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
+    last = rows[-min(len(rows), 5):]
+    return {
+        "run": spec["name"], "student": spec["student"], "mode": spec["mode"], "seed": spec["seed"],
+        "terms": spec["terms"], "steps": steps, "tokens": tokens, "train_seconds": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed else None, "world_size": world,
+        "resumed_from_steps": resumes,
+        "final": {k: float(np.mean([r[k] for r in last])) for k in ("loss", *spec["terms"])} if last else {},
+        "student_heldout_ppl_init": (student_info.get("heldout") or {}).get("ppl"),
+    }
+
+
+def run_provenance(job: TrainJob, resume_key: str, student_info: dict, metas: list[dict]) -> dict[str, Any]:
+    spec = job.spec
+    return {
+        **provenance(), "run": spec["name"], "seed": spec["seed"], "run_hash": config_hash(spec),
+        "resume_key": resume_key,
+        "student": {k: student_info.get(k) for k in ("name", "source", "source_hash", "revision",
+                                                     "tokenizer_fingerprint", "config_hash", "load_path")},
+        "teacher_caches": {k: metas[0].get(k) for k in ("teacher", "teacher_source_hash", "teacher_revision",
+                                                        "tokenizer_fingerprint", "k", "max_length")},
+        "shards": [{"topk": s["topk"], "shard_sha256": m.get("shard_sha256")}
+                   for s, m in zip(job.shards, metas, strict=True)],
+    }
+
+
+def heldout_perplexity(model: nn.Module, tokenizer, job: TrainJob) -> dict | None:
+    """The trained student's perplexity on the first ``heldout_docs`` held-out documents (None: none asked)."""
+    n = job.spec["heldout_docs"]
+    if not job.heldout or n == 0:
+        return None
+    from kdflow.perplexity import perplexity
+    from kdflow.shards import read_texts
+
+    texts = read_texts(job.heldout, n)
+    if not texts:
+        return None
+    result = perplexity(model, tokenizer, texts, max_length=job.expected.get("max_length", 256),
+                        batch_size=8, desc=f"held-out ppl {job.spec['name']}")
+    return {**result, "heldout_file": job.heldout}
+
+
+def write_run_dir(job: TrainJob, model: nn.Module, projectors: nn.ModuleDict, metrics: Path,
+                  summary: dict[str, Any], provenance_info: dict[str, Any]) -> None:
+    """The run directory ``job.output``, atomically: adapter, projectors, run config, provenance, metrics, summary."""
+    from safetensors.torch import save_file
+
+    with atomic_path(Path(job.output)) as tmp:
+        model.save_pretrained(tmp)
+        if len(projectors):
+            save_file({k: v.contiguous() for k, v in projectors.state_dict().items()},
+                      str(tmp / "projector.safetensors"))
+        write_json(tmp / "run_config.json", {"spec": job.spec, "expected": job.expected,
+                                             "student_manifest": job.student_manifest,
+                                             "shards": job.shards, "heldout": job.heldout})
+        write_json(tmp / "provenance.json", provenance_info)
+        shutil.copyfile(metrics, tmp / "metrics.jsonl")
+        write_json(tmp / "summary.json", summary)
