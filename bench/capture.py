@@ -1,10 +1,10 @@
 """What the teacher caches cost: capture throughput against a bare forward, bytes per token, passes per token.
 
 Runs the prepared teacher on this machine over a few length-sorted batches of a shard and measures, for
-kdflow's writers (kdflow.teacher_pass / kdflow.cache_format) and for a naive writer baseline:
+kdflow's writers (kdflow.teacher_pass / kdflow.cache_job / kdflow.cache_format) and for a naive writer baseline:
 
 * ``capture_ratio``: tokens/s of the top-k + embedding capture (the real ``make_part`` of
-  ``capture_topk``, taken out of it, plus ``PartWriter.write`` of its two part files) over tokens/s of a
+  ``capture_topk``, from ``topk_pass``, plus ``PartWriter.write`` of its two part files) over tokens/s of a
   bare ``model(input_ids=ids, attention_mask=mask)`` forward returning logits, on the same batches.
   The methods alternate batch by batch (their order rotating), for ``--rounds`` rounds. Tokens/s are
   medians over rounds; ``capture_ratio`` is the median of the per-round ratios (a round times both on
@@ -39,7 +39,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # run_cache_job's progress bar; read when tqdm is imported
 
 import argparse
-import contextlib
 import json
 import shutil
 import statistics
@@ -47,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,8 +55,9 @@ import torch
 
 from kdflow import teacher_pass as tp
 from kdflow.cache_format import CacheReader, PartWriter
+from kdflow.cache_job import CacheJob, Tokenised, length_order, pad_batch
 from kdflow.config import load_config
-from kdflow.models import load_model, load_tokenizer, read_manifest
+from kdflow.models import input_device
 
 DEFAULT_TEACHER = "resources/models/smollm2-135m-instruct/kdflow_model.json"
 DEFAULT_SHARD = "results/shards/heldout.parquet"
@@ -71,34 +71,7 @@ def require(path: str | Path, what: str) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- reaching into the real jobs
-
-@contextlib.contextmanager
-def patched_job(setup: tuple, run: Callable | None = None):
-    """Run ``capture_topk`` / ``capture_hidden`` on an already loaded model and tokenised documents
-    (``_setup`` replaced), optionally with ``run_cache_job`` replaced too."""
-    saved = tp._setup, tp.run_cache_job
-    tp._setup = lambda job: setup
-    if run is not None:
-        tp.run_cache_job = run
-    try:
-        yield
-    finally:
-        tp._setup, tp.run_cache_job = saved
-
-
-def grab_make_part(job: tp.CacheJob, setup: tuple) -> dict[str, Any]:
-    """The real ``make_part`` closure of ``capture_topk`` with its metas and schemas (nothing is run)."""
-    grabbed: dict[str, Any] = {}
-
-    def run(job, metas, schemas, tok, make_part, desc):
-        grabbed.update(metas=metas, schemas=schemas, make_part=make_part)
-        return {}
-
-    with patched_job(setup, run):
-        tp.capture_topk(job)
-    return grabbed
-
+# --------------------------------------------------------------------------- counting the real jobs' work
 
 class LayerCounter:
     """Counts decoder-layer calls and forward passes (embedding calls) with forward hooks."""
@@ -120,8 +93,8 @@ class LayerCounter:
             h.remove()
 
 
-def subset(tok: tp.Tokenised, rows: np.ndarray) -> tp.Tokenised:
-    return tp.Tokenised([tok.doc_ids[i] for i in rows], [tok.ids[i] for i in rows],
+def subset(tok: Tokenised, rows: np.ndarray) -> Tokenised:
+    return Tokenised([tok.doc_ids[i] for i in rows], [tok.ids[i] for i in rows],
                         [tok.texts[i] for i in rows], tok.truncated[rows])
 
 
@@ -159,14 +132,14 @@ def naive_build_all(model, tok, batches, pad_id, device, ks, layer, out: Path) -
 
     with torch.inference_mode():
         for index in batches:  # pass 1: top-k (k=16 and k=64 from the same log-probs)
-            ids, mask = tp.pad_batch(tok, index, pad_id, device)
+            ids, mask = pad_batch(tok, index, pad_id, device)
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
             for k in ks:
                 write(f"topk_k{k}", naive_topk_rows(tok, index, logp, k))
             del logp
         for name in ("embed", f"hidden_l{layer}"):  # passes 2 and 3
             for index in batches:
-                ids, mask = tp.pad_batch(tok, index, pad_id, device)
+                ids, mask = pad_batch(tok, index, pad_id, device)
                 states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
                 rows = []
                 for r, i in enumerate(index):
@@ -230,17 +203,19 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    info = read_manifest(teacher_manifest)
-    tokenizer = load_tokenizer(info)
-    model = load_model(info, settings["device"], settings["dtype"])
+
+    def job(kind: str, outputs: dict[str, Path], job_settings: dict, tag: str) -> CacheJob:
+        return CacheJob(kind=kind, shard=shard, outputs=outputs, teacher_manifest=teacher_manifest,
+                           partial_dir=out / "cache" / ".partial" / tag / shard.stem, settings=job_settings)
+
+    # the teacher loaded and the shard tokenised once, as every cache job does it; the jobs below reuse them
+    setup = tp.setup_cache_job(job("topk", {}, settings, "setup"))
+    info, tokenizer, model, tok, pad_id = setup
     n_layers, hidden_size = model.config.num_hidden_layers, model.config.hidden_size
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = tp._input_device(model)
-    tok = tp.tokenise_shard(shard, tokenizer, settings["max_length"])
-    setup = (info, tokenizer, model, tok, pad_id)
+    device = input_device(model)
 
     # the batches: consecutive slices of the length order (as every pass makes them), evenly spaced
-    order = tp.length_order(tok)
+    order = length_order(tok)
     all_batches = [order[s:s + bs] for s in range(0, len(order), bs)]
     if len(all_batches) > 1 and len(all_batches[-1]) < bs:
         all_batches.pop()  # a last, partial batch would weigh its few documents' lengths too much
@@ -250,19 +225,15 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     print(f"{shard}: {len(batches)} batches of <= {bs} documents x <= {settings['max_length']} tokens "
           f"({tokens} tokens), {args.rounds} rounds, {torch.get_num_threads()} torch threads", flush=True)
 
-    def job(kind: str, outputs: dict[str, Path], job_settings: dict, tag: str) -> tp.CacheJob:
-        return tp.CacheJob(kind=kind, shard=shard, outputs=outputs, teacher_manifest=teacher_manifest,
-                           partial_dir=out / "cache" / ".partial" / tag / shard.stem, settings=job_settings)
-
     for stale in (out / "cache", out / "naive", out / "timing"):  # a reused --out-dir: no resumed parts
         shutil.rmtree(stale, ignore_errors=True)
     cache_dir = out / "cache" / info["name"]
 
     # ------------------------------------------------------------------ timing: bare / capture / naive
-    grabbed = grab_make_part(job("topk", {"topk": cache_dir / "unused.parquet", "embed": cache_dir / "unused_e.parquet"},
-                                 settings, "timing"), setup)
-    make_part, metas = grabbed["make_part"], grabbed["metas"]
-    writers = {name: PartWriter(schema) for name, schema in grabbed["schemas"].items()}
+    plan = tp.topk_pass(job("topk", {"topk": cache_dir / "unused.parquet", "embed": cache_dir / "unused_e.parquet"},
+                            settings, "timing"), setup)  # the real make_part of capture_topk, nothing run yet
+    make_part, metas = plan.make_part, plan.metas
+    writers = {name: PartWriter(schema) for name, schema in plan.schemas.items()}
     timing_dir = out / "timing"
     timing_dir.mkdir(parents=True, exist_ok=True)
     write_s = [0.0] * args.rounds
@@ -277,7 +248,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
             t2 = time.perf_counter()
             write_s[r] += t2 - t1
             return t2 - t0
-        ids, mask = tp.pad_batch(tok, index, pad_id, device)
+        ids, mask = pad_batch(tok, index, pad_id, device)
         t0 = time.perf_counter()
         if method == "bare":
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -312,7 +283,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
 
     # ------------------------------------------------------------------ sizes and passes: the real jobs
     sub = subset(tok, np.concatenate(batches))  # already length-sorted: its jobs make the same batches
-    sub_setup = (info, tokenizer, model, sub, pad_id)
+    sub_setup = setup._replace(tok=sub)
     sizes: dict[str, int] = {}
     counts: dict[str, tuple[int, int]] = {}
     for kk in ks:
@@ -320,8 +291,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
                    "embed": cache_dir / f"embed_k{kk}" / f"{shard.stem}.parquet"}
         counter = LayerCounter(model)
         try:
-            with patched_job(sub_setup):
-                summary = tp.capture_topk(job("topk", outputs, {**settings, "k": kk}, f"topk_k{kk}"))
+            summary = tp.capture_topk(job("topk", outputs, {**settings, "k": kk}, f"topk_k{kk}"), sub_setup)
         finally:
             counter.close()
         counts[f"topk_k{kk}"] = (counter.layers, counter.forwards)
@@ -330,8 +300,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     outputs = {"hidden": cache_dir / f"hidden_l{layer}" / f"{shard.stem}.parquet"}
     counter = LayerCounter(model)
     try:
-        with patched_job(sub_setup):
-            summary = tp.capture_hidden(job("hidden", outputs, hidden_settings, f"hidden_l{layer}"))
+        summary = tp.capture_hidden(job("hidden", outputs, hidden_settings, f"hidden_l{layer}"), sub_setup)
     finally:
         counter.close()
     counts["hidden"] = (counter.layers, counter.forwards)

@@ -8,11 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdflow.cache_format import (
+    KIND_META_KEYS,
     CacheError,
     CacheMismatch,
     CacheReader,
     PartWriter,
     assemble,
+    cache_meta,
     check_compatible,
     check_student_vocab,
     embed_schema,
@@ -306,3 +308,13 @@ def test_a_shard_file_is_not_a_cache(tmp_path):
     pq.write_table(table.replace_schema_metadata({b"kdflow.shard": b"shard_00000"}), shard)
     with pytest.raises(CacheError, match="no kdflow cache metadata"):
         read_meta(shard)
+
+
+def test_cache_meta_takes_exactly_the_keys_of_its_kind():
+    base = {key: None for key in KIND_META_KEYS["embed"] - {"hidden_size"}}
+    meta = cache_meta(base, "embed", hidden_size=8)
+    assert meta["cache"] == "embed" and meta["hidden_size"] == 8 and list(meta)[-2:] == ["cache", "hidden_size"]
+    with pytest.raises(ValueError, match=r"KIND_META_KEYS\['topk'\]"):
+        cache_meta(base, "topk", hidden_size=8)  # a top-k file carries k, not hidden_size
+    with pytest.raises(ValueError, match="embed cache metadata"):
+        cache_meta({**base, "extra": 1}, "embed", hidden_size=8)

@@ -3,8 +3,9 @@ exact resume, row-group streaming, refused mismatches, collate and DataLoader us
 
 The caches are synthetic: random arrays written through the real PartWriter / assemble path, in the
 writer's layout (documents sorted by length, one row group per part of ``rows_per_part`` documents) and
-with the metadata keys the capture jobs set. One test reads files written by the real capture jobs (tiny
-teacher) to check that top-k, embed and hidden files of a shard line up row group by row group.
+with the metadata keys the capture jobs set. Tests on files written by the real capture jobs (tiny teacher)
+check that top-k, embed and hidden files of a shard line up row group by row group, and that the metadata
+keys the loader knows are the keys really written (and the synthetic files carry).
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ import pytest
 import torch
 
 from kdflow.cache_format import (
+    COMMON_META_KEYS,
+    KIND_META_KEYS,
     CacheMismatch,
-    CacheReader,
     PartWriter,
     assemble,
     embed_schema,
     fixed,
     hidden_schema,
     ragged,
+    read_meta,
     topk_schema,
 )
-from kdflow.cache_loader import CacheStream, ShardCaches, collate, reservoir_order
+from kdflow.cache_loader import SAME_SHARD_KEYS, SAME_TEACHER_KEYS, CacheStream, ShardCaches, collate, reservoir_order
 
 from tiny_models import tiny_teacher_dir  # noqa: F401 (fixture)
 
@@ -65,7 +68,7 @@ def make_docs(rng: np.random.Generator, n_docs: int, ratio: float = 1.0, k: int 
 
 
 def base_meta(shard: str, **over) -> dict:
-    """The keys CacheJob.base_meta / with_resume_key set."""
+    """The keys CacheJob.base_meta / with_resume_key set (test_the_loaders_key_sets_are_the_keys_written)."""
     meta = {"format_version": 1, "kdflow_version": "0.1.0", "git_commit": "abc", "teacher": "teacher",
             "teacher_source_hash": "src0", "teacher_revision": None, "teacher_layers": 4,
             "tokenizer_fingerprint": "fp0", "vocab_size": 1000, "max_length": 16, "dtype": "float32",
@@ -438,13 +441,6 @@ def test_dataloader_with_workers_is_refused(caches):
         getattr(it, "_shutdown_workers", lambda: None)()
 
 
-def test_reader_meta_matches_what_the_stream_checks(caches):
-    """The synthetic files carry the keys the capture jobs write and the stream compares."""
-    shards, _, _ = caches
-    meta = CacheReader.open(shards[0].hidden, "hidden").meta
-    assert {"shard", "shard_sha256", "teacher_source_hash", "tokenizer_fingerprint", "max_length", "layers"} <= set(meta)
-
-
 # --------------------------------------------------------------------------- the real capture jobs
 
 @pytest.fixture(scope="module")
@@ -497,3 +493,17 @@ def test_real_capture_files_line_up(captured):
         assert list(d["hidden"]) == [1, 2] and all(v.shape == (len(d["hidden_positions"]), 32) for v in d["hidden"].values())
     batch = collate(items[:4], pad_id=0)
     assert batch["hidden"][1].shape[0] == 4 and batch["input_ids"].shape[1] == max(len(d["input_ids"]) for d in items[:4])
+
+
+def test_the_loaders_key_sets_are_the_keys_written(captured, caches):
+    """Each kind's metadata as a real capture job wrote it has exactly the keys CacheStream(expected=…) knows
+    for that kind (so any key a file carries can be asked for), and so do this module's synthetic files."""
+    files, _ = captured
+    shards, _, _ = caches
+    for kind in ("topk", "embed", "hidden"):
+        written = read_meta(getattr(files, kind))
+        assert written["cache"] == kind
+        assert set(written) - {"cache"} == KIND_META_KEYS[kind], kind
+        assert set(read_meta(getattr(shards[0], kind))) == set(written), kind
+    # what the stream compares between the files of one shard is in every kind's files
+    assert set(SAME_SHARD_KEYS + SAME_TEACHER_KEYS) <= COMMON_META_KEYS

@@ -233,6 +233,26 @@ def test_padding_in_a_batch_changes_nothing(tmp_path, shard, teacher_manifest, t
                                    batched_embed[i]["embedding"].astype(np.float32), atol=2e-3, rtol=1e-3)
 
 
+def test_jobs_run_on_a_given_setup_and_topk_pass_runs_nothing(tmp_path, shard, teacher_manifest, topk_run,
+                                                                 monkeypatch):
+    """A caller that has loaded the teacher and tokenised the shard (bench/capture.py) passes them in: the
+    files are the same as from a job that loads them itself, and nothing is loaded again."""
+    clean_job, _, _, _ = topk_run
+    job = topk_job(tmp_path, shard, teacher_manifest)
+    setup = teacher_pass.setup_cache_job(job)
+    assert setup.pad_id == setup.tokenizer.pad_token_id and setup.model.config.num_hidden_layers == 4
+    plan = teacher_pass.topk_pass(job, setup)
+    assert set(plan.metas) == set(plan.schemas) == {"topk", "embed"} and not tmp_path.joinpath(".partial").exists()
+    monkeypatch.setattr(teacher_pass, "load_model", lambda *a, **k: pytest.fail("loaded the teacher again"))
+    capture_topk(job, setup)
+    for name in ("topk", "embed"):
+        assert tables_equal(job.outputs[name], clean_job.outputs[name]), name
+    columns = plan.make_part(np.arange(3))  # shard rows 0..2, one part's columns for both files
+    assert columns["topk"]["doc_index"].tolist() == [0, 1, 2] and len(columns["embed"]["doc_id"]) == 3
+    hidden = capture_hidden(hidden_job(tmp_path, shard, teacher_manifest), setup)
+    assert hidden["documents"] == len(TEXTS)
+
+
 def test_summary_counts_and_bytes(topk_run):
     job, summary, topk, _ = topk_run
     for key in ("documents", "tokens", "seconds", "tokens_per_s", "bytes_written", "truncated_documents"):

@@ -22,6 +22,20 @@ import pyarrow.parquet as pq
 
 FORMAT_VERSION = 1
 META_PREFIX = "kdflow."
+LOGPROB_FLOOR = -1.0e4  # log-probabilities below this (incl. -inf) are stored as this: the cache's "zero mass"
+
+# The metadata keys each cache kind carries besides ``cache`` (the kind itself), docs/cache_format.md
+# "Key/value metadata": kdflow.teacher_pass writes exactly these, kdflow.cache_loader checks against them.
+COMMON_META_KEYS = frozenset({
+    "format_version", "kdflow_version", "git_commit", "teacher", "teacher_source_hash", "teacher_revision",
+    "teacher_layers", "tokenizer_fingerprint", "vocab_size", "max_length", "dtype", "value_dtype", "shard",
+    "shard_sha256", "settings_hash", "resume_key",
+})
+KIND_META_KEYS = {
+    "topk": COMMON_META_KEYS | {"k"},
+    "embed": COMMON_META_KEYS | {"hidden_size"},
+    "hidden": COMMON_META_KEYS | {"layers", "hidden_size", "token_ratio", "token_seed"},
+}
 
 
 class CacheMismatch(ValueError):
@@ -100,6 +114,16 @@ def list_values(column: pa.ChunkedArray | pa.Array, width: int | None = None) ->
 
 
 # --------------------------------------------------------------------------- metadata
+
+def cache_meta(base: dict[str, Any], kind: str, **extra: Any) -> dict[str, Any]:
+    """The metadata of a ``kind`` file: ``base`` (the common keys), the kind, and the kind's own keys.
+    Refuses any key set other than ``KIND_META_KEYS[kind]``: what is written is what the loader checks."""
+    meta = {**base, "cache": kind, **extra}
+    if set(meta) - {"cache"} != KIND_META_KEYS[kind]:
+        raise ValueError(f"{kind} cache metadata {sorted(meta)} is not cache_format.KIND_META_KEYS[{kind!r}] "
+                         f"{sorted(KIND_META_KEYS[kind])}; change both (and docs/cache_format.md) together")
+    return meta
+
 
 def encode_meta(meta: dict[str, Any]) -> dict[bytes, bytes]:
     return {f"{META_PREFIX}{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in meta.items()}

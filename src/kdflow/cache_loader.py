@@ -2,7 +2,8 @@
 
 :class:`CacheStream` reads the cache files of several shards (:class:`ShardCaches`: one top-k file and,
 optionally, the embed file of the same pass and the hidden-state file of the hidden pass) and yields one
-dict per document with NumPy arrays; :func:`collate` pads a list of them into a batch of tensors.
+dict per document with NumPy arrays; :func:`collate` (kdflow.cache_batch, importable from here too) pads
+a list of them into a batch of tensors.
 
 What it relies on, and checks (``CacheMismatch`` naming both files otherwise):
 
@@ -59,21 +60,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from kdflow.cache_format import CacheError, CacheMismatch, CacheReader, list_values
+from kdflow.cache_batch import collate  # noqa: F401  (re-exported: batches of this stream's items)
+from kdflow.cache_format import KIND_META_KEYS, CacheError, CacheMismatch, CacheReader, list_values
 
-# The metadata keys each cache kind carries (docs/cache_format.md, "Key/value metadata"). A key of
-# ``expected`` is checked against every file whose kind carries it and ignored for the others; a key no
-# kind carries (a typo, or ``cache``, which the kind decides) is refused.
-COMMON_KEYS = frozenset({
-    "format_version", "kdflow_version", "git_commit", "teacher", "teacher_source_hash", "teacher_revision",
-    "teacher_layers", "tokenizer_fingerprint", "vocab_size", "max_length", "dtype", "value_dtype", "shard",
-    "shard_sha256", "settings_hash", "resume_key",
-})
-KIND_KEYS = {
-    "topk": COMMON_KEYS | {"k"},
-    "embed": COMMON_KEYS | {"hidden_size"},
-    "hidden": COMMON_KEYS | {"layers", "hidden_size", "token_ratio", "token_seed"},
-}
 # Must be equal in the files of one shard: same shard file, same teacher and tokenisation.
 SAME_SHARD_KEYS = ("shard", "shard_sha256")
 SAME_TEACHER_KEYS = ("teacher_source_hash", "tokenizer_fingerprint", "max_length")
@@ -106,13 +95,15 @@ class _Shard:
 
 
 def split_expected(expected: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """``expected`` split per kind: each kind gets the keys its files carry (see ``KIND_KEYS``)."""
+    """``expected`` split per kind: each kind gets the keys its files carry (``KIND_META_KEYS``); a key of
+    ``expected`` is checked against every file whose kind carries it and ignored for the others; a key no
+    kind carries (a typo, or ``cache``, which the kind decides) is refused."""
     expected = dict(expected or {})
-    unknown = sorted(set(expected) - set().union(*KIND_KEYS.values()))
+    unknown = sorted(set(expected) - set().union(*KIND_META_KEYS.values()))
     if unknown:
         raise ValueError(f"CacheStream(expected=…): {unknown} is not a metadata key of any cache; known keys: "
-                         f"{sorted(set().union(*KIND_KEYS.values()))} (the kind, `cache`, is implied by the file)")
-    return {kind: {k: v for k, v in expected.items() if k in keys} for kind, keys in KIND_KEYS.items()}
+                         f"{sorted(set().union(*KIND_META_KEYS.values()))} (the kind, `cache`, is implied by the file)")
+    return {kind: {k: v for k, v in expected.items() if k in keys} for kind, keys in KIND_META_KEYS.items()}
 
 
 def _row_group_sizes(path: Path) -> list[int]:
@@ -395,65 +386,3 @@ def _check_rows(path_a: Path, path_b: Path, group: int, a: np.ndarray, b: np.nda
             f"{path_b}: row group {group}, row {bad} has {column}={vb}, but {path_a} has {column}={va} there; the "
             f"caches of a shard must hold the same documents in the same order (same rows_per_part and shard); "
             f"rebuild the one that is stale")
-
-
-# --------------------------------------------------------------------------- batches
-
-def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
-    """Right-pad a list of :class:`CacheStream` items to the longest document (B examples, L its length).
-
-    Returns ``input_ids`` long [B, L] (padded with ``pad_id``), ``mask`` long [B, L] (1 where the position
-    is a real token: row j of the top-k tensors is the teacher's prediction for token j + 1; which
-    positions have targets is for the loss to decide), ``topk_ids`` long [B, L, k] (pad 0),
-    ``topk_logprobs`` float32 [B, L, k] (pad 0), ``rest_logprob`` float32 [B, L] (pad 0), ``doc_index``
-    long [B], ``shard`` list[str]; with embed caches ``embedding`` float32 [B, D]; with hidden caches
-    ``hidden_positions`` long [B, P] (P the most stored positions, padded with -1) and ``hidden``
-    {layer: float32 [B, P, D]} (pad 0); with ``with_text`` streams ``text`` list[str] (the part of each
-    document the teacher's tokens cover).
-    """
-    if not examples:
-        raise ValueError("collate: no examples")
-    keys = set(examples[0])
-    for ex in examples[1:]:
-        if set(ex) != keys:
-            raise ValueError(f"collate: examples with different fields {sorted(keys)} and {sorted(ex)}")
-    bsz = len(examples)
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    width = max(lengths)
-    k = examples[0]["topk_ids"].shape[1]
-    input_ids = np.full((bsz, width), pad_id, dtype=np.int64)
-    mask = np.zeros((bsz, width), dtype=np.int64)
-    topk_ids = np.zeros((bsz, width, k), dtype=np.int64)
-    topk_lp = np.zeros((bsz, width, k), dtype=np.float32)
-    rest = np.zeros((bsz, width), dtype=np.float32)
-    for i, (ex, n) in enumerate(zip(examples, lengths)):
-        input_ids[i, :n] = ex["input_ids"]
-        mask[i, :n] = 1
-        topk_ids[i, :n] = ex["topk_ids"]
-        topk_lp[i, :n] = ex["topk_logprobs"]
-        rest[i, :n] = ex["rest_logprob"]
-    out: dict[str, Any] = {
-        "input_ids": torch.from_numpy(input_ids), "mask": torch.from_numpy(mask),
-        "topk_ids": torch.from_numpy(topk_ids), "topk_logprobs": torch.from_numpy(topk_lp),
-        "rest_logprob": torch.from_numpy(rest),
-        "doc_index": torch.tensor([int(ex["doc_index"]) for ex in examples], dtype=torch.long),
-        "shard": [ex["shard"] for ex in examples],
-    }
-    if "embedding" in keys:
-        out["embedding"] = torch.from_numpy(np.stack([ex["embedding"] for ex in examples]).astype(np.float32))
-    if "hidden" in keys:
-        plens = [len(ex["hidden_positions"]) for ex in examples]
-        most = max(plens)
-        positions = np.full((bsz, most), -1, dtype=np.int64)
-        hidden = {}
-        for layer, first in examples[0]["hidden"].items():
-            hidden[layer] = np.zeros((bsz, most, first.shape[1]), dtype=np.float32)
-        for i, (ex, p) in enumerate(zip(examples, plens)):
-            positions[i, :p] = ex["hidden_positions"]
-            for layer, values in ex["hidden"].items():
-                hidden[layer][i, :p] = values
-        out["hidden_positions"] = torch.from_numpy(positions)
-        out["hidden"] = {layer: torch.from_numpy(v) for layer, v in hidden.items()}
-    if "text" in keys:
-        out["text"] = [ex["text"] for ex in examples]
-    return out

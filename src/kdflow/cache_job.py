@@ -1,0 +1,156 @@
+"""The resumable shard job under both teacher passes (kdflow.teacher_pass): the shard tokenised as the
+teacher sees it, and its processing in parts.
+
+Documents are tokenised once, sorted by length and batched, so little compute goes to padding. Every
+``rows_per_part`` documents (in that sorted order) are written as a finished part file under
+``results/cache/.partial/…``, outside the rule's declared output: a job killed or preempted midway
+resumes from its finished parts; the declared output is assembled from them at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from kdflow import __version__
+from kdflow.cache_format import FORMAT_VERSION, PartWriter, assemble
+from kdflow.config import config_hash
+from kdflow.models import tokenizer_fingerprint
+from kdflow.provenance import file_sha256, git_commit
+
+
+@dataclass
+class Tokenised:
+    """A shard's documents as the teacher sees them, in shard order."""
+
+    doc_ids: list[str]
+    ids: list[np.ndarray]        # int32 token ids, truncated to max_length
+    texts: list[str]             # the part of each document those tokens cover
+    truncated: np.ndarray        # bool per document
+
+
+def tokenise_shard(shard: str | Path, tokenizer, max_length: int) -> Tokenised:
+    table = pq.read_table(shard, columns=["doc_id", "text"])
+    doc_ids, texts = table.column("doc_id").to_pylist(), table.column("text").to_pylist()
+    enc = tokenizer(texts, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+    ids, covered, truncated = [], [], []
+    for text, row, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        cut = row[:max_length]
+        ids.append(np.asarray(cut, dtype=np.int32))
+        truncated.append(len(row) > max_length)
+        covered.append(text[: offsets[len(cut) - 1][1]] if len(row) > max_length and cut else text)
+    return Tokenised(doc_ids, ids, covered, np.asarray(truncated, dtype=bool))
+
+
+def length_order(tok: Tokenised) -> np.ndarray:
+    """Document indices sorted by length (stable), the processing order of every pass."""
+    return np.argsort(np.asarray([len(x) for x in tok.ids]), kind="stable")
+
+
+def pad_batch(tok: Tokenised, index: np.ndarray, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(tok.ids[i]) for i in index)
+    ids = np.full((len(index), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(index), width), dtype=np.int64)
+    for row, i in enumerate(index):
+        ids[row, : len(tok.ids[i])] = tok.ids[i]
+        mask[row, : len(tok.ids[i])] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+@dataclass
+class CacheJob:
+    """What one cache job needs to know; ``meta`` goes into every file it writes."""
+
+    kind: str                     # "topk" (+ embed) or "hidden"
+    shard: Path
+    outputs: dict[str, Path]      # {"topk": …, "embed": …} or {"hidden": …}
+    partial_dir: Path
+    teacher_manifest: Path
+    settings: dict[str, Any]      # config["teacher_cache"]
+
+    def base_meta(self, teacher_info: dict, tokenizer, n_layers: int, keys: Sequence[str]) -> dict[str, Any]:
+        """Provenance for every file of this job; ``keys`` are the settings that change its content."""
+        s = self.settings
+        return {
+            "format_version": FORMAT_VERSION, "kdflow_version": __version__, "git_commit": git_commit(),
+            "teacher": teacher_info["name"], "teacher_source_hash": teacher_info.get("source_hash"),
+            "teacher_revision": teacher_info.get("revision"), "teacher_layers": n_layers,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
+            "max_length": s["max_length"], "dtype": s["dtype"], "value_dtype": "float16",
+            "shard": self.shard.stem, "shard_sha256": file_sha256(self.shard),
+            "settings_hash": config_hash({k: s[k] for k in ("max_length", "dtype", "rows_per_part", *keys)}),
+        }
+
+    def with_resume_key(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """``meta`` plus the key a finished part must match to be reused: the settings, the teacher's
+        weights and tokenizer, and the shard's bytes."""
+        keys = ("settings_hash", "teacher_source_hash", "teacher_revision", "tokenizer_fingerprint", "shard_sha256")
+        return {**meta, "resume_key": config_hash({k: meta[k] for k in keys})}
+
+
+def _part_paths(job: CacheJob, names: Sequence[str], part: int) -> dict[str, Path]:
+    return {n: job.partial_dir / f"{n}_part{part:05d}.parquet" for n in names}
+
+
+def _finished(paths: dict[str, Path], meta: dict[str, Any]) -> bool:
+    """A part counts as done when all its files exist and carry this job's resume key (same settings,
+    teacher weights, tokenizer and shard bytes)."""
+    try:
+        for p in paths.values():
+            raw = pq.read_schema(p).metadata or {}
+            if json.loads(raw[b"kdflow.resume_key"]) != meta["resume_key"]:
+                return False
+    except (OSError, KeyError, ValueError):
+        return False
+    return True
+
+
+def run_cache_job(job: CacheJob, metas: dict[str, dict], schemas: dict[str, Any], tok: Tokenised,
+                  make_part: Callable[[np.ndarray], dict[str, dict]], progress_desc: str) -> dict[str, Any]:
+    """Process ``tok`` in length order, part by part, skipping finished parts; then assemble outputs."""
+    s = job.settings
+    order = length_order(tok)
+    rows = s["rows_per_part"]
+    n_parts = max(1, -(-len(order) // rows))
+    writers = {name: PartWriter(schemas[name]) for name in job.outputs}
+    job.partial_dir.mkdir(parents=True, exist_ok=True)
+    t0, tokens_done, resumed = time.perf_counter(), 0, 0
+    total_tokens = int(sum(len(x) for x in tok.ids))
+    bar = tqdm(total=total_tokens, desc=progress_desc, unit="tok", unit_scale=True, mininterval=1)
+    all_parts: dict[str, list[Path]] = {name: [] for name in job.outputs}
+    for part in range(n_parts):
+        index = order[part * rows:(part + 1) * rows]
+        paths = _part_paths(job, list(job.outputs), part)
+        for name in job.outputs:
+            all_parts[name].append(paths[name])
+        part_tokens = int(sum(len(tok.ids[i]) for i in index))
+        if _finished(paths, metas[next(iter(job.outputs))]):
+            resumed += 1
+            bar.update(part_tokens)
+            continue
+        columns = make_part(index)
+        for name, cols in columns.items():
+            writers[name].write(paths[name], cols, metas[name])
+        tokens_done += part_tokens
+        bar.update(part_tokens)
+        bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    sizes = {name: assemble(all_parts[name], job.outputs[name], metas[name]) for name in job.outputs}
+    shutil.rmtree(job.partial_dir, ignore_errors=True)
+    summary = {"cache": job.kind, "shard": job.shard.stem, "documents": len(order), "tokens": total_tokens,
+               "tokens_computed": tokens_done, "parts": n_parts, "parts_resumed": resumed,
+               "truncated_documents": int(tok.truncated.sum()), "seconds": round(seconds, 3),
+               "tokens_per_s": round(tokens_done / seconds, 1) if tokens_done else None,
+               "bytes_written": sum(sizes.values()), "bytes": dict(sizes)}
+    return summary

@@ -1,0 +1,133 @@
+"""The eval rule itself: :func:`evaluate_model` evaluates one target (a run, the teacher or a student's init)
+and writes its ``heldout.json``, ``lm_eval.json`` and ``lm_eval_raw.json`` records."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kdflow.atomic import write_json
+from kdflow.evaluate.harness import HELDOUT_TASK, lm_eval_metrics, lm_eval_version, run_lm_eval, write_heldout_task_data
+from kdflow.evaluate.heldout import HELDOUT_METRICS, heldout_metrics
+from kdflow.evaluate.loading import EvalError, load_eval_model, model_identity, release_memory
+from kdflow.models import read_manifest
+from kdflow.provenance import provenance
+
+log = logging.getLogger("kdflow.evaluate")
+
+KINDS = ("run", "teacher", "student_init")
+DEFAULT_SETTINGS: dict[str, Any] = {  # config["eval"] (config/schema.yaml) with its defaults
+    "device": "cpu", "dtype": "float32",
+    "heldout": {"max_docs": None, "batch_size": 8},
+    "lm_eval": {"tasks": [HELDOUT_TASK], "include_path": "resources/lm_eval_tasks", "limit": None,
+                "num_fewshot": None, "batch_size": 8},
+}
+
+
+def _sanitised(obj: Any) -> Any:
+    """``obj`` as plain JSON values (dtypes, paths and other objects as strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+
+def _settings(settings: dict | None) -> dict:
+    out = copy.deepcopy(DEFAULT_SETTINGS)
+    for key, value in (settings or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _record(target: dict, evaluation: str, metrics: list[dict], details: dict, prov: dict) -> dict:
+    return {"model": target["model"], "kind": target["kind"], "student": target.get("student"),
+            "mode": target.get("mode"), "seed": target.get("seed"), "tag": target.get("tag"),
+            "evaluation": evaluation, "metrics": metrics, "details": details, "provenance": prov}
+
+
+def evaluate_model(target: dict, settings: dict | None, heldout_shard: str | Path, heldout_topk: str | Path,
+                   out_heldout: str | Path, out_lm_eval: str | Path, out_raw: str | Path | None = None,
+                   work_dir: str | Path | None = None) -> dict[str, dict]:
+    """Evaluate one model and write ``heldout.json``, ``lm_eval.json`` and ``lm_eval_raw.json`` (default:
+    beside ``lm_eval.json``). Returns ``{"heldout": record, "lm_eval": record}``.
+
+    ``target``: ``{"model": id, "kind": "run" | "teacher" | "student_init", "student", "mode", "seed",
+    "tag", "manifest": kdflow_model.json, "adapter": run directory | None}`` (the eval rule's
+    ``eval_target``). ``settings``: config ``eval`` (``device``, ``dtype``, ``heldout.{max_docs,
+    batch_size}``, ``lm_eval.{tasks, include_path, limit, num_fewshot, batch_size}``); missing keys take the
+    schema defaults. A relative ``include_path`` is resolved against the current directory (the workflow
+    directory in a job). ``heldout_shard``: ``results/shards/heldout.parquet``; ``heldout_topk``: its
+    teacher top-k cache.
+    """
+    if target.get("kind") not in KINDS:
+        raise EvalError(f"evaluate_model: kind must be one of {KINDS}, got {target.get('kind')!r}")
+    s = _settings(settings)
+    adapter = target.get("adapter")
+    if (target["kind"] == "run") != (adapter is not None):
+        raise EvalError(f"{target['model']}: a run is evaluated with its adapter directory and a baseline without "
+                        f"one (kind {target['kind']!r}, adapter {adapter!r})")
+    info = read_manifest(target["manifest"])
+    identity = model_identity(info, adapter)
+    identity["manifest"] = str(target["manifest"])
+
+    # ---- held-out set, through the teacher's cache
+    started = time.time()
+    model, tokenizer, _ = load_eval_model(info, adapter, s["device"], s["dtype"])
+    held = heldout_metrics(model, tokenizer, info, heldout_topk, s["heldout"]["max_docs"],
+                           s["heldout"]["batch_size"], heldout_shard=heldout_shard)
+    del model, tokenizer
+    release_memory()
+    metrics = [{"task": "heldout", "metric": name, "value": held[name], "stderr": None, "higher_is_better": hib}
+               for name, hib in HELDOUT_METRICS.items()]
+    details = {**{k: v for k, v in held.items() if k not in HELDOUT_METRICS}, "device": s["device"],
+               "dtype": s["dtype"], "batch_size": s["heldout"]["batch_size"], "seconds": time.time() - started}
+    records = {"heldout": _record(target, "heldout", metrics, details, {**provenance(), "model": identity})}
+    write_json(out_heldout, records["heldout"])
+    log.info("%s: held-out ppl %.3f, top-1 agreement %s, KL %s (%d docs, %d tokens)", target["model"], held["ppl"],
+             held["top1_agreement"], held["kl_teacher_student"], held["docs"], held["tokens"])
+
+    # ---- lm-evaluation-harness
+    le = s["lm_eval"]
+    out_raw = Path(out_raw) if out_raw is not None else Path(out_lm_eval).with_name("lm_eval_raw.json")
+    include = le.get("include_path")
+    include = None if include is None else str(Path(include).resolve())
+    lm_details: dict[str, Any] = {"lm_eval_version": lm_eval_version(), "tasks": list(le["tasks"]),
+                                  "include_path": include, "limit": le["limit"], "num_fewshot": le["num_fewshot"],
+                                  "batch_size": le["batch_size"], "device": s["device"], "dtype": s["dtype"],
+                                  "raw_file": str(out_raw)}
+    started = time.time()
+    if not le["tasks"]:
+        raw: dict[str, Any] = {"skipped": "eval.lm_eval.tasks is empty"}
+        lm_metrics: list[dict] = []
+        lm_details["skipped"] = raw["skipped"]
+    else:
+        with tempfile.TemporaryDirectory(prefix="kdflow_eval_", dir=work_dir) as tmp:
+            data = None
+            if HELDOUT_TASK in le["tasks"]:
+                data = Path(tmp) / f"{HELDOUT_TASK}.jsonl"
+                lm_details["heldout_task_docs"] = write_heldout_task_data(heldout_shard, data,
+                                                                          s["heldout"]["max_docs"])
+            raw = _sanitised(run_lm_eval(info["load_path"], adapter, le["tasks"], include, le["batch_size"],
+                                         le["limit"], s["device"], le["num_fewshot"], dtype=s["dtype"],
+                                         revision=info.get("revision"), heldout_data=data, work_dir=tmp))
+        lm_metrics = lm_eval_metrics(raw)
+        lm_details["n_samples"] = raw.get("n-samples")
+        lm_details["versions"] = raw.get("versions")
+        lm_details["n_shot"] = raw.get("n-shot")
+        lm_details["config"] = raw.get("config")
+    lm_details["seconds"] = time.time() - started
+    write_json(out_raw, raw)
+    prov = {**provenance(), "model": identity}
+    prov["versions"] = {**prov["versions"], "lm_eval": lm_eval_version()}
+    records["lm_eval"] = _record(target, "lm_eval", lm_metrics, lm_details, prov)
+    write_json(out_lm_eval, records["lm_eval"])
+    for m in lm_metrics:
+        log.info("%s: lm-eval %s %s = %s (stderr %s)", target["model"], m["task"], m["metric"], m["value"],
+                 m["stderr"])
+    return records
