@@ -1,6 +1,6 @@
 """Which contiguous block of teacher layers to drop for a depth-pruned student.
 
-For every block of ``--drop`` consecutive layers, builds the pruned model (kdflow.models.prune_layers)
+For every block of ``--drop`` consecutive layers, builds the pruned model (kdflow.prepare.prune_layers)
 and measures its held-out perplexity on the workflow's own held-out shard. Prints a table, then one JSON
 object as the last line: {"teacher_ppl", "drop", "results": [{"drop_start", "keep_layers", "ppl"}...],
 "best": {...}}. Needs `snakemake --cores all` to have prepared the teacher and the held-out shard.
@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from kdflow.models import load_model, load_tokenizer, prune_layers
+from kdflow.models import load_model, load_tokenizer
+from kdflow.prepare import prune_layers
 from kdflow.perplexity import perplexity
 from kdflow.shards import read_texts
 

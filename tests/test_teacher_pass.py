@@ -14,7 +14,8 @@ import torch
 
 from kdflow import cache_format, teacher_pass
 from kdflow.cache_format import CacheReader, PartWriter
-from kdflow.models import load_model, load_tokenizer, prepare_teacher, read_manifest
+from kdflow.models import load_model, load_tokenizer, read_manifest
+from kdflow.prepare import prepare_teacher
 from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
 
 from tiny_models import one_thread, tiny_teacher_dir, write_shard  # noqa: F401 (fixtures)

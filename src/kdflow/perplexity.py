@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from kdflow.models import pad_id_of
+
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 8,
@@ -23,7 +25,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 256, ba
     encoded = [tokenizer(t, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
                for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):

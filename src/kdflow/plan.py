@@ -2,21 +2,21 @@
 
 ``rules/common.smk`` builds one :class:`StudyPlan` after validating the config and its input functions only
 look things up in it (``PLAN.train_inputs(wildcards.run)``); the training job decides which caches it reads
-with the same :func:`caches_read`. Paths are relative to the workflow's working directory, as Snakemake's are.
+with the same :func:`kdflow.runs.caches_read`. Paths are relative to the workflow's working directory, as Snakemake's are.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
 from kdflow.config import load_schema, validate_config
 from kdflow.corpus import shard_name
-from kdflow.runs import expand_runs
+from kdflow.runs import caches_read, expand_runs
 
 CACHE_ROOT = "results/cache"
 SHARDS_DIR = "results/shards"
@@ -43,30 +43,31 @@ def study_plan(config: dict[str, Any], repo: str | Path) -> StudyPlan:
     return StudyPlan(config, Path(repo))
 
 
-def caches_read(terms: Mapping[str, float], own_vocab: bool) -> dict[str, bool]:
-    """Which caches a run reads besides the top-k one (which also carries the tokens): the pooled embeddings
-    for relation KD, or for a student with its own vocabulary (it re-tokenises the text stored beside them);
-    the hidden states for feature KD."""
-    return {"embed": "relb" in terms or own_vocab, "hidden": "fb" in terms}
-
-
 def model_manifest(name: str) -> str:
     return f"resources/models/{name}/kdflow_model.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalTarget:
-    """One evaluated model: a training run, the teacher, or a student's untrained init (``<student>.init``)."""
+    """One evaluated model: a training run, the teacher, or a student's untrained init (``<student>.init``).
+    The eval job's ``target`` parameter (:meth:`to_dict`), read back by kdflow.evaluate (:meth:`from_dict`)."""
 
     kind: str                 # one of KINDS
-    student: str | None
-    mode: str | None
-    seed: int | None
-    tag: str | None
-    manifest: str
-    adapter: str | None       # results/train/<run> for a run
-    gpus: int
+    student: str | None = None
+    mode: str | None = None
+    seed: int | None = None
+    tag: str | None = None
+    manifest: str             # the model's kdflow_model.json
+    adapter: str | None = None  # results/train/<run> for a run
+    gpus: int = 0
     model: str                # its id: the run name, the teacher's name or <student>.init
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> EvalTarget:
+        unknown = sorted(set(record) - {f.name for f in fields(cls)})
+        if unknown:
+            raise PlanError(f"eval target {record.get('model')!r}: unknown keys {unknown}")
+        return cls(**record)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -131,3 +131,10 @@ def _check_run(where: str, student: str, student_cfg: dict, mode: str, terms: di
     if settings["steps"] is None and settings["epochs"] is None:
         problems.append(f"{where}: set steps or epochs (both are null)")
     return problems
+
+
+def caches_read(terms: dict[str, float], own_vocab: bool) -> dict[str, bool]:
+    """Which caches a run reads besides the top-k one (which also carries the tokens): the pooled embeddings
+    for relation KD, or for a student with its own vocabulary (it re-tokenises the text stored beside them);
+    the hidden states for feature KD."""
+    return {"embed": "relb" in terms or own_vocab, "hidden": "fb" in terms}

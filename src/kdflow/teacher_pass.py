@@ -14,9 +14,11 @@ killed job reuses; the declared output is assembled from them at the end, atomic
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -248,3 +250,17 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
     summary["passes_per_token"] = max(layers) / n
     return summary
 
+
+
+def run_cache_rule(kind: str, shard: str | Path, outputs: dict[str, str | Path], partial_dir: str | Path,
+                   teacher_manifest: str | Path, settings: dict[str, Any], telemetry: Any = None) -> dict[str, Any]:
+    """One topk_cache (``kind="topk"``) or hidden_cache (``"hidden"``) job: capture the shard, count this
+    attempt's tokens into the job's telemetry (parts resumed from a killed attempt cost nothing now), log the
+    summary and return it."""
+    job = CacheJob(kind=kind, shard=Path(shard), outputs={k: Path(v) for k, v in outputs.items()},
+                   partial_dir=Path(partial_dir), teacher_manifest=Path(teacher_manifest), settings=dict(settings))
+    summary = capture_topk(job) if kind == "topk" else capture_hidden(job)
+    if telemetry is not None:
+        telemetry.tokens = summary["tokens_computed"]
+    log.info("summary %s", json.dumps(summary, sort_keys=True))
+    return summary

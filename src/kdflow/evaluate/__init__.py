@@ -49,10 +49,11 @@ from kdflow.evaluate.harness import (
 )
 from kdflow.evaluate.heldout import HELDOUT_METRICS, ROW_CHUNK, heldout_docs, heldout_metrics
 from kdflow.evaluate.loading import EvalError, load_eval_model, model_identity
-from kdflow.evaluate.record import DEFAULT_SETTINGS, KINDS, evaluate_model
+from kdflow.evaluate.record import evaluate_model
+from kdflow.plan import KINDS
 
 __all__ = [
-    "DEFAULT_SETTINGS", "HELDOUT_METRICS", "HELDOUT_TASK", "KINDS", "ROW_CHUNK", "TASK_TEMPLATE", "EvalError",
+    "HELDOUT_METRICS", "HELDOUT_TASK", "KINDS", "ROW_CHUNK", "TASK_TEMPLATE", "EvalError",
     "evaluate_model", "heldout_docs", "heldout_metrics", "lm_eval_metrics", "lm_eval_version", "load_eval_model",
     "model_identity", "resolve_include_dir", "run_lm_eval", "write_heldout_task_data",
 ]

@@ -3,7 +3,6 @@ and writes its ``heldout.json``, ``lm_eval.json`` and ``lm_eval_raw.json`` recor
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import tempfile
@@ -16,17 +15,12 @@ from kdflow.evaluate.harness import HELDOUT_TASK, lm_eval_metrics, lm_eval_versi
 from kdflow.evaluate.heldout import HELDOUT_METRICS, heldout_metrics
 from kdflow.evaluate.loading import EvalError, load_eval_model, model_identity, release_memory
 from kdflow.models import read_manifest
+from kdflow.plan import EvalTarget, PlanError
 from kdflow.provenance import provenance
+from kdflow.schema import deep_merge, section_defaults
 
 log = logging.getLogger("kdflow.evaluate")
 
-KINDS = ("run", "teacher", "student_init")
-DEFAULT_SETTINGS: dict[str, Any] = {  # config["eval"] (config/schema.yaml) with its defaults
-    "device": "cpu", "dtype": "float32",
-    "heldout": {"max_docs": None, "batch_size": 8},
-    "lm_eval": {"tasks": [HELDOUT_TASK], "include_path": "resources/lm_eval_tasks", "limit": None,
-                "num_fewshot": None, "batch_size": 8},
-}
 
 
 def _sanitised(obj: Any) -> Any:
@@ -36,22 +30,17 @@ def _sanitised(obj: Any) -> Any:
 
 
 def _settings(settings: dict | None) -> dict:
-    out = copy.deepcopy(DEFAULT_SETTINGS)
-    for key, value in (settings or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key].update(value)
-        else:
-            out[key] = value
-    return out
+    """config ``eval`` with the schema's defaults under whatever it leaves out."""
+    return deep_merge(section_defaults("eval"), settings or {})
 
 
-def _record(target: dict, evaluation: str, metrics: list[dict], details: dict, prov: dict) -> dict:
-    return {"model": target["model"], "kind": target["kind"], "student": target.get("student"),
-            "mode": target.get("mode"), "seed": target.get("seed"), "tag": target.get("tag"),
+def _record(target: EvalTarget, evaluation: str, metrics: list[dict], details: dict, prov: dict) -> dict:
+    return {"model": target.model, "kind": target.kind, "student": target.student,
+            "mode": target.mode, "seed": target.seed, "tag": target.tag,
             "evaluation": evaluation, "metrics": metrics, "details": details, "provenance": prov}
 
 
-def evaluate_model(target: dict, settings: dict | None, heldout_shard: str | Path, heldout_topk: str | Path,
+def evaluate_model(target: EvalTarget | dict, settings: dict | None, heldout_shard: str | Path, heldout_topk: str | Path,
                    out_heldout: str | Path, out_lm_eval: str | Path, out_raw: str | Path | None = None,
                    work_dir: str | Path | None = None) -> dict[str, dict]:
     """Evaluate one model and write ``heldout.json``, ``lm_eval.json`` and ``lm_eval_raw.json`` (default:
@@ -65,16 +54,15 @@ def evaluate_model(target: dict, settings: dict | None, heldout_shard: str | Pat
     directory in a job). ``heldout_shard``: ``results/shards/heldout.parquet``; ``heldout_topk``: its
     teacher top-k cache.
     """
-    if target.get("kind") not in KINDS:
-        raise EvalError(f"evaluate_model: kind must be one of {KINDS}, got {target.get('kind')!r}")
+    try:
+        target = target if isinstance(target, EvalTarget) else EvalTarget.from_dict(target)
+    except (PlanError, TypeError) as e:
+        raise EvalError(f"evaluate_model: {e}") from None
     s = _settings(settings)
-    adapter = target.get("adapter")
-    if (target["kind"] == "run") != (adapter is not None):
-        raise EvalError(f"{target['model']}: a run is evaluated with its adapter directory and a baseline without "
-                        f"one (kind {target['kind']!r}, adapter {adapter!r})")
-    info = read_manifest(target["manifest"])
+    adapter = target.adapter
+    info = read_manifest(target.manifest)
     identity = model_identity(info, adapter)
-    identity["manifest"] = str(target["manifest"])
+    identity["manifest"] = str(target.manifest)
 
     # ---- held-out set, through the teacher's cache
     started = time.time()
@@ -89,7 +77,7 @@ def evaluate_model(target: dict, settings: dict | None, heldout_shard: str | Pat
                "dtype": s["dtype"], "batch_size": s["heldout"]["batch_size"], "seconds": time.time() - started}
     records = {"heldout": _record(target, "heldout", metrics, details, {**provenance(), "model": identity})}
     write_json(out_heldout, records["heldout"])
-    log.info("%s: held-out ppl %.3f, top-1 agreement %s, KL %s (%d docs, %d tokens)", target["model"], held["ppl"],
+    log.info("%s: held-out ppl %.3f, top-1 agreement %s, KL %s (%d docs, %d tokens)", target.model, held["ppl"],
              held["top1_agreement"], held["kl_teacher_student"], held["docs"], held["tokens"])
 
     # ---- lm-evaluation-harness
@@ -128,6 +116,6 @@ def evaluate_model(target: dict, settings: dict | None, heldout_shard: str | Pat
     records["lm_eval"] = _record(target, "lm_eval", lm_metrics, lm_details, prov)
     write_json(out_lm_eval, records["lm_eval"])
     for m in lm_metrics:
-        log.info("%s: lm-eval %s %s = %s (stderr %s)", target["model"], m["task"], m["metric"], m["value"],
+        log.info("%s: lm-eval %s %s = %s (stderr %s)", target.model, m["task"], m["metric"], m["value"],
                  m["stderr"])
     return records

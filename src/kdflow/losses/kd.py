@@ -47,12 +47,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kdflow.cache_format import LOGPROB_FLOOR  # the cache's "zero mass"
 from kdflow.losses.ce import CELoss, ce_targets
 from kdflow.losses.gathered import gathered_logprobs
 
-# Same value as kdflow.teacher_pass.LOGPROB_FLOOR (the cache's "zero mass"); not imported from there so
-# that the losses do not pull in the teacher-pass dependencies.
-LOGPROB_FLOOR = -1.0e4
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 MissingMass = Literal["renormalize", "rest_bucket"]

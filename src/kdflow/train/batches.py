@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from kdflow.cache_loader import CacheStream, ShardCaches, collate
+from kdflow.models import pad_id_of
 from kdflow.train.distributed import Dist
 from kdflow.train.job import RunInputs, TrainingError, TrainJob
 
@@ -74,6 +75,6 @@ def training_batches(job: TrainJob, inputs: RunInputs, ctx: Dist, tokenizer) -> 
     stream = CacheStream(shards, expected=job.expected, seed=int(spec["seed"]), shuffle_buffer=spec["shuffle_buffer"],
                          rank=ctx.rank, world_size=ctx.world, asked_by=f"run {spec['name']}",
                          with_text=inputs.own_vocab)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
     return Batches(stream, spec["batch_size"], pad, tokenizer if inputs.own_vocab else None,
                    job.expected.get("max_length"))

@@ -63,6 +63,7 @@ def read_inputs(job: TrainJob) -> RunInputs:
     vocabulary is refused for rb/fb, a cache a term needs must exist for every shard."""
     from kdflow.cache_format import check_student_vocab, read_meta
     from kdflow.models import read_manifest
+    from kdflow.runs import caches_read
 
     spec = job.spec
     student_info = read_manifest(job.student_manifest)
@@ -73,7 +74,7 @@ def read_inputs(job: TrainJob) -> RunInputs:
         for s, meta in zip(job.shards, metas, strict=True):
             check_student_vocab(meta, student_info, term, s["topk"])
     own_vocab = student_info.get("tokenizer_fingerprint") != metas[0].get("tokenizer_fingerprint")
-    need = {"embed": "relb" in spec["terms"] or own_vocab, "hidden": "fb" in spec["terms"]}
+    need = caches_read(spec["terms"], own_vocab)
     for kind, wanted in need.items():
         if wanted and any(not s.get(kind) for s in job.shards):
             raise TrainingError(f"run {spec['name']}: the {kind} cache of every shard is needed for terms "
