@@ -73,6 +73,7 @@ def require(path: str | Path, what: str) -> Path:
 
 # --------------------------------------------------------------------------- counting the real jobs' work
 
+
 class LayerCounter:
     """Counts decoder-layer calls and forward passes (embedding calls) with forward hooks."""
 
@@ -94,11 +95,13 @@ class LayerCounter:
 
 
 def subset(tok: Tokenised, rows: np.ndarray) -> Tokenised:
-    return Tokenised([tok.doc_ids[i] for i in rows], [tok.ids[i] for i in rows],
-                        [tok.texts[i] for i in rows], tok.truncated[rows])
+    return Tokenised(
+        [tok.doc_ids[i] for i in rows], [tok.ids[i] for i in rows], [tok.texts[i] for i in rows], tok.truncated[rows]
+    )
 
 
 # --------------------------------------------------------------------------- the naive writer
+
 
 def naive_topk_rows(tok, index, logp: torch.Tensor, k: int) -> list[dict]:
     values, ids = torch.topk(logp, k, dim=-1)
@@ -106,9 +109,18 @@ def naive_topk_rows(tok, index, logp: torch.Tensor, k: int) -> list[dict]:
     rows = []
     for r, i in enumerate(index):
         n = len(tok.ids[i])
-        rows.append({"doc_index": int(i), "doc_id": tok.doc_ids[i], "n_tokens": n, "truncated": bool(tok.truncated[i]),
-                     "input_ids": [int(x) for x in tok.ids[i]], "topk_ids": ids[r, :n].tolist(),
-                     "topk_logprobs": values[r, :n].double().tolist(), "rest_logprob": rest[r, :n].tolist()})
+        rows.append(
+            {
+                "doc_index": int(i),
+                "doc_id": tok.doc_ids[i],
+                "n_tokens": n,
+                "truncated": bool(tok.truncated[i]),
+                "input_ids": [int(x) for x in tok.ids[i]],
+                "topk_ids": ids[r, :n].tolist(),
+                "topk_logprobs": values[r, :n].double().tolist(),
+                "rest_logprob": rest[r, :n].tolist(),
+            }
+        )
     return rows
 
 
@@ -160,12 +172,20 @@ def naive_build_all(model, tok, batches, pad_id, device, ks, layer, out: Path) -
 
 # --------------------------------------------------------------------------- main
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="4 batches, max_length 48 unless --max-length is given (~1.5-2 min on 2 cores)")
-    ap.add_argument("--batches", type=int, default=None,
-                    help="forward batches, evenly spaced over the length-sorted shard (default 4)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 batches, max_length 48 unless --max-length is given (~1.5-2 min on 2 cores)",
+    )
+    ap.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="forward batches, evenly spaced over the length-sorted shard (default 4)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (medians are reported)")
     ap.add_argument("--teacher", default=DEFAULT_TEACHER, help="the teacher's kdflow_model.json")
     ap.add_argument("--shard", default=DEFAULT_SHARD)
@@ -205,8 +225,14 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     hf_logging.disable_progress_bar()
 
     def job(kind: str, outputs: dict[str, Path], job_settings: dict, tag: str) -> CacheJob:
-        return CacheJob(kind=kind, shard=shard, outputs=outputs, teacher_manifest=teacher_manifest,
-                           partial_dir=out / "cache" / ".partial" / tag / shard.stem, settings=job_settings)
+        return CacheJob(
+            kind=kind,
+            shard=shard,
+            outputs=outputs,
+            teacher_manifest=teacher_manifest,
+            partial_dir=out / "cache" / ".partial" / tag / shard.stem,
+            settings=job_settings,
+        )
 
     # the teacher loaded and the shard tokenised once, as every cache job does it; the jobs below reuse them
     setup = tp.setup_cache_job(job("topk", {}, settings, "setup"))
@@ -216,22 +242,29 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
 
     # the batches: consecutive slices of the length order (as every pass makes them), evenly spaced
     order = length_order(tok)
-    all_batches = [order[s:s + bs] for s in range(0, len(order), bs)]
+    all_batches = [order[s : s + bs] for s in range(0, len(order), bs)]
     if len(all_batches) > 1 and len(all_batches[-1]) < bs:
         all_batches.pop()  # a last, partial batch would weigh its few documents' lengths too much
     picks = sorted(set(np.linspace(0, len(all_batches) - 1, min(n_batches, len(all_batches))).round().astype(int)))
     batches = [all_batches[i] for i in picks]
     tokens = int(sum(len(tok.ids[i]) for b in batches for i in b))
-    print(f"{shard}: {len(batches)} batches of <= {bs} documents x <= {settings['max_length']} tokens "
-          f"({tokens} tokens), {args.rounds} rounds, {torch.get_num_threads()} torch threads", flush=True)
+    print(
+        f"{shard}: {len(batches)} batches of <= {bs} documents x <= {settings['max_length']} tokens "
+        f"({tokens} tokens), {args.rounds} rounds, {torch.get_num_threads()} torch threads",
+        flush=True,
+    )
 
     for stale in (out / "cache", out / "naive", out / "timing"):  # a reused --out-dir: no resumed parts
         shutil.rmtree(stale, ignore_errors=True)
     cache_dir = out / "cache" / info["name"]
 
     # ------------------------------------------------------------------ timing: bare / capture / naive
-    plan = tp.topk_pass(job("topk", {"topk": cache_dir / "unused.parquet", "embed": cache_dir / "unused_e.parquet"},
-                            settings, "timing"), setup)  # the real make_part of capture_topk, nothing run yet
+    plan = tp.topk_pass(
+        job(
+            "topk", {"topk": cache_dir / "unused.parquet", "embed": cache_dir / "unused_e.parquet"}, settings, "timing"
+        ),
+        setup,
+    )  # the real make_part of capture_topk, nothing run yet
     make_part, metas = plan.make_part, plan.metas
     writers = {name: PartWriter(schema) for name, schema in plan.schemas.items()}
     timing_dir = out / "timing"
@@ -272,12 +305,13 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
                 for m in METHODS[shift:] + METHODS[:shift]:
                     per_batch[m][r, j] = step(m, r, j, index)
                     seconds[m][r] += per_batch[m][r, j]
-            print(f"  round {r + 1}: " + ", ".join(f"{m} {tokens / seconds[m][r]:.0f} tok/s" for m in METHODS),
-                  flush=True)
+            print(
+                f"  round {r + 1}: " + ", ".join(f"{m} {tokens / seconds[m][r]:.0f} tok/s" for m in METHODS), flush=True
+            )
     timing_s = time.perf_counter() - t_start
     shutil.rmtree(timing_dir, ignore_errors=True)
     tps = {m: [tokens / s for s in seconds[m]] for m in METHODS}
-    ratio = {m: [a / b for a, b in zip(tps[m], tps["bare"])] for m in ("capture", "naive")}
+    ratio = {m: [a / b for a, b in zip(tps[m], tps["bare"], strict=False)] for m in ("capture", "naive")}
     # noise only ever adds time: the fastest of the rounds, batch by batch, is the least disturbed figure
     best = {m: per_batch[m].min(0).sum() for m in METHODS}
 
@@ -287,8 +321,10 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     sizes: dict[str, int] = {}
     counts: dict[str, tuple[int, int]] = {}
     for kk in ks:
-        outputs = {"topk": cache_dir / f"topk_k{kk}" / f"{shard.stem}.parquet",
-                   "embed": cache_dir / f"embed_k{kk}" / f"{shard.stem}.parquet"}
+        outputs = {
+            "topk": cache_dir / f"topk_k{kk}" / f"{shard.stem}.parquet",
+            "embed": cache_dir / f"embed_k{kk}" / f"{shard.stem}.parquet",
+        }
         counter = LayerCounter(model)
         try:
             summary = tp.capture_topk(job("topk", outputs, {**settings, "k": kk}, f"topk_k{kk}"), sub_setup)
@@ -349,12 +385,28 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         "naive_passes_per_token": round(naive_counts[0] / (n_layers * len(batches)), 4),
         "layer_calls": {"topk": topk_layers, "hidden": counts["hidden"][0], "naive": naive_counts[0]},
         "forward_batches": forwards,
-        "tokens": tokens, "documents": len(sub.ids), "batches": len(batches), "rounds": args.rounds,
-        "batch_size": bs, "max_length": settings["max_length"], "k": k, "layer": layer,
-        "rows_per_part": settings["rows_per_part"], "num_layers": n_layers, "hidden_size": hidden_size,
-        "vocab_size": len(tokenizer), "torch_threads": torch.get_num_threads(), "dtype": settings["dtype"],
-        "shard": str(shard), "teacher": info["name"], "quick": bool(args.quick), "timing_s": round(timing_s, 1),
-        "file_bytes": {**{f"kdflow_{n}": v for n, v in sizes.items()}, **{f"naive_{n}": v for n, v in naive_sizes.items()}},
+        "tokens": tokens,
+        "documents": len(sub.ids),
+        "batches": len(batches),
+        "rounds": args.rounds,
+        "batch_size": bs,
+        "max_length": settings["max_length"],
+        "k": k,
+        "layer": layer,
+        "rows_per_part": settings["rows_per_part"],
+        "num_layers": n_layers,
+        "hidden_size": hidden_size,
+        "vocab_size": len(tokenizer),
+        "torch_threads": torch.get_num_threads(),
+        "dtype": settings["dtype"],
+        "shard": str(shard),
+        "teacher": info["name"],
+        "quick": bool(args.quick),
+        "timing_s": round(timing_s, 1),
+        "file_bytes": {
+            **{f"kdflow_{n}": v for n, v in sizes.items()},
+            **{f"naive_{n}": v for n, v in naive_sizes.items()},
+        },
     }
     return result
 
@@ -363,21 +415,40 @@ def print_table(r: dict[str, Any]) -> None:
     rows = [
         ("tokens/s (median of rounds)", f"{r['capture_tokens_per_s']:.0f}", f"{r['naive_capture_tokens_per_s']:.0f}"),
         ("  ratio to bare forward", f"{r['capture_ratio']:.3f}", f"{r['naive_capture_ratio']:.3f}"),
-        ("  per round", " ".join(f"{x:.3f}" for x in r["capture_ratio_rounds"]),
-         " ".join(f"{x:.3f}" for x in r["naive_capture_ratio_rounds"])),
+        (
+            "  per round",
+            " ".join(f"{x:.3f}" for x in r["capture_ratio_rounds"]),
+            " ".join(f"{x:.3f}" for x in r["naive_capture_ratio_rounds"]),
+        ),
         ("  fastest round per batch", f"{r['capture_ratio_best']:.3f}", f"{r['naive_capture_ratio_best']:.3f}"),
-        ("top-k bytes/token, k=16", f"{r['topk_bytes_per_token_k16']:.1f}", f"{r['naive_topk_bytes_per_token_k16']:.1f}"),
-        ("top-k bytes/token, k=64", f"{r['topk_bytes_per_token_k64']:.1f}", f"{r['naive_topk_bytes_per_token_k64']:.1f}"),
+        (
+            "top-k bytes/token, k=16",
+            f"{r['topk_bytes_per_token_k16']:.1f}",
+            f"{r['naive_topk_bytes_per_token_k16']:.1f}",
+        ),
+        (
+            "top-k bytes/token, k=64",
+            f"{r['topk_bytes_per_token_k64']:.1f}",
+            f"{r['naive_topk_bytes_per_token_k64']:.1f}",
+        ),
         ("embed bytes/document", f"{r['embed_bytes_per_doc']:.0f}", f"{r['naive_embed_bytes_per_doc']:.0f}"),
-        (f"hidden l{r['layer']} bytes/token/dim", f"{r['hidden_bytes_per_token_per_dim']:.3f}",
-         f"{r['naive_hidden_bytes_per_token_per_dim']:.3f}"),
-        ("passes/token (3 caches)", f"{r['passes_per_token']:.3f} (goal {r['passes_goal']:.3f})",
-         f"{r['naive_passes_per_token']:.3f}"),
+        (
+            f"hidden l{r['layer']} bytes/token/dim",
+            f"{r['hidden_bytes_per_token_per_dim']:.3f}",
+            f"{r['naive_hidden_bytes_per_token_per_dim']:.3f}",
+        ),
+        (
+            "passes/token (3 caches)",
+            f"{r['passes_per_token']:.3f} (goal {r['passes_goal']:.3f})",
+            f"{r['naive_passes_per_token']:.3f}",
+        ),
     ]
-    print(f"\nbare forward: {r['bare_tokens_per_s']:.0f} tok/s (rounds: "
-          f"{', '.join(f'{x:.0f}' for x in r['bare_tokens_per_s_rounds'])}); {r['tokens']} tokens, "
-          f"{r['batches']} batches x {r['batch_size']}, max_length {r['max_length']}, k={r['k']}, "
-          f"{r['torch_threads']} threads")
+    print(
+        f"\nbare forward: {r['bare_tokens_per_s']:.0f} tok/s (rounds: "
+        f"{', '.join(f'{x:.0f}' for x in r['bare_tokens_per_s_rounds'])}); {r['tokens']} tokens, "
+        f"{r['batches']} batches x {r['batch_size']}, max_length {r['max_length']}, k={r['k']}, "
+        f"{r['torch_threads']} threads"
+    )
     width = max(len(a) for a, _, _ in rows)
     print(f"{'':{width}}  {'kdflow':>22}  {'naive':>12}")
     for a, b, c in rows:

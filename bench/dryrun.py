@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-BARE = '''
+BARE = """
 N = {n}
 rule all:
     input: expand("out/{{i}}.done", i=range(N))
@@ -37,7 +37,7 @@ rule job:
     input: "in.txt"
     output: "out/{{i}}.done"
     shell: "touch {{output}}"
-'''
+"""
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
@@ -59,8 +59,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="config/llama70b.yaml")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--floor-jobs", default="", metavar="N,N,...",
-                    help="also time the bare Snakefile at these job counts (floor_by_jobs)")
+    ap.add_argument(
+        "--floor-jobs",
+        default="",
+        metavar="N,N,...",
+        help="also time the bare Snakefile at these job counts (floor_by_jobs)",
+    )
     args = ap.parse_args()
     try:
         floor_jobs = [int(n) for n in args.floor_jobs.split(",") if n.strip()]
@@ -73,8 +77,20 @@ def main() -> None:
         study, bare = Path(tmp) / "study", Path(tmp) / "bare"
         study.mkdir()
         bare.mkdir()
-        real_cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(study), "-n",
-                    "--profile", str(REPO / "profiles/slurm"), "--configfile", str(config)]
+        real_cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(study),
+            "-n",
+            "--profile",
+            str(REPO / "profiles/slurm"),
+            "--configfile",
+            str(config),
+        ]
         _, out = timed(real_cmd, study)
         jobs = int(re.search(r"^total\s+(\d+)$", out, re.M).group(1))
         # the bare Snakefile has `all` plus jobs - 1 jobs, like the study (whose `all` is one of its jobs)
@@ -91,10 +107,20 @@ def main() -> None:
             cmd = bare_snakefile(bare, n, name=f"Snakefile.{n}")
             by_jobs[str(n)] = round(statistics.median(timed(cmd, bare)[0] for _ in range(args.rounds)), 2)
             print(f"bare Snakefile of {n} jobs: {by_jobs[str(n)]:.1f} s", file=sys.stderr)
-    print(json.dumps({"config": args.config, "jobs": jobs, "dryrun_s": round(statistics.median(real), 2),
-                      "floor_s": round(statistics.median(floor), 2), "dryrun_rounds": [round(x, 2) for x in real],
-                      "floor_rounds": [round(x, 2) for x in floor],
-                      "slurm_import_s": round(slurm_import, 2), "floor_by_jobs": by_jobs}))
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "jobs": jobs,
+                "dryrun_s": round(statistics.median(real), 2),
+                "floor_s": round(statistics.median(floor), 2),
+                "dryrun_rounds": [round(x, 2) for x in real],
+                "floor_rounds": [round(x, 2) for x in floor],
+                "slurm_import_s": round(slurm_import, 2),
+                "floor_by_jobs": by_jobs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

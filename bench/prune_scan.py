@@ -17,8 +17,8 @@ import time
 import torch
 
 from kdflow.models import load_model, load_tokenizer
-from kdflow.prepare import prune_layers
 from kdflow.perplexity import perplexity
+from kdflow.prepare import prune_layers
 from kdflow.shards import read_texts
 
 
@@ -45,11 +45,23 @@ def main() -> None:
         t0 = time.perf_counter()
         ppl = perplexity(prune_layers(teacher, keep), tok, texts, max_length=args.max_length)["ppl"]
         results.append({"drop_start": start, "drop_end": start + args.drop - 1, "keep_layers": keep, "ppl": ppl})
-        print(f"drop layers {start:2d}-{start + args.drop - 1:2d}: ppl {ppl:14.2f}  ({time.perf_counter() - t0:.1f} s)",
-              flush=True)
+        print(
+            f"drop layers {start:2d}-{start + args.drop - 1:2d}: ppl {ppl:14.2f}  ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
     best = min(results, key=lambda r: r["ppl"])
-    print(json.dumps({"teacher_ppl": base, "drop": args.drop, "docs": len(texts), "max_length": args.max_length,
-                      "results": results, "best": best}))
+    print(
+        json.dumps(
+            {
+                "teacher_ppl": base,
+                "drop": args.drop,
+                "docs": len(texts),
+                "max_length": args.max_length,
+                "results": results,
+                "best": best,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,42 +55,67 @@ def main() -> int:
             sys.exit(f"{path}: no held-out perplexity (heldout_docs is 0 for run {name}); nothing to compare")
         rows.setdefault((spec["student"], spec["mode"]), []).append(summary)
     if missing:
-        sys.exit(f"{len(missing)} runs of {args.configfile} have no summary yet, e.g. {missing[0]}; run "
-                 f"`snakemake --cores all --configfile {args.configfile}` first")
+        sys.exit(
+            f"{len(missing)} runs of {args.configfile} have no summary yet, e.g. {missing[0]}; run "
+            f"`snakemake --cores all --configfile {args.configfile}` first"
+        )
 
     out: dict[str, dict] = {}
-    lines = ["| student | mode | terms | seeds | held-out ppl | NLL/token | Δ NLL vs " + args.baseline
-             + " (paired) | KD better in | train s/run |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| student | mode | terms | seeds | held-out ppl | NLL/token | Δ NLL vs "
+        + args.baseline
+        + " (paired) | KD better in | train s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     init_ppl = None
-    for (student, mode), summaries in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != args.baseline, kv[0][1])):
+    for (student, mode), summaries in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != args.baseline, kv[0][1])
+    ):
         nll = {s["seed"]: s["heldout"]["nll_per_token"] for s in summaries}
         ppl = [s["heldout"]["ppl"] for s in summaries]
         init_ppl = summaries[0].get("student_heldout_ppl_init")
         base = {s["seed"]: s["heldout"]["nll_per_token"] for s in rows.get((student, args.baseline), [])}
         shared = sorted(set(nll) & set(base))
-        entry = {"student": student, "mode": mode, "terms": summaries[0]["terms"], "seeds": sorted(nll),
-                 "ppl_mean": mean_stderr(ppl)[0], "ppl_stderr": mean_stderr(ppl)[1],
-                 "nll_mean": mean_stderr(list(nll.values()))[0], "nll_stderr": mean_stderr(list(nll.values()))[1],
-                 "train_seconds_mean": statistics.fmean(s["train_seconds"] for s in summaries)}
+        entry = {
+            "student": student,
+            "mode": mode,
+            "terms": summaries[0]["terms"],
+            "seeds": sorted(nll),
+            "ppl_mean": mean_stderr(ppl)[0],
+            "ppl_stderr": mean_stderr(ppl)[1],
+            "nll_mean": mean_stderr(list(nll.values()))[0],
+            "nll_stderr": mean_stderr(list(nll.values()))[1],
+            "train_seconds_mean": statistics.fmean(s["train_seconds"] for s in summaries),
+        }
         delta = ""
         wins = ""
         if mode != args.baseline and shared:
             diffs = [nll[s] - base[s] for s in shared]
             d, se = mean_stderr(diffs)
-            entry.update(delta_nll_mean=d, delta_nll_stderr=se, kd_wins=sum(x < 0 for x in diffs), paired_seeds=len(shared))
+            entry.update(
+                delta_nll_mean=d, delta_nll_stderr=se, kd_wins=sum(x < 0 for x in diffs), paired_seeds=len(shared)
+            )
             delta = fmt(d, se, 4)
             wins = f"{entry['kd_wins']} of {len(shared)}"
         out[f"{student}.{mode}"] = entry
-        lines.append(f"| {student} | {mode} | {', '.join(f'{k} {v:g}' for k, v in entry['terms'].items())} | "
-                     f"{len(nll)} | {fmt(entry['ppl_mean'], entry['ppl_stderr'], 1)} | "
-                     f"{fmt(entry['nll_mean'], entry['nll_stderr'], 4)} | {delta} | {wins} | "
-                     f"{entry['train_seconds_mean']:.0f} |")
+        lines.append(
+            f"| {student} | {mode} | {', '.join(f'{k} {v:g}' for k, v in entry['terms'].items())} | "
+            f"{len(nll)} | {fmt(entry['ppl_mean'], entry['ppl_stderr'], 1)} | "
+            f"{fmt(entry['nll_mean'], entry['nll_stderr'], 4)} | {delta} | {wins} | "
+            f"{entry['train_seconds_mean']:.0f} |"
+        )
     print("\n".join(lines))
     if init_ppl is not None:
-        print(f"\nStudent before training: held-out ppl {init_ppl:.1f}. Δ NLL < 0 means the KD mode predicts the "
-              f"held-out text better than {args.baseline} (paired by seed).")
-    print(json.dumps({"config": args.configfile, "baseline": args.baseline, "student_init_ppl": init_ppl,
-                      "modes": out}, sort_keys=True))
+        print(
+            f"\nStudent before training: held-out ppl {init_ppl:.1f}. Δ NLL < 0 means the KD mode predicts the "
+            f"held-out text better than {args.baseline} (paired by seed)."
+        )
+    print(
+        json.dumps(
+            {"config": args.configfile, "baseline": args.baseline, "student_init_ppl": init_ppl, "modes": out},
+            sort_keys=True,
+        )
+    )
     return 0
 
 

@@ -54,16 +54,20 @@ from typing import Any
 import torch
 
 from kdflow.cache_loader import CacheStream, ShardCaches, collate
-from kdflow.models import pad_id_of
 from kdflow.config import load_config, validate_config
 from kdflow.corpus import shard_name
+from kdflow.models import pad_id_of
 from kdflow.runs import expand_runs
-from kdflow.train import TrainJob, Trainer
+from kdflow.train import Trainer, TrainJob
 
 MODES = ("ce", "rb", "fb", "relb")
 # The schema's default modes (config/schema.yaml, training.modes), used when the config has no such mode.
-DEFAULT_TERMS = {"ce": {"ce": 1.0}, "rb": {"ce": 0.5, "rb": 0.5}, "fb": {"ce": 1.0, "fb": 1.0},
-                 "relb": {"ce": 1.0, "relb": 1.0}}
+DEFAULT_TERMS = {
+    "ce": {"ce": 1.0},
+    "rb": {"ce": 0.5, "rb": 0.5},
+    "fb": {"ce": 1.0, "fb": 1.0},
+    "relb": {"ce": 1.0, "relb": 1.0},
+}
 GOAL_KD_STEP_RATIO = 1.10
 GOAL_LOADER_RATIO = 10
 ME = "bench/train_step.py"
@@ -74,13 +78,14 @@ class Study:
     """What the measurement needs: the base run spec, the student, the training shards' caches."""
 
     config: dict
-    spec: dict                       # one run of the study (terms, mode and name are replaced per mode)
+    spec: dict  # one run of the study (terms, mode and name are replaced per mode)
     student_manifest: Path
-    shards: list[dict[str, str]]     # [{"topk", "embed", "hidden"}] per training shard
+    shards: list[dict[str, str]]  # [{"topk", "embed", "hidden"}] per training shard
     quick: bool
 
 
 # --------------------------------------------------------------------------- inputs
+
 
 def base_spec(config: dict, student: str) -> dict:
     runs, problems = expand_runs(config)
@@ -97,8 +102,10 @@ def default_study(config_path: str) -> Study:
     teacher = config["teacher"]["name"]
     student_cfg = config["students"][0]
     if student_cfg.get("vocab", "shared") == "own":
-        sys.exit(f"{ME}: student {student_cfg['name']!r} has vocab: own; rb and fb KD need a student with the "
-                 f"teacher's vocabulary (list such a student first in students[])")
+        sys.exit(
+            f"{ME}: student {student_cfg['name']!r} has vocab: own; rb and fb KD need a student with the "
+            f"teacher's vocabulary (list such a student first in students[])"
+        )
     cache = config["teacher_cache"]
     root = Path("results/cache") / teacher
     topk_dir = root / f"topk_k{cache['k']}"
@@ -106,19 +113,25 @@ def default_study(config_path: str) -> Study:
     shards = []
     for i in range(config["data"]["n_shards"]):
         name = f"{shard_name(i)}.parquet"
-        shards.append({"topk": str(topk_dir / name), "embed": str(root / "embed" / name),
-                       "hidden": str(hidden_dir / name)})
+        shards.append(
+            {"topk": str(topk_dir / name), "embed": str(root / "embed" / name), "hidden": str(hidden_dir / name)}
+        )
     manifest = Path("resources/models") / student_cfg["name"] / "kdflow_model.json"
     missing = [p for p in [str(manifest), *(v for s in shards for v in s.values())] if not Path(p).is_file()]
     if missing:
-        sys.exit(f"{ME}: {len(missing)} input file(s) missing, e.g. {missing[0]}; run `snakemake --cores all` "
-                 f"first (it prepares the student and builds the teacher caches), or use --quick")
+        sys.exit(
+            f"{ME}: {len(missing)} input file(s) missing, e.g. {missing[0]}; run `snakemake --cores all` "
+            f"first (it prepares the student and builds the teacher caches), or use --quick"
+        )
     return Study(config, base_spec(config, student_cfg["name"]), manifest, shards, quick=False)
 
 
 def _quick_texts(offset: int, n: int) -> list[str]:
-    return [f"def f{i}(x, y):\n    total = x * {i} + y\n    if total > {i}:\n        return total - {i * i}\n"
-            f"    return [x, y, {i}]\n" for i in range(offset, offset + n)]
+    return [
+        f"def f{i}(x, y):\n    total = x * {i} + y\n    if total > {i}:\n        return total - {i * i}\n"
+        f"    return [x, y, {i}]\n"
+        for i in range(offset, offset + n)
+    ]
 
 
 def _quick_model_dir(path: Path) -> Path:
@@ -129,14 +142,25 @@ def _quick_model_dir(path: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_quick_texts(0, 40), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + 3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -150,17 +174,34 @@ def quick_study(root: Path) -> Study:
     from kdflow.prepare import prepare_student, prepare_teacher
     from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
 
-    config = validate_config({
-        "teacher": {"name": "tiny-teacher", "source": {"kind": "hf", "path": str(_quick_model_dir(root / "hf"))}},
-        "students": [{"name": "tiny-student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}}],
-        "data": {"sources": [{"name": "s", "kind": "python_stdlib"}], "n_shards": 2},
-        "prepare": {"device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 4, "ppl_max_docs": 0},
-        "teacher_cache": {"k": 4, "max_length": 32, "batch_size": 8, "rows_per_part": 8, "device": "cpu",
-                          "dtype": "float32", "hidden_layers": [2]},
-        "training": {"defaults": {"steps": 8, "batch_size": 4, "shuffle_buffer": 16, "optimizer": {"lr": 0.01},
-                                  "fb": {"layer_map": [{"student": 1, "teacher": 2}]}, "lora": {"r": 4, "alpha": 8}},
-                     "experiments": [{"modes": list(MODES)}]},
-    })
+    config = validate_config(
+        {
+            "teacher": {"name": "tiny-teacher", "source": {"kind": "hf", "path": str(_quick_model_dir(root / "hf"))}},
+            "students": [{"name": "tiny-student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}}],
+            "data": {"sources": [{"name": "s", "kind": "python_stdlib"}], "n_shards": 2},
+            "prepare": {"device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 4, "ppl_max_docs": 0},
+            "teacher_cache": {
+                "k": 4,
+                "max_length": 32,
+                "batch_size": 8,
+                "rows_per_part": 8,
+                "device": "cpu",
+                "dtype": "float32",
+                "hidden_layers": [2],
+            },
+            "training": {
+                "defaults": {
+                    "steps": 8,
+                    "batch_size": 4,
+                    "shuffle_buffer": 16,
+                    "optimizer": {"lr": 0.01},
+                    "fb": {"layer_map": [{"student": 1, "teacher": 2}]},
+                    "lora": {"r": 4, "alpha": 8},
+                },
+                "experiments": [{"modes": list(MODES)}],
+            },
+        }
+    )
     teacher = root / "models/tiny-teacher/kdflow_model.json"
     prepare_teacher(config["teacher"], config["prepare"], teacher)
     student = root / "models/tiny-student/kdflow_model.json"
@@ -171,19 +212,26 @@ def quick_study(root: Path) -> Study:
         docs = _quick_texts(100 * i, 24)
         shard = root / "shards" / name
         shard.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"doc_id": [f"d{j}" for j in range(len(docs))], "source": ["code"] * len(docs),
-                                 "text": docs}), shard)
-        out = {"topk": root / "cache/topk" / name, "embed": root / "cache/embed" / name,
-               "hidden": root / "cache/hidden" / name}
+        pq.write_table(
+            pa.table({"doc_id": [f"d{j}" for j in range(len(docs))], "source": ["code"] * len(docs), "text": docs}),
+            shard,
+        )
+        out = {
+            "topk": root / "cache/topk" / name,
+            "embed": root / "cache/embed" / name,
+            "hidden": root / "cache/hidden" / name,
+        }
         settings = config["teacher_cache"]
-        capture_topk(CacheJob("topk", shard, {"topk": out["topk"], "embed": out["embed"]}, root / f".p/t{i}",
-                              teacher, settings))
+        capture_topk(
+            CacheJob("topk", shard, {"topk": out["topk"], "embed": out["embed"]}, root / f".p/t{i}", teacher, settings)
+        )
         capture_hidden(CacheJob("hidden", shard, {"hidden": out["hidden"]}, root / f".p/h{i}", teacher, settings))
         shards.append({k: str(v) for k, v in out.items()})
     return Study(config, base_spec(config, "tiny-student"), student, shards, quick=True)
 
 
 # --------------------------------------------------------------------------- the runs
+
 
 def mode_terms(config: dict, mode: str) -> dict[str, float]:
     """The config's mode of that name if it has exactly the terms {ce, mode}, else the schema default."""
@@ -211,7 +259,7 @@ class Recorder:
 
     def __call__(self):
         batch = self.inner()
-        self.seen.append(list(zip(batch["shard"], batch["doc_index"].tolist())))
+        self.seen.append(list(zip(batch["shard"], batch["doc_index"].tolist(), strict=False)))
         return batch
 
 
@@ -219,15 +267,26 @@ def make_trainers(study: Study, args, tmp: Path) -> dict[str, Trainer]:
     trainers = {}
     for mode in MODES:
         terms = mode_terms(study.config, mode)
-        spec = {**copy.deepcopy(study.spec), "terms": terms, "mode": mode,
-                "name": f"{study.spec['student']}.{mode}.bench"}
+        spec = {
+            **copy.deepcopy(study.spec),
+            "terms": terms,
+            "mode": mode,
+            "name": f"{study.spec['student']}.{mode}.bench",
+        }
         if args.batch_size:
             spec["batch_size"] = int(args.batch_size)
         if args.device:
             spec["device"] = args.device
-        job = TrainJob(spec=spec, student_manifest=str(study.student_manifest), shards=copy.deepcopy(study.shards),
-                       expected=expected_for(study.config, terms), output=str(tmp / "output" / mode),
-                       work=str(tmp / "work" / mode), heldout=None, threads=args.threads)
+        job = TrainJob(
+            spec=spec,
+            student_manifest=str(study.student_manifest),
+            shards=copy.deepcopy(study.shards),
+            expected=expected_for(study.config, terms),
+            output=str(tmp / "output" / mode),
+            work=str(tmp / "work" / mode),
+            heldout=None,
+            threads=args.threads,
+        )
         trainer = Trainer(job)
         trainer.setup()
         trainer.recorder = Recorder(trainer.batches)
@@ -250,7 +309,7 @@ def timed_step(trainer: Trainer) -> tuple[float, dict]:
 
 def time_steps(trainers: dict[str, Trainer], args) -> tuple[dict[str, list[list[float]]], dict[str, list[dict]]]:
     """Per mode: seconds of each timed step, per round; and the rows train_step returned."""
-    for mode, trainer in trainers.items():
+    for trainer in trainers.values():
         for _ in range(args.warmup):
             timed_step(trainer)
     seconds = {m: [] for m in trainers}
@@ -263,16 +322,25 @@ def time_steps(trainers: dict[str, Trainer], args) -> tuple[dict[str, list[list[
                 this.append(dt)
                 rows[mode].append(row)
             seconds[mode].append(this)
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{m} {statistics.median(seconds[m][-1]):.3f} s" for m in trainers), file=sys.stderr, flush=True)
+        print(
+            f"  round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{m} {statistics.median(seconds[m][-1]):.3f} s" for m in trainers),
+            file=sys.stderr,
+            flush=True,
+        )
     return seconds, rows
 
 
 def loader_throughput(study: Study, spec: dict, batch_size: int, pad_id: int, min_docs: int) -> dict[str, Any]:
     """Documents/s of CacheStream (top-k + embed + hidden) + collate, over >= one epoch and >= min_docs."""
     shards = [ShardCaches(s["topk"], s["embed"], s["hidden"]) for s in study.shards]
-    stream = CacheStream(shards, expected=expected_for(study.config, {"fb": 1.0}), seed=int(spec["seed"]),
-                         shuffle_buffer=int(spec["shuffle_buffer"]), asked_by=ME)
+    stream = CacheStream(
+        shards,
+        expected=expected_for(study.config, {"fb": 1.0}),
+        seed=int(spec["seed"]),
+        shuffle_buffer=int(spec["shuffle_buffer"]),
+        asked_by=ME,
+    )
     target = max(min_docs, stream.num_documents)
     docs = batches = tokens = 0
     examples: list[dict] = []
@@ -292,21 +360,32 @@ def loader_throughput(study: Study, spec: dict, batch_size: int, pad_id: int, mi
                     break
         epoch += 1
     seconds = time.perf_counter() - t0
-    return {"loader_docs": docs, "loader_batches": batches, "loader_tokens": tokens, "loader_seconds": seconds,
-            "loader_docs_per_s": docs / seconds, "loader_epochs": epoch, "documents": stream.num_documents}
+    return {
+        "loader_docs": docs,
+        "loader_batches": batches,
+        "loader_tokens": tokens,
+        "loader_seconds": seconds,
+        "loader_docs_per_s": docs / seconds,
+        "loader_epochs": epoch,
+        "documents": stream.num_documents,
+    }
 
 
 # --------------------------------------------------------------------------- main
+
 
 def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     trainers = make_trainers(study, args, tmp)
     ce = trainers["ce"]
     spec = ce.spec
-    print(f"{ME}: student {ce.inputs.student_info['name']}, {len(study.shards)} shards, batch {spec['batch_size']} x "
-          f"accum {spec['grad_accum']}, device {ce.ctx.device}, {torch.get_num_threads()} torch threads; "
-          f"{args.warmup} warm-up + {args.steps} timed steps per mode per round, {args.rounds} rounds",
-          file=sys.stderr, flush=True)
+    print(
+        f"{ME}: student {ce.inputs.student_info['name']}, {len(study.shards)} shards, batch {spec['batch_size']} x "
+        f"accum {spec['grad_accum']}, device {ce.ctx.device}, {torch.get_num_threads()} torch threads; "
+        f"{args.warmup} warm-up + {args.steps} timed steps per mode per round, {args.rounds} rounds",
+        file=sys.stderr,
+        flush=True,
+    )
     t_start = time.perf_counter()
     seconds, rows = time_steps(trainers, args)
     timing_s = time.perf_counter() - t_start
@@ -325,29 +404,41 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for m in MODES[1:]:
         result[f"kd_step_ratio_{m}"] = round(step_s[m] / step_s["ce"], 4)
-        result[f"kd_step_ratio_{m}_rounds"] = [round(a / b, 4) for a, b in zip(round_s[m], round_s["ce"])]
-    result.update({
-        "loader_ratio": round(loader["loader_docs_per_s"] / train_docs_per_s, 2),
-        "goal_kd_step_ratio": GOAL_KD_STEP_RATIO,
-        "goal_loader_ratio": GOAL_LOADER_RATIO,
-        **{f"step_s_{m}": round(step_s[m], 5) for m in MODES},
-        "step_s_rounds": {m: [round(x, 5) for x in round_s[m]] for m in MODES},
-        "step_s_min": {m: round(min(flat[m]), 5) for m in MODES},
-        "train_docs_per_s": round(train_docs_per_s, 3),
-        "train_tokens_per_step": round(statistics.mean(r["tokens"] for r in rows["ce"]), 1),
-        "loader_docs_per_s": round(loader["loader_docs_per_s"], 2),
-        **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in loader.items() if k != "loader_docs_per_s"},
-        "terms": {m: t.spec["terms"] for m, t in trainers.items()},
-        "same_documents": same_documents,
-        "batch_size": int(spec["batch_size"]), "grad_accum": int(spec["grad_accum"]),
-        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-        "timed_steps_per_mode": args.steps * args.rounds,
-        "student": ce.inputs.student_info["name"], "device": str(ce.ctx.device), "dtype": spec["dtype"],
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "gradient_checkpointing": bool(spec["gradient_checkpointing"]), "lora_r": spec["lora"]["r"],
-        "k": study.config["teacher_cache"]["k"], "max_length": study.config["teacher_cache"]["max_length"],
-        "fb_layer_map": spec["fb"]["layer_map"], "timing_s": round(timing_s, 1), "quick": study.quick,
-    })
+        result[f"kd_step_ratio_{m}_rounds"] = [round(a / b, 4) for a, b in zip(round_s[m], round_s["ce"], strict=False)]
+    result.update(
+        {
+            "loader_ratio": round(loader["loader_docs_per_s"] / train_docs_per_s, 2),
+            "goal_kd_step_ratio": GOAL_KD_STEP_RATIO,
+            "goal_loader_ratio": GOAL_LOADER_RATIO,
+            **{f"step_s_{m}": round(step_s[m], 5) for m in MODES},
+            "step_s_rounds": {m: [round(x, 5) for x in round_s[m]] for m in MODES},
+            "step_s_min": {m: round(min(flat[m]), 5) for m in MODES},
+            "train_docs_per_s": round(train_docs_per_s, 3),
+            "train_tokens_per_step": round(statistics.mean(r["tokens"] for r in rows["ce"]), 1),
+            "loader_docs_per_s": round(loader["loader_docs_per_s"], 2),
+            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in loader.items() if k != "loader_docs_per_s"},
+            "terms": {m: t.spec["terms"] for m, t in trainers.items()},
+            "same_documents": same_documents,
+            "batch_size": int(spec["batch_size"]),
+            "grad_accum": int(spec["grad_accum"]),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "timed_steps_per_mode": args.steps * args.rounds,
+            "student": ce.inputs.student_info["name"],
+            "device": str(ce.ctx.device),
+            "dtype": spec["dtype"],
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gradient_checkpointing": bool(spec["gradient_checkpointing"]),
+            "lora_r": spec["lora"]["r"],
+            "k": study.config["teacher_cache"]["k"],
+            "max_length": study.config["teacher_cache"]["max_length"],
+            "fb_layer_map": spec["fb"]["layer_map"],
+            "timing_s": round(timing_s, 1),
+            "quick": study.quick,
+        }
+    )
     if study.quick:
         result["note"] = "--quick: tiny random models built in a temp dir; the figures are not meaningful"
     return result
@@ -355,26 +446,37 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
 
 def print_table(r: dict[str, Any]) -> None:
     out = sys.stderr
-    print(f"\n{r['student']} on {r['device']} ({r['torch_threads']} threads), batch {r['batch_size']} x accum "
-          f"{r['grad_accum']}, {r['timed_steps_per_mode']} timed steps per mode over {r['rounds']} rounds"
-          f"{' [--quick: not meaningful]' if r['quick'] else ''}", file=out)
+    print(
+        f"\n{r['student']} on {r['device']} ({r['torch_threads']} threads), batch {r['batch_size']} x accum "
+        f"{r['grad_accum']}, {r['timed_steps_per_mode']} timed steps per mode over {r['rounds']} rounds"
+        f"{' [--quick: not meaningful]' if r['quick'] else ''}",
+        file=out,
+    )
     print(f"{'mode':<6} {'terms':<28} {'median step s':>13} {'ratio to ce':>11}  per round", file=out)
     for m in MODES:
         terms = ", ".join(f"{t} {w:g}" for t, w in r["terms"][m].items())
         ratio = "" if m == "ce" else f"{r[f'kd_step_ratio_{m}']:.3f}"
-        rounds = ("" if m == "ce" else " ".join(f"{x:.3f}" for x in r[f"kd_step_ratio_{m}_rounds"]))
+        rounds = "" if m == "ce" else " ".join(f"{x:.3f}" for x in r[f"kd_step_ratio_{m}_rounds"])
         print(f"{m:<6} {terms:<28} {r[f'step_s_{m}']:>13.4f} {ratio:>11}  {rounds}", file=out)
-    print(f"goal: kd_step_ratio <= {r['goal_kd_step_ratio']}; same documents in every mode: {r['same_documents']}",
-          file=out)
-    print(f"loader: {r['loader_docs_per_s']:.1f} docs/s ({r['loader_docs']} docs, {r['loader_epochs']} epoch(s) of "
-          f"{r['documents']}, top-k + embed + hidden) vs training {r['train_docs_per_s']:.2f} docs/s (ce): "
-          f"loader_ratio {r['loader_ratio']:.1f} (goal >= {r['goal_loader_ratio']})\n", file=out)
+    print(
+        f"goal: kd_step_ratio <= {r['goal_kd_step_ratio']}; same documents in every mode: {r['same_documents']}",
+        file=out,
+    )
+    print(
+        f"loader: {r['loader_docs_per_s']:.1f} docs/s ({r['loader_docs']} docs, {r['loader_epochs']} epoch(s) of "
+        f"{r['documents']}, top-k + embed + hidden) vs training {r['train_docs_per_s']:.2f} docs/s (ce): "
+        f"loader_ratio {r['loader_ratio']:.1f} (goal >= {r['goal_loader_ratio']})\n",
+        file=out,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny random models and caches built in a temp dir (smoke test; figures not meaningful)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny random models and caches built in a temp dir (smoke test; figures not meaningful)",
+    )
     ap.add_argument("--config", default="config/config.yaml", help="the study (default mode)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per mode per round (default 4; --quick 2)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per mode before the first round")
@@ -382,8 +484,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="documents per micro-batch (default: the run's)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--device", default=None, help="training device (default: the run's, e.g. cpu)")
-    ap.add_argument("--loader-docs", type=int, default=200,
-                    help="the loader reads one epoch and at least this many documents (default 200)")
+    ap.add_argument(
+        "--loader-docs",
+        type=int,
+        default=200,
+        help="the loader reads one epoch and at least this many documents (default 200)",
+    )
     args = ap.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 4)
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -403,8 +509,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(result)
-    bad = [k for k in ("kd_step_ratio_rb", "kd_step_ratio_fb", "kd_step_ratio_relb", "loader_ratio")
-           if not (isinstance(result[k], float) and math.isfinite(result[k]) and result[k] > 0)]
+    bad = [
+        k
+        for k in ("kd_step_ratio_rb", "kd_step_ratio_fb", "kd_step_ratio_relb", "loader_ratio")
+        if not (isinstance(result[k], float) and math.isfinite(result[k]) and result[k] > 0)
+    ]
     if bad:
         print(f"{ME}: not positive and finite: {bad}", file=sys.stderr)
     print(json.dumps(result, sort_keys=True))

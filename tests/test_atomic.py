@@ -16,7 +16,6 @@ def test_temporaries_of_a_killed_writer_are_cleared_on_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["topk.parquet"]
 
 
-
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     out = tmp_path / "a.json"
     write_json(out, {"v": 1})

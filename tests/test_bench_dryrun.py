@@ -11,8 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "bench/dryrun.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "bench/dryrun.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_one_round_on_the_default_config_reports_every_key():

@@ -12,14 +12,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 RATIOS = ("kd_step_ratio_rb", "kd_step_ratio_fb", "kd_step_ratio_relb", "loader_ratio")
-FIGURES = ("step_s_ce", "step_s_rb", "step_s_fb", "step_s_relb", "loader_docs_per_s", "train_docs_per_s",
-           "batch_size", "steps", "rounds", "torch_threads", "goal_kd_step_ratio", "goal_loader_ratio")
+FIGURES = (
+    "step_s_ce",
+    "step_s_rb",
+    "step_s_fb",
+    "step_s_relb",
+    "loader_docs_per_s",
+    "train_docs_per_s",
+    "batch_size",
+    "steps",
+    "rounds",
+    "torch_threads",
+    "goal_kd_step_ratio",
+    "goal_loader_ratio",
+)
 
 
 def test_quick_mode_prints_the_figures_as_json_on_its_last_line():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "bench/train_step.py", "--quick", "--threads", "1"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "bench/train_step.py", "--quick", "--threads", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in RATIOS + FIGURES:
@@ -31,5 +49,9 @@ def test_quick_mode_prints_the_figures_as_json_on_its_last_line():
     assert result["student"] == "tiny-student" and result["device"] == "cpu" and result["torch_threads"] == 1
     assert result["timed_steps_per_mode"] == result["steps"] * result["rounds"]
     assert {m: set(t) for m, t in result["terms"].items()} == {
-        "ce": {"ce"}, "rb": {"ce", "rb"}, "fb": {"ce", "fb"}, "relb": {"ce", "relb"}}
+        "ce": {"ce"},
+        "rb": {"ce", "rb"},
+        "fb": {"ce", "fb"},
+        "relb": {"ce", "relb"},
+    }
     assert "ratio to ce" in proc.stderr and "loader_ratio" in proc.stderr  # the table

@@ -27,8 +27,17 @@ from kdflow.cache_format import (
 )
 
 K = 4
-META = {"cache": "topk", "k": K, "layers": [2, 4], "tokenizer_fingerprint": "abc123", "shard": "shard_003",
-        "teacher": "teacher", "teacher_revision": None, "ratio": 0.5, "nested": {"a": [1, "x"]}}
+META = {
+    "cache": "topk",
+    "k": K,
+    "layers": [2, 4],
+    "tokenizer_fingerprint": "abc123",
+    "shard": "shard_003",
+    "teacher": "teacher",
+    "teacher_revision": None,
+    "ratio": 0.5,
+    "nested": {"a": [1, "x"]},
+}
 
 
 def _f16(rng: np.random.Generator, shape) -> np.ndarray:
@@ -53,14 +62,19 @@ def _topk_part(rng: np.random.Generator, doc_index: list[int], lengths: list[int
     """Columns for :class:`PartWriter` and the per-document arrays they were made from."""
     lengths_a = np.asarray(lengths, dtype=np.int32)
     docs = []
-    for i, n in zip(doc_index, lengths):
-        docs.append({
-            "doc_index": i, "doc_id": f"doc-{i}", "n_tokens": n, "truncated": bool(i % 2),
-            "input_ids": rng.integers(0, 50_000, n).astype(np.int32),
-            "topk_ids": rng.integers(0, 50_000, (n, k)).astype(np.int32),
-            "topk_logprobs": _f16(rng, (n, k)),
-            "rest_logprob": _f16(rng, (n,)),
-        })
+    for i, n in zip(doc_index, lengths, strict=False):
+        docs.append(
+            {
+                "doc_index": i,
+                "doc_id": f"doc-{i}",
+                "n_tokens": n,
+                "truncated": bool(i % 2),
+                "input_ids": rng.integers(0, 50_000, n).astype(np.int32),
+                "topk_ids": rng.integers(0, 50_000, (n, k)).astype(np.int32),
+                "topk_logprobs": _f16(rng, (n, k)),
+                "rest_logprob": _f16(rng, (n,)),
+            }
+        )
     cat = lambda name, shape: np.concatenate([d[name] for d in docs]) if docs else np.empty(shape)  # noqa: E731
     columns = {
         "doc_index": np.asarray(doc_index, dtype=np.int32),
@@ -97,6 +111,7 @@ def topk_file(tmp_path_factory):
 
 # --------------------------------------------------------------------------- ragged arrays
 
+
 @pytest.mark.parametrize("width", [None, 3])
 @pytest.mark.parametrize("lengths", [[4, 0, 2, 1], [0, 0], [], [5]])
 def test_ragged_list_values_round_trip(width, lengths):
@@ -111,7 +126,7 @@ def test_ragged_list_values_round_trip(width, lengths):
     for i, n in enumerate(lengths):
         entry = arr[i].as_py()
         assert len(entry) == n
-        want = values[start:start + n].tolist()
+        want = values[start : start + n].tolist()
         assert entry == want
         start += n
     back, back_lengths = list_values(arr, width)
@@ -124,7 +139,7 @@ def test_ragged_list_values_round_trip(width, lengths):
     assert lengths2.tolist() == list(lengths) * 2
     if len(lengths) > 1:
         back3, lengths3 = list_values(arr.slice(1), width)
-        assert _same_bits(back3, values[lengths[0]:])
+        assert _same_bits(back3, values[lengths[0] :])
         assert lengths3.tolist() == list(lengths[1:])
 
 
@@ -151,13 +166,14 @@ def test_ragged_lengths_values_mismatch_raises(lengths):
 
 # --------------------------------------------------------------------------- write -> read
 
+
 def test_topk_write_assemble_read_is_bit_exact(topk_file):
     out, originals = topk_file
     reader = CacheReader.open(out, "topk", expected={"k": K})
     assert reader.num_rows == len(originals) == 5
     docs = list(reader.iter_docs())
     assert len(docs) == len(originals)
-    for got, want in zip(docs, originals):
+    for got, want in zip(docs, originals, strict=False):
         assert got["doc_index"] == want["doc_index"] and got["doc_id"] == want["doc_id"]
         assert got["n_tokens"] == want["n_tokens"] and got["truncated"] is want["truncated"]
         for name in ("input_ids", "topk_ids", "topk_logprobs", "rest_logprob"):
@@ -184,7 +200,7 @@ def test_iter_docs_column_subset(topk_file):
     out, originals = topk_file
     docs = list(CacheReader.open(out, "topk").iter_docs(["doc_id", "rest_logprob"]))
     assert [set(d) for d in docs] == [{"doc_id", "rest_logprob"}] * len(originals)
-    assert all(_same_bits(d["rest_logprob"], o["rest_logprob"]) for d, o in zip(docs, originals))
+    assert all(_same_bits(d["rest_logprob"], o["rest_logprob"]) for d, o in zip(docs, originals, strict=False))
 
 
 def test_iter_tables_streams_one_row_group_at_a_time(topk_file):
@@ -199,10 +215,17 @@ def test_embed_and_hidden_round_trip(tmp_path):
     rng = np.random.default_rng(5)
     emb = rng.standard_normal((3, 6)).astype(np.float16)
     path = tmp_path / "embed.parquet"
-    PartWriter(embed_schema(6)).write(path, {"doc_index": np.arange(3, dtype=np.int32), "doc_id": ["a", "b", "c"],
-                                              "n_tokens": np.array([2, 0, 5], dtype=np.int32),
-                                              "text": ["xy", "", "hello"], "embedding": fixed(emb)},
-                                      {"cache": "embed"})
+    PartWriter(embed_schema(6)).write(
+        path,
+        {
+            "doc_index": np.arange(3, dtype=np.int32),
+            "doc_id": ["a", "b", "c"],
+            "n_tokens": np.array([2, 0, 5], dtype=np.int32),
+            "text": ["xy", "", "hello"],
+            "embedding": fixed(emb),
+        },
+        {"cache": "embed"},
+    )
     docs = list(CacheReader.open(path, "embed").iter_docs())
     assert [d["text"] for d in docs] == ["xy", "", "hello"]
     assert all(_same_bits(d["embedding"], emb[i]) for i, d in enumerate(docs))
@@ -211,27 +234,35 @@ def test_embed_and_hidden_round_trip(tmp_path):
     lengths = np.array([2, 0, 3], dtype=np.int32)
     hid = {layer: rng.standard_normal((5, 6)).astype(np.float16) for layer in layers}
     pos = np.array([0, 1, 0, 2, 4], dtype=np.int32)
-    cols = {"doc_index": np.arange(3, dtype=np.int32), "doc_id": ["a", "b", "c"],
-            "n_tokens": np.array([2, 0, 5], np.int32), "positions": ragged(pos, lengths),
-            **{f"hidden_l{layer}": ragged(hid[layer], lengths) for layer in layers}}
+    cols = {
+        "doc_index": np.arange(3, dtype=np.int32),
+        "doc_id": ["a", "b", "c"],
+        "n_tokens": np.array([2, 0, 5], np.int32),
+        "positions": ragged(pos, lengths),
+        **{f"hidden_l{layer}": ragged(hid[layer], lengths) for layer in layers},
+    }
     path = tmp_path / "hidden.parquet"
     PartWriter(hidden_schema(6, layers)).write(path, cols, {"cache": "hidden", "layers": layers})
     docs = list(CacheReader.open(path, "hidden", expected={"layers": layers}).iter_docs())
     starts = [0, 2, 2]
-    for d, s, n in zip(docs, starts, lengths):
-        assert _same_bits(d["positions"], pos[s:s + n])
+    for d, s, n in zip(docs, starts, lengths, strict=False):
+        assert _same_bits(d["positions"], pos[s : s + n])
         for layer in layers:
-            assert _same_bits(d[f"hidden_l{layer}"], hid[layer][s:s + n])
+            assert _same_bits(d[f"hidden_l{layer}"], hid[layer][s : s + n])
 
 
 # --------------------------------------------------------------------------- compatibility
 
-@pytest.mark.parametrize("key, want", [
-    ("k", 8),
-    ("layers", [2, 3]),
-    ("tokenizer_fingerprint", "fff999"),
-    ("shard", "shard_004"),
-])
+
+@pytest.mark.parametrize(
+    "key, want",
+    [
+        ("k", 8),
+        ("layers", [2, 3]),
+        ("tokenizer_fingerprint", "fff999"),
+        ("shard", "shard_004"),
+    ],
+)
 def test_open_refuses_other_settings_naming_file_key_and_both_values(topk_file, key, want):
     out, _ = topk_file
     with pytest.raises(CacheMismatch) as err:
@@ -269,13 +300,15 @@ def test_student_with_other_tokenizer_refused_for_logit_and_feature_kd(mode):
     assert "qwenish" in text and "relb" in text and "cache/topk/shard_003.parquet" in text and mode in text
 
 
-@pytest.mark.parametrize("mode, student", [("relb", STUDENT_OTHER), ("rb", STUDENT_SAME), ("fb", STUDENT_SAME),
-                                           ("relb", STUDENT_SAME)])
+@pytest.mark.parametrize(
+    "mode, student", [("relb", STUDENT_OTHER), ("rb", STUDENT_SAME), ("fb", STUDENT_SAME), ("relb", STUDENT_SAME)]
+)
 def test_student_vocab_allowed(mode, student):
     check_student_vocab(META, student, mode, "x.parquet")
 
 
 # --------------------------------------------------------------------------- not a cache
+
 
 def test_read_meta_on_non_parquet_file(tmp_path):
     path = tmp_path / "notes.parquet"

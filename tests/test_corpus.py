@@ -11,6 +11,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import long_text
 from kdflow import corpus
 from kdflow.corpus import (
     HELDOUT,
@@ -27,8 +28,6 @@ from kdflow.corpus import (
     split_heldout,
 )
 from kdflow.sources import SourceError
-
-from conftest import long_text
 
 STUB = [{"name": "a", "kind": "python_stdlib"}]  # never read: only for steps that take ``data`` settings
 
@@ -49,14 +48,17 @@ def nonspace(text: str) -> str:
 # --- normalise ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("a\r\nb\r\n", "a\nb"),
-    ("a\rb\rc", "a\nb\nc"),
-    ("\r\n\r\n  x\r\n\r\ny  \n\n", "x\n\ny"),
-    ("a\r\r\nb", "a\n\nb"),
-    (" \t\n ", ""),
-    ("inner  spaces\tkept", "inner  spaces\tkept"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("a\r\nb\r\n", "a\nb"),
+        ("a\rb\rc", "a\nb\nc"),
+        ("\r\n\r\n  x\r\n\r\ny  \n\n", "x\n\ny"),
+        ("a\r\r\nb", "a\n\nb"),
+        (" \t\n ", ""),
+        ("inner  spaces\tkept", "inner  spaces\tkept"),
+    ],
+)
 def test_normalise(raw, expected):
     assert normalise(raw) == expected
 
@@ -83,11 +85,15 @@ def test_documents_are_normalised_when_read(make_data, write_text_files):
 
 def test_duplicates_across_sources_keep_first_and_count_on_later(make_data, write_text_files, write_jsonl):
     first = write_text_files("first", ["shared text", "only in first"])
-    second = write_jsonl("second", [{"text": "own text"}, {"text": "shared text\r\n"}, {"text": "own text"},
-                                    {"text": "only in first"}])
+    second = write_jsonl(
+        "second", [{"text": "own text"}, {"text": "shared text\r\n"}, {"text": "own text"}, {"text": "only in first"}]
+    )
     docs, reports = read_documents(make_data([first, second]))
-    assert [(d.source, d.text) for d in docs] == [("first", "shared text"), ("first", "only in first"),
-                                                  ("second", "own text")]
+    assert [(d.source, d.text) for d in docs] == [
+        ("first", "shared text"),
+        ("first", "only in first"),
+        ("second", "own text"),
+    ]
     assert reports["first"].duplicate == 0
     assert reports["second"].duplicate == 3
     assert reports["second"].kept == 1
@@ -103,8 +109,11 @@ def test_duplicate_count_follows_source_order(make_data, write_text_files, write
 
 
 def test_max_docs_caps_kept_documents(make_data, write_jsonl):
-    capped = write_jsonl("capped", [{"text": ""}, {"text": "one"}, {"text": "one"}] +
-                         [{"text": f"doc {i}"} for i in range(5)], max_docs=3)
+    capped = write_jsonl(
+        "capped",
+        [{"text": ""}, {"text": "one"}, {"text": "one"}] + [{"text": f"doc {i}"} for i in range(5)],
+        max_docs=3,
+    )
     free = write_jsonl("free", [{"text": f"free {i}"} for i in range(4)])
     docs, reports = read_documents(make_data([capped, free]))
     assert [d.text for d in docs if d.source == "capped"] == ["one", "doc 0", "doc 1"]
@@ -193,8 +202,10 @@ def test_split_does_not_depend_on_source_order(make_data):
 
 def test_split_depends_on_seed(make_data):
     docs = docs_of(200)
-    held = {seed: {d.text for d in split_heldout(docs, make_data(STUB, seed=seed, heldout={"fraction": 0.1}))[1]}
-            for seed in (0, 1)}
+    held = {
+        seed: {d.text for d in split_heldout(docs, make_data(STUB, seed=seed, heldout={"fraction": 0.1}))[1]}
+        for seed in (0, 1)
+    }
     assert len(held[0]) == len(held[1]) == 20
     assert held[0] != held[1]
     again = {d.text for d in split_heldout(docs, make_data(STUB, seed=0, heldout={"fraction": 0.1}))[1]}
@@ -286,7 +297,7 @@ def test_truncate_keeps_a_prefix(make_data):
     docs, out, report = long_docs(make_data, "truncate")
     assert [d.doc_id for d in out] == [d.doc_id for d in docs]
     assert out[0].text == "short one"
-    for before, after in zip(docs[1:], out[1:]):
+    for before, after in zip(docs[1:], out[1:], strict=False):
         assert 0 < len(after.text) <= 100 and before.text.startswith(after.text)
     assert out[1].text == "\n".join(docs[1].text.split("\n")[:3])  # cut at the last line end that fits
     assert report.truncated == 2 and report.train_pieces == 3
@@ -385,8 +396,12 @@ def test_build_corpus_manifest_counts(built_corpus):
     assert manifest["documents"]["kept"] == 23
     assert sum(rep["heldout"] for rep in manifest["sources"].values()) == round(0.2 * 23)
     counts = Counter(r["shard"] for r in rows)
-    assert manifest["shards"] == {"shard_00000": counts[0], "shard_00001": counts[1], "shard_00002": counts[2],
-                                  "heldout": counts[HELDOUT]}
+    assert manifest["shards"] == {
+        "shard_00000": counts[0],
+        "shard_00001": counts[1],
+        "shard_00002": counts[2],
+        "heldout": counts[HELDOUT],
+    }
     assert manifest["documents"]["train_pieces"] == sum(counts[i] for i in range(3))
     on_disk = json.loads((path.parent / "manifest.json").read_text())
     assert on_disk["shards"] == manifest["shards"] and on_disk["sources"] == manifest["sources"]

@@ -36,7 +36,7 @@ def test_every_schema_key_is_documented_in_config_readme():
 
 def test_readme_opens_with_the_two_commands_ci_runs():
     readme = (REPO / "README.md").read_text().splitlines()
-    block = readme[readme.index("```bash") + 1: readme.index("```bash") + 3]
+    block = readme[readme.index("```bash") + 1 : readme.index("```bash") + 3]
     assert block[0].startswith("bash install.sh && snakemake --cores all")
     assert block[1].startswith("bash install.sh && python -m pytest")
     ci = (REPO / ".ci/run").read_text()

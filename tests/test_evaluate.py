@@ -12,12 +12,18 @@ import pytest
 import torch
 
 from kdflow.cache_format import CacheReader
-from kdflow.evaluate import (EvalError, HELDOUT_TASK, evaluate_model, heldout_metrics, lm_eval_metrics,
-                             load_eval_model, write_heldout_task_data)
+from kdflow.evaluate import (
+    HELDOUT_TASK,
+    EvalError,
+    evaluate_model,
+    heldout_metrics,
+    lm_eval_metrics,
+    load_eval_model,
+    write_heldout_task_data,
+)
 from kdflow.perplexity import perplexity
 from kdflow.shards import read_texts
 from kdflow.teacher_pass import CacheJob, capture_topk
-
 from tiny_models import one_thread, other_vocab_dir, prepare_tiny_models, tiny_teacher_dir, write_shard  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +34,9 @@ CACHE = dict(k=4, max_length=MAX_LENGTH, batch_size=3, rows_per_part=4, device="
 
 def heldout_texts() -> list[str]:
     body = [f"def g{i}(x):\n    return x + {i}\n" for i in range(4)]
-    body += [f"class C{i}:\n    def m(self, y):\n        total = y * {i}\n        return total - {i * i}\n"
-             for i in range(4)]
+    body += [
+        f"class C{i}:\n    def m(self, y):\n        total = y * {i}\n        return total - {i * i}\n" for i in range(4)
+    ]
     body += ["print(1)\n", "import os\nprint(os.path.join('a', 'b'))\n"]
     return body
 
@@ -42,10 +49,17 @@ def study(tmp_path_factory, tiny_teacher_dir, other_vocab_dir):  # noqa: F811
     teacher, student, foreign = models["teacher"], models["student"], models["foreign"]
     heldout = write_shard(root / "shards/heldout.parquet", heldout_texts())
     topk = root / "cache/topk/heldout.parquet"
-    capture_topk(CacheJob("topk", heldout, {"topk": topk, "embed": root / "cache/embed/heldout.parquet"},
-                          root / ".p/h", teacher, CACHE))
-    return {"root": root, "teacher": teacher, "student": student, "foreign": foreign, "heldout": heldout,
-            "topk": topk}
+    capture_topk(
+        CacheJob(
+            "topk",
+            heldout,
+            {"topk": topk, "embed": root / "cache/embed/heldout.parquet"},
+            root / ".p/h",
+            teacher,
+            CACHE,
+        )
+    )
+    return {"root": root, "teacher": teacher, "student": student, "foreign": foreign, "heldout": heldout, "topk": topk}
 
 
 def make_adapter(study, out: Path, seed: int = 0) -> Path:
@@ -54,8 +68,9 @@ def make_adapter(study, out: Path, seed: int = 0) -> Path:
 
     base, _, _ = load_eval_model(study["student"])
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     peft = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in peft.named_parameters():
@@ -80,17 +95,25 @@ def naive(model, topk_file: Path, max_docs: int | None = None) -> dict:
         targets += n - 1
         top_ids = torch.tensor(doc["topk_ids"], dtype=torch.long)
         agree += int((logp.argmax(-1) == top_ids[:, 0]).sum())
-        teacher = torch.cat([torch.tensor(doc["topk_logprobs"]).double(),
-                             torch.tensor(doc["rest_logprob"]).double()[:, None]], -1).log_softmax(-1)
+        teacher = torch.cat(
+            [torch.tensor(doc["topk_logprobs"]).double(), torch.tensor(doc["rest_logprob"]).double()[:, None]], -1
+        ).log_softmax(-1)
         q_k = logp.gather(-1, top_ids)
         q = torch.cat([q_k, torch.log1p(-q_k.exp().sum(-1, keepdim=True))], -1)
         kl += (teacher.exp() * (teacher - q)).sum().item()
         rows += n
-    return {"nll_per_token": nll / targets, "ppl": math.exp(nll / targets), "top1_agreement": agree / rows,
-            "kl_teacher_student": kl / rows, "tokens": targets, "positions": rows}
+    return {
+        "nll_per_token": nll / targets,
+        "ppl": math.exp(nll / targets),
+        "top1_agreement": agree / rows,
+        "kl_teacher_student": kl / rows,
+        "tokens": targets,
+        "positions": rows,
+    }
 
 
 # --------------------------------------------------------------------------- held-out metrics
+
 
 def test_heldout_metrics_equal_a_naive_loop(study):
     model, tok, info = load_eval_model(study["student"])
@@ -158,25 +181,49 @@ def test_an_adapter_changes_the_metrics(study, tmp_path):
 
 # --------------------------------------------------------------------------- lm-eval
 
+
 def test_lm_eval_metrics_parses_values_stderr_and_directions():
     raw = {
         "results": {
-            "arc_easy": {"alias": "arc_easy", "acc,none": 0.5, "acc_stderr,none": 0.05, "acc_norm,none": 0.55,
-                         "acc_norm_stderr,none": "N/A"},
-            "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.1, "exact_match_stderr,strict-match": 0.01,
-                      "exact_match,flexible-extract": 0.2},
+            "arc_easy": {
+                "alias": "arc_easy",
+                "acc,none": 0.5,
+                "acc_stderr,none": 0.05,
+                "acc_norm,none": 0.55,
+                "acc_norm_stderr,none": "N/A",
+            },
+            "gsm8k": {
+                "alias": "gsm8k",
+                "exact_match,strict-match": 0.1,
+                "exact_match_stderr,strict-match": 0.01,
+                "exact_match,flexible-extract": 0.2,
+            },
             "mygroup": {"alias": "mygroup", "acc,none": " ", "acc_stderr,none": " "},
-            "wikitext": {"alias": "wikitext", "word_perplexity,none": 30.0, "word_perplexity_stderr,none": "N/A",
-                         "bits_per_byte,none": float("nan")},
+            "wikitext": {
+                "alias": "wikitext",
+                "word_perplexity,none": 30.0,
+                "word_perplexity_stderr,none": "N/A",
+                "bits_per_byte,none": float("nan"),
+            },
         },
         "higher_is_better": {"arc_easy": {"acc": True, "acc_norm": True}, "gsm8k": {"exact_match": True}},
     }
     got = {(m["task"], m["metric"]): m for m in lm_eval_metrics(raw)}
-    assert set(got) == {("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("gsm8k", "exact_match,strict-match"),
-                        ("gsm8k", "exact_match,flexible-extract"), ("wikitext", "word_perplexity"),
-                        ("wikitext", "bits_per_byte")}
-    assert got[("arc_easy", "acc")] == {"task": "arc_easy", "metric": "acc", "value": 0.5, "stderr": 0.05,
-                                        "higher_is_better": True}
+    assert set(got) == {
+        ("arc_easy", "acc"),
+        ("arc_easy", "acc_norm"),
+        ("gsm8k", "exact_match,strict-match"),
+        ("gsm8k", "exact_match,flexible-extract"),
+        ("wikitext", "word_perplexity"),
+        ("wikitext", "bits_per_byte"),
+    }
+    assert got[("arc_easy", "acc")] == {
+        "task": "arc_easy",
+        "metric": "acc",
+        "value": 0.5,
+        "stderr": 0.05,
+        "higher_is_better": True,
+    }
     assert got[("arc_easy", "acc_norm")]["stderr"] is None
     assert got[("gsm8k", "exact_match,strict-match")]["stderr"] == 0.01
     assert got[("gsm8k", "exact_match,flexible-extract")]["stderr"] is None
@@ -216,19 +263,35 @@ def offline(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
 
 
-SETTINGS = {"device": "cpu", "dtype": "float32", "heldout": {"max_docs": 6, "batch_size": 4},
-            "lm_eval": {"tasks": [HELDOUT_TASK], "include_path": str(TASKS_DIR), "limit": 3, "batch_size": 2}}
+SETTINGS = {
+    "device": "cpu",
+    "dtype": "float32",
+    "heldout": {"max_docs": 6, "batch_size": 4},
+    "lm_eval": {"tasks": [HELDOUT_TASK], "include_path": str(TASKS_DIR), "limit": 3, "batch_size": 2},
+}
 
 
 def run_eval(study, tmp: Path, kind: str, adapter: Path | None = None, **settings) -> dict:
-    target = {"model": {"run": "student.ce.s0", "teacher": "teacher", "student_init": "student.init"}[kind],
-              "kind": kind, "student": None if kind == "teacher" else "student", "mode": "ce" if adapter else None,
-              "seed": 0 if adapter else None, "tag": None,
-              "manifest": str(study["teacher" if kind == "teacher" else "student"]),
-              "adapter": None if adapter is None else str(adapter)}
+    target = {
+        "model": {"run": "student.ce.s0", "teacher": "teacher", "student_init": "student.init"}[kind],
+        "kind": kind,
+        "student": None if kind == "teacher" else "student",
+        "mode": "ce" if adapter else None,
+        "seed": 0 if adapter else None,
+        "tag": None,
+        "manifest": str(study["teacher" if kind == "teacher" else "student"]),
+        "adapter": None if adapter is None else str(adapter),
+    }
     out = tmp / "eval" / target["model"]
-    evaluate_model(target, {**SETTINGS, **settings}, study["heldout"], study["topk"], out / "heldout.json",
-                   out / "lm_eval.json", work_dir=tmp)
+    evaluate_model(
+        target,
+        {**SETTINGS, **settings},
+        study["heldout"],
+        study["topk"],
+        out / "heldout.json",
+        out / "lm_eval.json",
+        work_dir=tmp,
+    )
     return {name: json.loads((out / f"{name}.json").read_text()) for name in ("heldout", "lm_eval", "lm_eval_raw")}
 
 
@@ -245,11 +308,17 @@ def test_evaluate_model_runs_the_shipped_lm_eval_task_offline_with_and_without_a
         assert held["kind"] == lm["kind"] == kind and held["evaluation"] == "heldout"
         assert lm["evaluation"] == "lm_eval" and lm["student"] == "student"
         assert [(m["task"], m["metric"], m["higher_is_better"]) for m in held["metrics"]] == [
-            ("heldout", "ppl", False), ("heldout", "nll_per_token", False), ("heldout", "top1_agreement", True),
-            ("heldout", "kl_teacher_student", False)]
+            ("heldout", "ppl", False),
+            ("heldout", "nll_per_token", False),
+            ("heldout", "top1_agreement", True),
+            ("heldout", "kl_teacher_student", False),
+        ]
         assert held["details"]["docs"] == 6 and held["provenance"]["model"]["name"] == "student"
         assert {(m["task"], m["metric"]) for m in lm["metrics"]} == {
-            (HELDOUT_TASK, "word_perplexity"), (HELDOUT_TASK, "byte_perplexity"), (HELDOUT_TASK, "bits_per_byte")}
+            (HELDOUT_TASK, "word_perplexity"),
+            (HELDOUT_TASK, "byte_perplexity"),
+            (HELDOUT_TASK, "bits_per_byte"),
+        }
         assert all(m["higher_is_better"] is False for m in lm["metrics"])
         assert metric(lm, "bits_per_byte") > 0 and metric(lm, "word_perplexity") >= 1
         assert metric(lm, "byte_perplexity") == pytest.approx(2 ** metric(lm, "bits_per_byte"))
@@ -274,5 +343,11 @@ def test_evaluate_model_for_the_teacher_and_without_lm_eval_tasks(study, tmp_pat
     assert metric(out["heldout"], "top1_agreement") == 1.0 and out["heldout"]["student"] is None
     assert out["lm_eval"]["metrics"] == [] and "empty" in out["lm_eval"]["details"]["skipped"]
     with pytest.raises(EvalError, match="adapter"):
-        evaluate_model({"model": "x", "kind": "run", "manifest": str(study["student"]), "adapter": None}, {},
-                       study["heldout"], study["topk"], tmp_path / "a.json", tmp_path / "b.json")
+        evaluate_model(
+            {"model": "x", "kind": "run", "manifest": str(study["student"]), "adapter": None},
+            {},
+            study["heldout"],
+            study["topk"],
+            tmp_path / "a.json",
+            tmp_path / "b.json",
+        )

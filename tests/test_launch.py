@@ -19,12 +19,15 @@ from kdflow.launch import (
 )
 
 
-@pytest.mark.parametrize("hostlist,hosts", [
-    ("gpu07", ["gpu07"]),
-    ("gpu[01-03]", ["gpu01", "gpu02", "gpu03"]),
-    ("gpu[08-10,12],login1", ["gpu08", "gpu09", "gpu10", "gpu12", "login1"]),
-    ("a[1-2],b[7]", ["a1", "a2", "b7"]),
-])
+@pytest.mark.parametrize(
+    "hostlist,hosts",
+    [
+        ("gpu07", ["gpu07"]),
+        ("gpu[01-03]", ["gpu01", "gpu02", "gpu03"]),
+        ("gpu[08-10,12],login1", ["gpu08", "gpu09", "gpu10", "gpu12", "login1"]),
+        ("a[1-2],b[7]", ["a1", "a2", "b7"]),
+    ],
+)
 def test_hostlists_expand_in_order(hostlist, hosts):
     assert expand_hostlist(hostlist) == hosts
 
@@ -32,8 +35,15 @@ def test_hostlists_expand_in_order(hostlist, hosts):
 def test_one_node_is_torchrun_standalone_with_one_process_per_gpu():
     cmd = launch_command("work/job.json", 4)
     assert cmd == single_node_command("work/job.json", 4)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "kdflow.train",
-                       "work/job.json"]
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+        "-m",
+        "kdflow.train",
+        "work/job.json",
+    ]
 
 
 def test_several_nodes_start_one_srun_task_per_node():
@@ -46,8 +56,17 @@ def test_several_nodes_start_one_srun_task_per_node():
 def test_each_node_becomes_a_torchrun_that_meets_at_the_first_node():
     env = {"SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "h100-[04-06]", "SLURM_JOB_ID": "4242"}
     cmd = node_command("job.json", 8, env)
-    assert cmd[3:] == ["--nnodes=3", "--node_rank=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
-                       "--rdzv_endpoint=h100-04:29500", "--rdzv_id=4242", "-m", "kdflow.train", "job.json"]
+    assert cmd[3:] == [
+        "--nnodes=3",
+        "--node_rank=2",
+        "--nproc_per_node=8",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=h100-04:29500",
+        "--rdzv_id=4242",
+        "-m",
+        "kdflow.train",
+        "job.json",
+    ]
     assert node_command("job.json", 8, {**env, "KDFLOW_RDZV_PORT": "31000"})[7] == "--rdzv_endpoint=h100-04:31000"
 
 
@@ -61,8 +80,14 @@ def test_outside_srun_the_node_launcher_says_what_is_missing():
 def _job(tmp_path):
     from kdflow.train import TrainJob
 
-    return TrainJob(spec={"name": "r"}, student_manifest="m.json", shards=[{"topk": "t.parquet"}], expected={},
-                    output=str(tmp_path / "out"), work=str(tmp_path / "work"))
+    return TrainJob(
+        spec={"name": "r"},
+        student_manifest="m.json",
+        shards=[{"topk": "t.parquet"}],
+        expected={},
+        output=str(tmp_path / "out"),
+        work=str(tmp_path / "work"),
+    )
 
 
 @pytest.mark.parametrize("gpus,nodes", [(4, 1), (8, 2)])
@@ -85,7 +110,7 @@ def test_several_gpus_or_nodes_write_the_job_file_and_run_the_launch_line(tmp_pa
     summary = launch.launch_training(job, gpus_per_node=gpus, nodes=nodes)
     job_file = Path(job.work) / "job.json"
     assert summary == {"tokens": 7, "world_size": gpus * nodes} and TrainJob.load(job_file) == job
-    (cmd, env), = ran
+    ((cmd, env),) = ran
     assert cmd == launch_command(job_file, gpus, nodes)
     assert env["PYTHONPATH"].split(os.pathsep)[0] == launch.SRC == str(Path(launch.__file__).parents[1])
 
@@ -122,14 +147,34 @@ def test_a_multi_node_run_asks_slurm_for_nodes_tasks_and_every_gpu(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((repo / "config/config.yaml").read_text())
-    config["training"]["experiments"] = [{"modes": ["ce"], "tag": "wide", "set": {"gpus": 4, "nodes": 2}},
-                                         {"modes": ["ce"], "tag": "one", "set": {"gpus": 4}}]
+    config["training"]["experiments"] = [
+        {"modes": ["ce"], "tag": "wide", "set": {"gpus": 4, "nodes": 2}},
+        {"modes": ["ce"], "tag": "one", "set": {"gpus": 4}},
+    ]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
-                           "--configfile", str(tmp_path / "config.yaml"), "--profile", str(repo / "profiles/slurm"),
-                           "-n", "--forceall", "results/train/smollm2-pruned15.ce.s0.wide",
-                           "results/train/smollm2-pruned15.ce.s0.one"],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, KDFLOW_SLURM_GPU_MODEL="h100"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(repo / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            "--profile",
+            str(repo / "profiles/slurm"),
+            "-n",
+            "--forceall",
+            "results/train/smollm2-pruned15.ce.s0.wide",
+            "results/train/smollm2-pruned15.ce.s0.one",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, KDFLOW_SLURM_GPU_MODEL="h100"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     blocks = {b.split("wildcards: run=")[1].split()[0]: b for b in proc.stdout.split("rule train:")[1:]}
     wide = blocks["smollm2-pruned15.ce.s0.wide"].split("resources:")[1].splitlines()[0]

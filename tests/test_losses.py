@@ -48,7 +48,7 @@ def log_buckets_naive(z, ids, lp, rest, t, missing_mass):
 
 
 def kl_naive(la, lb):
-    return sum(math.exp(a) * (a - b) for a, b in zip(la, lb))
+    return sum(math.exp(a) * (a - b) for a, b in zip(la, lb, strict=False))
 
 
 def div_naive(lp, lq, divergence, beta=0.5):
@@ -56,7 +56,7 @@ def div_naive(lp, lq, divergence, beta=0.5):
         return kl_naive(lp, lq)
     if divergence == "reverse_kl":
         return kl_naive(lq, lp)
-    lm = [math.log(beta * math.exp(a) + (1 - beta) * math.exp(b)) for a, b in zip(lp, lq)]
+    lm = [math.log(beta * math.exp(a) + (1 - beta) * math.exp(b)) for a, b in zip(lp, lq, strict=False)]
     return beta * kl_naive(lp, lm) + (1 - beta) * kl_naive(lq, lm)
 
 
@@ -72,6 +72,7 @@ def kd_naive(student, ids, lp, rest, mask, t=1.0, divergence="forward_kl", missi
 
 
 # --------------------------------------------------------------------------- CE
+
 
 def test_ce_equals_cross_entropy_on_shifted_masked_positions():
     torch.manual_seed(0)
@@ -126,6 +127,7 @@ def test_ce_empty_and_bf16():
 
 
 # --------------------------------------------------------------------------- top-k KD
+
 
 def test_rest_bucket_with_k_equal_v_is_the_full_vocabulary_kl():
     torch.manual_seed(3)
@@ -335,6 +337,7 @@ def test_topk_refuses_bad_settings_and_ids():
 
 # --------------------------------------------------------------------------- feature KD
 
+
 def feature_case(seed: int, ds: int = 6, dt: int = 9, p: int = 4):
     torch.manual_seed(seed)
     student = torch.randn(B, L, ds, requires_grad=True)
@@ -405,6 +408,7 @@ def test_feature_kd_refuses_positions_beyond_the_student():
 
 
 # --------------------------------------------------------------------------- relation KD
+
 
 def rkd_naive(s: torch.Tensor, t: torch.Tensor) -> tuple[float, float]:
     s, t = s.double(), t.double()
@@ -488,6 +492,7 @@ def test_rkd_small_batches():
 
 # --------------------------------------------------------------------------- combine
 
+
 def test_combine_weighted_sum():
     a = torch.tensor(2.0, requires_grad=True)
     b = torch.tensor(3.0, requires_grad=True)
@@ -509,6 +514,7 @@ def test_combine_refuses_term_without_weight():
 
 
 # --------------------------------------------------------------------------- the fused vocabulary pass
+
 
 @pytest.mark.parametrize("n_rest", [0, 3])
 def test_gathered_logprobs_values_and_gradients_equal_the_naive_formulas(n_rest):

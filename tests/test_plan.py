@@ -32,8 +32,11 @@ def test_each_mode_reads_only_the_caches_its_terms_need(plan):
     embed = "results/cache/smollm2-135m-instruct/embed/index.json"
     hidden = "results/cache/smollm2-135m-instruct/hidden_l20/index.json"
     reads = {mode: plan.train_inputs(f"smollm2-pruned15.{mode}.s0") for mode in ("ce", "rb", "fb", "relb", "mix")}
-    assert reads["ce"] == {"student": "resources/models/smollm2-pruned15/kdflow_model.json",
-                           "heldout": "results/shards/heldout.parquet", "topk": topk}
+    assert reads["ce"] == {
+        "student": "resources/models/smollm2-pruned15/kdflow_model.json",
+        "heldout": "results/shards/heldout.parquet",
+        "topk": topk,
+    }
     assert reads["rb"] == reads["ce"]
     assert reads["fb"] == {**reads["ce"], "hidden": hidden}
     assert reads["relb"] == {**reads["ce"], "embed": embed}
@@ -46,10 +49,18 @@ def test_a_student_with_its_own_vocabulary_reads_the_embed_cache_for_its_text():
 
 
 def test_expected_cache_metadata_names_the_layers_only_for_feature_kd(plan):
-    assert plan.train_expected("smollm2-pruned15.ce.s0") == {"teacher": "smollm2-135m-instruct", "k": 16,
-                                                             "max_length": 128}
-    assert plan.train_expected("smollm2-pruned15.fb.s0") == {"teacher": "smollm2-135m-instruct", "k": 16,
-                                                             "max_length": 128, "layers": [20], "token_ratio": 1.0}
+    assert plan.train_expected("smollm2-pruned15.ce.s0") == {
+        "teacher": "smollm2-135m-instruct",
+        "k": 16,
+        "max_length": 128,
+    }
+    assert plan.train_expected("smollm2-pruned15.fb.s0") == {
+        "teacher": "smollm2-135m-instruct",
+        "k": 16,
+        "max_length": 128,
+        "layers": [20],
+        "token_ratio": 1.0,
+    }
 
 
 def test_every_run_and_baseline_is_evaluated(plan):
@@ -57,9 +68,16 @@ def test_every_run_and_baseline_is_evaluated(plan):
     runs = [f"smollm2-pruned15.{m}.s0" for m in ("ce", "rb", "fb", "relb", "mix")]
     assert list(targets) == [*runs, "smollm2-135m-instruct", "smollm2-pruned15.init"]
     assert plan.eval_params("smollm2-pruned15.rb.s0") == {
-        "kind": "run", "student": "smollm2-pruned15", "mode": "rb", "seed": 0, "tag": None,
+        "kind": "run",
+        "student": "smollm2-pruned15",
+        "mode": "rb",
+        "seed": 0,
+        "tag": None,
         "manifest": "resources/models/smollm2-pruned15/kdflow_model.json",
-        "adapter": "results/train/smollm2-pruned15.rb.s0", "gpus": 0, "model": "smollm2-pruned15.rb.s0"}
+        "adapter": "results/train/smollm2-pruned15.rb.s0",
+        "gpus": 0,
+        "model": "smollm2-pruned15.rb.s0",
+    }
     assert "adapter" not in plan.eval_inputs("smollm2-135m-instruct")
     assert plan.eval_inputs("smollm2-pruned15.rb.s0")["adapter"] == "results/train/smollm2-pruned15.rb.s0"
     assert plan.expected_results()["models"] == sorted(targets)
@@ -68,10 +86,10 @@ def test_every_run_and_baseline_is_evaluated(plan):
 def test_the_final_outputs_hold_every_shard_cache_run_and_evaluation(plan):
     out = plan.final_outputs()
     assert len(out) == len(set(out))
-    assert sum(p.startswith("results/shards/") for p in out) == 5                  # 4 shards + held-out
-    assert sum(p.startswith("results/cache/") for p in out) == 15                  # 3 caches x 5
+    assert sum(p.startswith("results/shards/") for p in out) == 5  # 4 shards + held-out
+    assert sum(p.startswith("results/cache/") for p in out) == 15  # 3 caches x 5
     assert sum(p.startswith("results/train/") for p in out) == 5
-    assert sum(p.startswith("results/eval/") for p in out) == 14                   # 7 models x 2
+    assert sum(p.startswith("results/eval/") for p in out) == 14  # 7 models x 2
     assert out[-4:] == ["results/kdflow.duckdb", "results/summary.csv", "results/summary.md", "results/plots"]
 
 
@@ -88,12 +106,15 @@ def test_a_relative_lm_eval_include_path_is_resolved_against_the_workflow(plan):
     assert plan.config["eval"]["lm_eval"]["include_path"] == "resources/lm_eval_tasks"  # the config is untouched
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda p: p.run_spec("nope.ce.s0"), "run 'nope.ce.s0' is not in the config's training.experiments"),
-    (lambda p: p.eval_target("nope"), "'nope' is neither a training run nor a baseline"),
-    (lambda p: p.model_config("nope"), "model 'nope' is not in the config"),
-    (lambda p: p.cache_index_inputs("topk_k8"), "topk_k8: not a cache of this config"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda p: p.run_spec("nope.ce.s0"), "run 'nope.ce.s0' is not in the config's training.experiments"),
+        (lambda p: p.eval_target("nope"), "'nope' is neither a training run nor a baseline"),
+        (lambda p: p.model_config("nope"), "model 'nope' is not in the config"),
+        (lambda p: p.cache_index_inputs("topk_k8"), "topk_k8: not a cache of this config"),
+    ],
+)
 def test_a_target_outside_the_study_is_refused_naming_what_exists(plan, call, message):
     with pytest.raises(PlanError, match=message):
         call(plan)

@@ -6,7 +6,6 @@ import pytest
 
 from kdflow.records import UnrecognisedRecord, record_to_text
 
-
 # --- format: text -------------------------------------------------------------------------------
 
 
@@ -111,9 +110,7 @@ def test_messages_content_segments():
             {"role": "user", "content": [{"type": "image"}]},
         ]
     }
-    assert record_to_text(rec, "messages") == (
-        "User: What is\nin this picture?\n\nAssistant: A cat."
-    )
+    assert record_to_text(rec, "messages") == ("User: What is\nin this picture?\n\nAssistant: A cat.")
 
 
 def test_messages_text_segment_without_text_is_unrecognised():

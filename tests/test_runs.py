@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import stub_config
 from kdflow.config import ConfigError, load_schema, validate_config
 from kdflow.runs import caches_read, expand_runs, run_name
 from kdflow.schema import deep_merge
-
-from conftest import stub_config
 
 SCHEMA = load_schema()
 
@@ -68,8 +67,7 @@ def test_names_and_count_are_students_x_modes_x_seeds():
     expected = {f"{s}.{m}.s{seed}" for s in ("a", "b") for m in ("ce", "rb") for seed in (0, 1, 7)}
     assert set(runs) == expected and len(runs) == 12
     spec = runs["b.rb.s7"]
-    assert (spec["name"], spec["student"], spec["mode"], spec["seed"], spec["tag"]) == ("b.rb.s7", "b", "rb", 7,
-                                                                                        None)
+    assert (spec["name"], spec["student"], spec["mode"], spec["seed"], spec["tag"]) == ("b.rb.s7", "b", "rb", 7, None)
     assert spec["terms"] == {"ce": 0.5, "rb": 0.5}
 
 
@@ -79,10 +77,14 @@ def test_students_default_to_all_and_seeds_to_zero():
 
 
 def test_tag_is_appended_and_separates_experiments():
-    runs = runs_of({"experiments": [
-        {"students": ["a"], "modes": ["ce"]},
-        {"students": ["a"], "modes": ["ce"], "tag": "lowlr", "set": {"optimizer": {"lr": 0.0001}}},
-    ]})
+    runs = runs_of(
+        {
+            "experiments": [
+                {"students": ["a"], "modes": ["ce"]},
+                {"students": ["a"], "modes": ["ce"], "tag": "lowlr", "set": {"optimizer": {"lr": 0.0001}}},
+            ]
+        }
+    )
     assert set(runs) == {"a.ce.s0", "a.ce.s0.lowlr"}
     assert runs["a.ce.s0.lowlr"]["tag"] == "lowlr"
     assert runs["a.ce.s0.lowlr"]["optimizer"]["lr"] == 0.0001
@@ -104,26 +106,30 @@ def test_every_run_setting_is_in_the_spec_with_its_default():
 
 
 def test_set_merges_nested_over_the_defaults():
-    runs = runs_of({
-        "defaults": {"lora": {"alpha": 8}, "batch_size": 2},
-        "experiments": [{"students": ["a"], "modes": ["ce"], "set": {"lora": {"r": 4}, "temperature": 2.0}}],
-    })
+    runs = runs_of(
+        {
+            "defaults": {"lora": {"alpha": 8}, "batch_size": 2},
+            "experiments": [{"students": ["a"], "modes": ["ce"], "set": {"lora": {"r": 4}, "temperature": 2.0}}],
+        }
+    )
     spec = runs["a.ce.s0"]
-    assert spec["lora"]["r"] == 4                       # from set
-    assert spec["lora"]["alpha"] == 8                   # from training.defaults, kept by the nested merge
-    assert spec["lora"]["dropout"] == 0.0               # schema default, kept
+    assert spec["lora"]["r"] == 4  # from set
+    assert spec["lora"]["alpha"] == 8  # from training.defaults, kept by the nested merge
+    assert spec["lora"]["dropout"] == 0.0  # schema default, kept
     assert spec["lora"]["target_modules"][0] == "q_proj"
     assert spec["batch_size"] == 2 and spec["temperature"] == 2.0
 
 
 def test_set_replaces_lists_and_does_not_leak_between_experiments():
-    runs = runs_of({
-        "defaults": {"fb": {"layer_map": [{"student": 5, "teacher": 20}]}},
-        "experiments": [
-            {"students": ["a"], "modes": ["fb"], "set": {"fb": {"layer_map": [{"student": 1, "teacher": 20}]}}},
-            {"students": ["b"], "modes": ["fb"]},
-        ],
-    })
+    runs = runs_of(
+        {
+            "defaults": {"fb": {"layer_map": [{"student": 5, "teacher": 20}]}},
+            "experiments": [
+                {"students": ["a"], "modes": ["fb"], "set": {"fb": {"layer_map": [{"student": 1, "teacher": 20}]}}},
+                {"students": ["b"], "modes": ["fb"]},
+            ],
+        }
+    )
     assert runs["a.fb.s0"]["fb"] == {"layer_map": [{"student": 1, "teacher": 20}], "loss": "cosine"}
     assert runs["b.fb.s0"]["fb"]["layer_map"] == [{"student": 5, "teacher": 20}]
     runs["a.fb.s0"]["lora"]["r"] = 99
@@ -141,10 +147,12 @@ def test_deep_merge_does_not_touch_its_inputs():
 
 
 def test_zero_weights_are_dropped_from_terms():
-    runs = runs_of({
-        "modes": {"half": {"ce": 1.0, "rb": 0, "relb": 0.25}},
-        "experiments": [{"students": ["a"], "modes": ["half"]}],
-    })
+    runs = runs_of(
+        {
+            "modes": {"half": {"ce": 1.0, "rb": 0, "relb": 0.25}},
+            "experiments": [{"students": ["a"], "modes": ["half"]}],
+        }
+    )
     assert runs["a.half.s0"]["terms"] == {"ce": 1.0, "relb": 0.25}
     assert caches_read(runs["a.half.s0"]["terms"], own_vocab=False) == {"embed": True, "hidden": False}
     assert caches_read({"ce": 1.0, "fb": 1.0}, own_vocab=False) == {"embed": False, "hidden": True}
@@ -154,8 +162,9 @@ def test_zero_weights_are_dropped_from_terms():
 def test_given_modes_replace_the_default_modes():
     config = validate_config(config_with({"modes": {"only": {"ce": 1}}}), SCHEMA)
     assert config["training"]["modes"] == {"only": {"ce": 1}}
-    assert "unknown mode 'rb'" in one(refused({"modes": {"only": {"ce": 1}},
-                                               "experiments": [{"modes": ["rb"]}]}), "unknown mode")
+    assert "unknown mode 'rb'" in one(
+        refused({"modes": {"only": {"ce": 1}}, "experiments": [{"modes": ["rb"]}]}), "unknown mode"
+    )
 
 
 def test_own_vocab_student_may_run_relb_and_ce():
@@ -164,9 +173,13 @@ def test_own_vocab_student_may_run_relb_and_ce():
 
 
 def test_fb_with_a_cached_layer_is_accepted():
-    runs = runs_of({"defaults": {"fb": {"layer_map": [{"student": 1, "teacher": 12}]}},
-                    "experiments": [{"students": ["a"], "modes": ["fb", "mix"]}]},
-                   teacher_cache={"hidden_layers": [12, 20]})
+    runs = runs_of(
+        {
+            "defaults": {"fb": {"layer_map": [{"student": 1, "teacher": 12}]}},
+            "experiments": [{"students": ["a"], "modes": ["fb", "mix"]}],
+        },
+        teacher_cache={"hidden_layers": [12, 20]},
+    )
     assert set(runs) == {"a.fb.s0", "a.mix.s0"}
 
 
@@ -176,8 +189,9 @@ def test_epochs_instead_of_steps_is_accepted():
 
 
 def test_shipped_configs_expand():
-    from kdflow.config import load_config
     from pathlib import Path
+
+    from kdflow.config import load_config
 
     for path in sorted((Path(__file__).resolve().parents[1] / "config").glob("*.yaml")):
         if path.name == "schema.yaml":
@@ -204,8 +218,10 @@ def test_unknown_mode_is_refused():
 
 @pytest.mark.parametrize("mode", ["rb", "fb", "mix"])
 def test_rb_and_fb_are_refused_for_an_own_vocab_student(mode):
-    training = {"defaults": {"fb": {"layer_map": [{"student": 1, "teacher": 20}]}},
-                "experiments": [{"students": ["a", "own"], "modes": [mode]}]}
+    training = {
+        "defaults": {"fb": {"layer_map": [{"student": 1, "teacher": 20}]}},
+        "experiments": [{"students": ["a", "own"], "modes": [mode]}],
+    }
     problems = refused(training)
     assert all("student 'own' has vocab: own" in p for p in problems), problems
     used = [t for t in ("rb", "fb") if t in {"rb": "rb", "fb": "fb", "mix": "rb fb"}[mode]]
@@ -220,9 +236,15 @@ def test_fb_needs_a_layer_map():
 
 
 def test_fb_teacher_layer_must_be_cached():
-    training = {"experiments": [{"students": ["a"], "modes": ["fb"],
-                                 "set": {"fb": {"layer_map": [{"student": 1, "teacher": 20},
-                                                              {"student": 2, "teacher": 7}]}}}]}
+    training = {
+        "experiments": [
+            {
+                "students": ["a"],
+                "modes": ["fb"],
+                "set": {"fb": {"layer_map": [{"student": 1, "teacher": 20}, {"student": 2, "teacher": 7}]}},
+            }
+        ]
+    }
     problem = one(refused(training, teacher_cache={"hidden_layers": [20]}), "not cached")
     assert problem.startswith("training.experiments[0]: fb.layer_map[1].teacher = 7 is not cached")
     assert "teacher_cache.hidden_layers = [20]" in problem
@@ -230,8 +252,12 @@ def test_fb_teacher_layer_must_be_cached():
 
 def test_layer_map_is_only_checked_for_fb_runs():
     # an uncached layer in the defaults does not matter to runs without fb
-    runs = runs_of({"defaults": {"fb": {"layer_map": [{"student": 1, "teacher": 3}]}},
-                    "experiments": [{"students": ["a"], "modes": ["ce", "rb", "relb"]}]})
+    runs = runs_of(
+        {
+            "defaults": {"fb": {"layer_map": [{"student": 1, "teacher": 3}]}},
+            "experiments": [{"students": ["a"], "modes": ["ce", "rb", "relb"]}],
+        }
+    )
     assert len(runs) == 3
 
 
@@ -241,8 +267,9 @@ def test_steps_and_epochs_both_null_is_refused():
 
 
 def test_duplicate_run_names_across_experiments_are_refused():
-    problems = refused({"experiments": [{"modes": ["ce"], "seeds": [0, 1]},
-                                        {"students": ["b"], "modes": ["rb", "ce"], "seeds": [1]}]})
+    problems = refused(
+        {"experiments": [{"modes": ["ce"], "seeds": [0, 1]}, {"students": ["b"], "modes": ["rb", "ce"], "seeds": [1]}]}
+    )
     problem = one(problems, "b.ce.s1")
     assert problem.startswith("training.experiments[1]: run 'b.ce.s1' is also made by training.experiments[0]")
     assert "different tag" in problem
@@ -258,70 +285,94 @@ def test_a_mode_with_only_zero_weights_is_refused():
     assert problem.startswith("training.modes.nothing: every weight is 0")
 
 
-@pytest.mark.parametrize("bad_set, key", [
-    ({"lora": {"rank": 4}}, "training.experiments[0].set.lora.rank"),
-    ({"rank": 4}, "training.experiments[0].set.rank"),
-    ({"optimizer": {"learning_rate": 0.1}}, "training.experiments[0].set.optimizer.learning_rate"),
-    ({"fb": {"layer_map": [{"student": 1, "teacher": 20, "weight": 2}]}},
-     "training.experiments[0].set.fb.layer_map[0].weight"),
-], ids=["nested", "top", "optimizer", "list-item"])
+@pytest.mark.parametrize(
+    "bad_set, key",
+    [
+        ({"lora": {"rank": 4}}, "training.experiments[0].set.lora.rank"),
+        ({"rank": 4}, "training.experiments[0].set.rank"),
+        ({"optimizer": {"learning_rate": 0.1}}, "training.experiments[0].set.optimizer.learning_rate"),
+        (
+            {"fb": {"layer_map": [{"student": 1, "teacher": 20, "weight": 2}]}},
+            "training.experiments[0].set.fb.layer_map[0].weight",
+        ),
+    ],
+    ids=["nested", "top", "optimizer", "list-item"],
+)
 def test_unknown_key_in_set_is_refused_with_its_path(bad_set, key):
     problems = refused({"experiments": [{"students": ["a"], "modes": ["ce"], "set": bad_set}]})
     assert re.search(rf"^unknown key {re.escape(key)}\b", one(problems, "unknown key")), problems
 
 
 def test_every_unknown_key_in_set_gets_its_full_path():
-    problem = one(refused({"experiments": [{"modes": ["ce"], "set": {"lora": {"rank": 4, "size": 1}}}]}),
-                  "unknown key")
+    problem = one(refused({"experiments": [{"modes": ["ce"], "set": {"lora": {"rank": 4, "size": 1}}}]}), "unknown key")
     assert "training.experiments[0].set.lora.rank" in problem
     assert "training.experiments[0].set.lora.size" in problem
 
 
-@pytest.mark.parametrize("bad_set, key", [
-    ({"lora": {"r": 0}}, "training.experiments[1].set.lora.r"),
-    ({"temperature": 0}, "training.experiments[1].set.temperature"),
-    ({"divergence": "kl"}, "training.experiments[1].set.divergence"),
-    ({"missing_mass": "drop"}, "training.experiments[1].set.missing_mass"),
-    ({"optimizer": {"betas": [0.9]}}, "training.experiments[1].set.optimizer.betas"),
-    ({"steps": 2.5}, "training.experiments[1].set.steps"),
-    ({"lora": 5}, "training.experiments[1].set.lora"),
-], ids=["lora-r", "temperature", "divergence", "missing_mass", "betas", "steps-float", "lora-type"])
+@pytest.mark.parametrize(
+    "bad_set, key",
+    [
+        ({"lora": {"r": 0}}, "training.experiments[1].set.lora.r"),
+        ({"temperature": 0}, "training.experiments[1].set.temperature"),
+        ({"divergence": "kl"}, "training.experiments[1].set.divergence"),
+        ({"missing_mass": "drop"}, "training.experiments[1].set.missing_mass"),
+        ({"optimizer": {"betas": [0.9]}}, "training.experiments[1].set.optimizer.betas"),
+        ({"steps": 2.5}, "training.experiments[1].set.steps"),
+        ({"lora": 5}, "training.experiments[1].set.lora"),
+    ],
+    ids=["lora-r", "temperature", "divergence", "missing_mass", "betas", "steps-float", "lora-type"],
+)
 def test_wrong_value_in_set_is_refused_with_its_path(bad_set, key):
     problems = refused({"experiments": [{"modes": ["ce"]}, {"modes": ["ce"], "tag": "bad", "set": bad_set}]})
     assert re.search(rf"^{re.escape(key)}: ", one(problems, re.escape(key))), problems
 
 
-@pytest.mark.parametrize("training, key", [
-    ({"defaults": {"lora": {"rank": 4}}}, "unknown key training.defaults.lora.rank"),
-    ({"defaults": {"temperature": -1}}, "training.defaults.temperature: "),
-    ({"modes": {"x": {"ce": 1, "kd": 1}}}, "unknown key training.modes.x.kd"),
-    ({"modes": {"x": {"ce": -1}}}, "training.modes.x.ce: "),
-    ({"modes": {"x": {}}}, "training.modes.x: "),
-    ({"modes": {"a.b": {"ce": 1}}}, "training.modes: "),
-    ({"experiments": [{"students": ["a"]}]}, "training.experiments[0]: 'modes' is a required property"),
-    ({"experiments": [{"modes": ["ce"], "tag": "has.dot"}]}, "training.experiments[0].tag: "),
-    ({"experiments": [{"modes": ["ce"], "seeds": [1, 1]}]}, "training.experiments[0].seeds: "),
-    ({"experiments": [{"modes": ["ce"], "seed": [1]}]}, "unknown key training.experiments[0].seed"),
-], ids=["defaults-unknown", "defaults-value", "terms-unknown", "terms-negative", "terms-empty", "mode-name",
-        "no-modes", "tag-pattern", "seeds-unique", "experiment-unknown"])
+@pytest.mark.parametrize(
+    "training, key",
+    [
+        ({"defaults": {"lora": {"rank": 4}}}, "unknown key training.defaults.lora.rank"),
+        ({"defaults": {"temperature": -1}}, "training.defaults.temperature: "),
+        ({"modes": {"x": {"ce": 1, "kd": 1}}}, "unknown key training.modes.x.kd"),
+        ({"modes": {"x": {"ce": -1}}}, "training.modes.x.ce: "),
+        ({"modes": {"x": {}}}, "training.modes.x: "),
+        ({"modes": {"a.b": {"ce": 1}}}, "training.modes: "),
+        ({"experiments": [{"students": ["a"]}]}, "training.experiments[0]: 'modes' is a required property"),
+        ({"experiments": [{"modes": ["ce"], "tag": "has.dot"}]}, "training.experiments[0].tag: "),
+        ({"experiments": [{"modes": ["ce"], "seeds": [1, 1]}]}, "training.experiments[0].seeds: "),
+        ({"experiments": [{"modes": ["ce"], "seed": [1]}]}, "unknown key training.experiments[0].seed"),
+    ],
+    ids=[
+        "defaults-unknown",
+        "defaults-value",
+        "terms-unknown",
+        "terms-negative",
+        "terms-empty",
+        "mode-name",
+        "no-modes",
+        "tag-pattern",
+        "seeds-unique",
+        "experiment-unknown",
+    ],
+)
 def test_schema_refuses_bad_training_keys_with_their_path(training, key):
     problems = refused(training)
     assert any(p.startswith(key) for p in problems), problems
 
 
 def test_a_bad_set_does_not_hide_the_other_experiments_problems():
-    problems = refused({"experiments": [{"modes": ["ce"], "set": {"lora": {"rank": 4}}},
-                                        {"students": ["ghost"], "modes": ["ce"]}]})
+    problems = refused(
+        {"experiments": [{"modes": ["ce"], "set": {"lora": {"rank": 4}}}, {"students": ["ghost"], "modes": ["ce"]}]}
+    )
     one(problems, r"training\.experiments\[0\]\.set\.lora\.rank")
     one(problems, r"training\.experiments\[1\]\.students: unknown student 'ghost'")
 
 
 def test_expand_runs_reports_instead_of_raising():
     config = validate_config(config_with(None), SCHEMA)
-    config["training"]["experiments"] = [{"students": ["a"], "modes": ["ce"], "seeds": [0], "set": {},
-                                          "tag": None},
-                                         {"students": ["a"], "modes": ["nope"], "seeds": [0], "set": {},
-                                          "tag": None}]
+    config["training"]["experiments"] = [
+        {"students": ["a"], "modes": ["ce"], "seeds": [0], "set": {}, "tag": None},
+        {"students": ["a"], "modes": ["nope"], "seeds": [0], "set": {}, "tag": None},
+    ]
     runs, problems = expand_runs(config, SCHEMA)
     assert set(runs) == {"a.ce.s0"}
     assert len(problems) == 1 and problems[0].startswith("training.experiments[1].modes: unknown mode 'nope'")

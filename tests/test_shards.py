@@ -7,18 +7,31 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from kdflow.corpus import HELDOUT, build_corpus, shard_name
+from kdflow.corpus import HELDOUT, shard_name
 from kdflow.shards import ShardError, read_texts, shard_index, write_shard
 
 
-@pytest.mark.parametrize("name, index", [("heldout", HELDOUT), ("shard_00000", 0), ("shard_00042", 42),
-                                         ("shard_99999", 99999)])
+@pytest.mark.parametrize(
+    "name, index", [("heldout", HELDOUT), ("shard_00000", 0), ("shard_00042", 42), ("shard_99999", 99999)]
+)
 def test_shard_index(name, index):
     assert shard_index(name) == index
 
 
-@pytest.mark.parametrize("name", ["shard_42", "shard_000042", "shard_0004x", "shard-00042", "Heldout",
-                                  "heldout.parquet", "shard_00042.parquet", "", "train"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "shard_42",
+        "shard_000042",
+        "shard_0004x",
+        "shard-00042",
+        "Heldout",
+        "heldout.parquet",
+        "shard_00042.parquet",
+        "",
+        "train",
+    ],
+)
 def test_shard_index_refuses_other_names(name):
     with pytest.raises(ShardError, match="not a shard name"):
         shard_index(name)
@@ -30,8 +43,9 @@ def test_shard_name_round_trips():
 
 
 def corpus_rows(path, index: int) -> list[dict]:
-    return [{k: r[k] for k in ("doc_id", "source", "text")}
-            for r in pq.read_table(path).to_pylist() if r["shard"] == index]
+    return [
+        {k: r[k] for k in ("doc_id", "source", "text")} for r in pq.read_table(path).to_pylist() if r["shard"] == index
+    ]
 
 
 @pytest.mark.parametrize("name", ["shard_00000", "shard_00002", "heldout"])

@@ -31,9 +31,21 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # CI-only settings, never written into profiles/slurm: no slurmdbd here (squeue, not sacct, for status), a
 # first status check after 1 s, and one torch thread per job (the profile asks for 16-32 per GPU job).
-SLURM_CI_ARGS = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
-                 "--slurm-no-account", "--set-threads", "prepare_models=1", "topk_cache=1", "hidden_cache=1",
-                 "train=2", "eval=1", "--latency-wait", "5"]
+SLURM_CI_ARGS = [
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--slurm-no-account",
+    "--set-threads",
+    "prepare_models=1",
+    "topk_cache=1",
+    "hidden_cache=1",
+    "train=2",
+    "eval=1",
+    "--latency-wait",
+    "5",
+]
 LONG, REF, DDP = "tiny-student.rb.s0.long", "tiny-student.rb.s0.ref", "tiny-student.ce.s0.ddp"
 STUDY_TIMEOUT = 900
 
@@ -53,8 +65,10 @@ def cluster():
     if cluster_running():
         return
     if os.environ.get("KDFLOW_REQUIRE_SLURM") == "1":
-        pytest.fail("KDFLOW_REQUIRE_SLURM=1 but no SLURM cluster with partitions cpu and h100 answers "
-                    "(start one with: bash .ci/slurm/cluster.sh up /tmp/kdflow-slurm)")
+        pytest.fail(
+            "KDFLOW_REQUIRE_SLURM=1 but no SLURM cluster with partitions cpu and h100 answers "
+            "(start one with: bash .ci/slurm/cluster.sh up /tmp/kdflow-slurm)"
+        )
     pytest.skip("no SLURM cluster with partitions cpu and h100 (bash .ci/slurm/cluster.sh up DIR starts one)")
 
 
@@ -64,14 +78,25 @@ def study_config(workdir: Path, teacher_dir: Path) -> dict:
     return {
         "teacher": {"name": "tiny-teacher", "source": {"kind": "hf", "path": str(teacher_dir)}},
         "students": [{"name": "tiny-student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}}],
-        "data": {"sources": [{"name": "code", "kind": "text_files", "paths": [str(docs / "*.py")]}],
-                 "n_shards": 1, "min_chars": 10, "max_chars": 60, "long_docs": "split",
-                 "heldout": {"fraction": 0.2, "max_docs": 4}},
+        "data": {
+            "sources": [{"name": "code", "kind": "text_files", "paths": [str(docs / "*.py")]}],
+            "n_shards": 1,
+            "min_chars": 10,
+            "max_chars": 60,
+            "long_docs": "split",
+            "heldout": {"fraction": 0.2, "max_docs": 4},
+        },
         "prepare": {"max_length": 32, "batch_size": 4, "ppl_max_docs": 4},
         "teacher_cache": {"k": 4, "max_length": 24, "batch_size": 4, "rows_per_part": 8, "hidden_layers": [2]},
         "training": {
-            "defaults": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "heldout_docs": 2,
-                         "lora": {"r": 2, "alpha": 4}, "fb": {"layer_map": [{"student": 1, "teacher": 2}]}},
+            "defaults": {
+                "steps": 4,
+                "batch_size": 2,
+                "checkpoint_every": 2,
+                "heldout_docs": 2,
+                "lora": {"r": 2, "alpha": 4},
+                "fb": {"layer_map": [{"student": 1, "teacher": 2}]},
+            },
             "experiments": [
                 # the run that is preempted, and its twin that is not
                 {"modes": ["rb"], "tag": "long", "set": rb_long},
@@ -86,21 +111,40 @@ def study_config(workdir: Path, teacher_dir: Path) -> dict:
 
 
 def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-            "--configfile", str(workdir / "config.yaml"), "--profile", str(REPO / "profiles/slurm"),
-            *SLURM_CI_ARGS, *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--profile",
+        str(REPO / "profiles/slurm"),
+        *SLURM_CI_ARGS,
+        *args,
+    ]
 
 
 def squeue_jobs(name: str) -> list[dict]:
     """Every job of one Snakemake run (its jobs carry the run's uuid as name), finished ones included."""
-    out = subprocess.run(["squeue", "-h", "--states=all", "--name", name, "-o", "%i|%T|%k"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    return [dict(zip(("id", "state", "comment"), line.split("|", 2))) for line in out.splitlines() if line]
+    out = subprocess.run(
+        ["squeue", "-h", "--states=all", "--name", name, "-o", "%i|%T|%k"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    fields = ("id", "state", "comment")
+    return [dict(zip(fields, line.split("|", 2), strict=False)) for line in out.splitlines() if line]
 
 
 def job_details(job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30,
-                         check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -121,8 +165,9 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
     (workdir / "config.yaml").write_text(yaml.safe_dump(study_config(workdir, tiny_teacher_dir)))
     log = open(workdir / "snakemake.out", "w")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.Popen(snakemake_cmd(workdir), stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        snakemake_cmd(workdir), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     ckpts = workdir / "results/checkpoints" / LONG / "checkpoints"
     requeued = None
     deadline = time.time() + STUDY_TIMEOUT
@@ -151,8 +196,9 @@ def release_requeued(job_id: str, timeout: float = 120) -> None:
     processes have stopped), let it start at once."""
     deadline, out, pending = time.time() + timeout, "", False
     while time.time() < deadline:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True,
-                             timeout=30).stdout.strip()
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
         pending = pending or out.startswith("PENDING")
         if out == "PENDING|BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
@@ -176,8 +222,16 @@ def test_every_job_ran_on_slurm_and_the_study_is_complete(study):
     workdir = study["workdir"]
     jobs = squeue_jobs(study["uuid"])
     rules = {rule_of(j["comment"]) for j in jobs}
-    assert {"corpus", "shard", "prepare_models", "topk_cache", "hidden_cache", "train", "eval",
-            "parse_results"} <= rules, rules
+    assert {
+        "corpus",
+        "shard",
+        "prepare_models",
+        "topk_cache",
+        "hidden_cache",
+        "train",
+        "eval",
+        "parse_results",
+    } <= rules, rules
     assert all(j["state"] == "COMPLETED" for j in jobs), [j for j in jobs if j["state"] != "COMPLETED"]
     for run in (LONG, REF, DDP):
         assert (workdir / "results/train" / run / "adapter_model.safetensors").is_file()

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,15 +16,23 @@ from kdflow.cache_format import CacheReader, PartWriter
 from kdflow.models import load_model, load_tokenizer, read_manifest
 from kdflow.prepare import prepare_teacher
 from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
-
 from tiny_models import one_thread, tiny_teacher_dir, write_shard  # noqa: F401 (fixtures)
 
 PREP = {"device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 2, "ppl_max_docs": 0}
-SETTINGS = dict(k=4, max_length=24, batch_size=3, rows_per_part=5, device="cpu", dtype="float32",
-                hidden_layers=[2], hidden_token_ratio=1.0, hidden_token_seed=0)
-LP_TOL = 1e-2      # float16 storage of log-probabilities
-MASS_TOL = 2e-3    # probabilities recovered from float16 log-probabilities
-H_TOL = 5e-3       # float16 storage of hidden states (|h| of order 1)
+SETTINGS = dict(
+    k=4,
+    max_length=24,
+    batch_size=3,
+    rows_per_part=5,
+    device="cpu",
+    dtype="float32",
+    hidden_layers=[2],
+    hidden_token_ratio=1.0,
+    hidden_token_seed=0,
+)
+LP_TOL = 1e-2  # float16 storage of log-probabilities
+MASS_TOL = 2e-3  # probabilities recovered from float16 log-probabilities
+H_TOL = 5e-3  # float16 storage of hidden states (|h| of order 1)
 
 # 12 documents, ASCII, of 1 to ~60 tokens: five are longer than max_length=24 and get truncated.
 TEXTS = [
@@ -82,13 +89,25 @@ def shard(tmp_path_factory):
 
 
 def topk_job(root: Path, shard: Path, manifest: Path, **settings) -> CacheJob:
-    return CacheJob("topk", shard, {"topk": root / "topk.parquet", "embed": root / "embed.parquet"},
-                    root / ".partial" / "topk", manifest, {**SETTINGS, **settings})
+    return CacheJob(
+        "topk",
+        shard,
+        {"topk": root / "topk.parquet", "embed": root / "embed.parquet"},
+        root / ".partial" / "topk",
+        manifest,
+        {**SETTINGS, **settings},
+    )
 
 
 def hidden_job(root: Path, shard: Path, manifest: Path, **settings) -> CacheJob:
-    return CacheJob("hidden", shard, {"hidden": root / "hidden.parquet"}, root / ".partial" / "hidden", manifest,
-                    {**SETTINGS, **settings})
+    return CacheJob(
+        "hidden",
+        shard,
+        {"hidden": root / "hidden.parquet"},
+        root / ".partial" / "hidden",
+        manifest,
+        {**SETTINGS, **settings},
+    )
 
 
 def docs_of(path: Path, kind: str) -> dict[int, dict]:
@@ -112,8 +131,11 @@ def reference(model, tokenizer):
         for i, text in enumerate(TEXTS):
             ids = tokenizer(text)["input_ids"][: SETTINGS["max_length"]]
             res = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-            out[i] = {"ids": ids, "logp": torch.log_softmax(res.logits[0].float(), -1),
-                      "hidden": [h[0].float() for h in res.hidden_states]}
+            out[i] = {
+                "ids": ids,
+                "logp": torch.log_softmax(res.logits[0].float(), -1),
+                "hidden": [h[0].float() for h in res.hidden_states],
+            }
     return out
 
 
@@ -131,6 +153,7 @@ def _assert_topk_matches(doc: dict, logp: torch.Tensor, k: int) -> None:
 
 
 # --------------------------------------------------------------------------- top-k cache
+
 
 def test_topk_equals_full_vocabulary_log_softmax_and_is_not_renormalised(topk_run, reference):
     _, _, topk, _ = topk_run
@@ -158,10 +181,17 @@ def test_row_j_holds_the_distribution_predicting_token_j_plus_1(topk_run, model,
         for j in (0, 1, n // 2, n - 2, n - 1):
             prefix = torch.from_numpy(doc["input_ids"][: j + 1].astype(np.int64))[None]
             logp = torch.log_softmax(model(input_ids=prefix).logits[0, -1].float(), -1)
-            _assert_topk_matches({"topk_ids": doc["topk_ids"][j:j + 1], "topk_logprobs": doc["topk_logprobs"][j:j + 1]},
-                                 logp[None], SETTINGS["k"])
-            torch.testing.assert_close(torch.tensor(float(doc["rest_logprob"][j])),
-                                       torch.log1p(-logp.exp().topk(SETTINGS["k"]).values.sum()), atol=LP_TOL, rtol=0)
+            _assert_topk_matches(
+                {"topk_ids": doc["topk_ids"][j : j + 1], "topk_logprobs": doc["topk_logprobs"][j : j + 1]},
+                logp[None],
+                SETTINGS["k"],
+            )
+            torch.testing.assert_close(
+                torch.tensor(float(doc["rest_logprob"][j])),
+                torch.log1p(-logp.exp().topk(SETTINGS["k"]).values.sum()),
+                atol=LP_TOL,
+                rtol=0,
+            )
     # and the cached distributions differ from one row to the next (no row is repeated or shifted in)
     assert not np.array_equal(doc["topk_ids"][:-1], doc["topk_ids"][1:])
 
@@ -222,20 +252,29 @@ def test_padding_in_a_batch_changes_nothing(tmp_path, shard, teacher_manifest, t
     for i in batched:
         a, b = single[i], batched[i]
         assert np.array_equal(a["input_ids"], b["input_ids"])
-        np.testing.assert_allclose(a["topk_logprobs"].astype(np.float32), b["topk_logprobs"].astype(np.float32),
-                                   atol=2e-3, rtol=0)
-        np.testing.assert_allclose(a["rest_logprob"].astype(np.float32), b["rest_logprob"].astype(np.float32),
-                                   atol=2e-3, rtol=0)
+        np.testing.assert_allclose(
+            a["topk_logprobs"].astype(np.float32), b["topk_logprobs"].astype(np.float32), atol=2e-3, rtol=0
+        )
+        np.testing.assert_allclose(
+            a["rest_logprob"].astype(np.float32), b["rest_logprob"].astype(np.float32), atol=2e-3, rtol=0
+        )
         differ = a["topk_ids"] != b["topk_ids"]  # only near-ties may swap
         assert differ.mean() < 0.05
-        np.testing.assert_allclose(a["topk_logprobs"][differ].astype(np.float32),
-                                   b["topk_logprobs"][differ].astype(np.float32), atol=2e-3, rtol=0)
-        np.testing.assert_allclose(single_embed[i]["embedding"].astype(np.float32),
-                                   batched_embed[i]["embedding"].astype(np.float32), atol=2e-3, rtol=1e-3)
+        np.testing.assert_allclose(
+            a["topk_logprobs"][differ].astype(np.float32),
+            b["topk_logprobs"][differ].astype(np.float32),
+            atol=2e-3,
+            rtol=0,
+        )
+        np.testing.assert_allclose(
+            single_embed[i]["embedding"].astype(np.float32),
+            batched_embed[i]["embedding"].astype(np.float32),
+            atol=2e-3,
+            rtol=1e-3,
+        )
 
 
-def test_jobs_run_on_a_given_setup_and_topk_pass_runs_nothing(tmp_path, shard, teacher_manifest, topk_run,
-                                                                 monkeypatch):
+def test_jobs_run_on_a_given_setup_and_topk_pass_runs_nothing(tmp_path, shard, teacher_manifest, topk_run, monkeypatch):
     """A caller that has loaded the teacher and tokenised the shard (bench/capture.py) passes them in: the
     files are the same as from a job that loads them itself, and nothing is loaded again."""
     clean_job, _, _, _ = topk_run
@@ -273,7 +312,7 @@ def test_every_document_once_and_one_row_group_per_part(topk_run, shard):
     for name, path in job.outputs.items():
         table = pq.read_table(path, columns=["doc_index", "doc_id"])
         assert sorted(table.column("doc_index").to_pylist()) == list(range(n_docs)), name
-        ids = dict(zip(table.column("doc_index").to_pylist(), table.column("doc_id").to_pylist()))
+        ids = dict(zip(table.column("doc_index").to_pylist(), table.column("doc_id").to_pylist(), strict=False))
         assert ids == {i: f"doc-{i:02d}" for i in range(n_docs)}
         assert pq.ParquetFile(path).num_row_groups == math.ceil(n_docs / SETTINGS["rows_per_part"]) == 3
     meta = CacheReader.open(job.outputs["topk"], "topk", expected={"k": 4, "max_length": 24}).meta
@@ -283,6 +322,7 @@ def test_every_document_once_and_one_row_group_per_part(topk_run, shard):
 
 
 # --------------------------------------------------------------------------- hidden-state cache
+
 
 def test_hidden_cache_equals_output_hidden_states(tmp_path, shard, teacher_manifest, reference):
     layers = [0, 1, 2, 4]  # embeddings, decoder layers 1 and 2, and after the final norm
@@ -299,14 +339,25 @@ def test_hidden_cache_equals_output_hidden_states(tmp_path, shard, teacher_manif
         for layer in layers:
             got = doc[f"hidden_l{layer}"]
             assert got.dtype == np.float16 and got.shape == (n, 32)
-            np.testing.assert_allclose(got.astype(np.float32), reference[i]["hidden"][layer].numpy(),
-                                       atol=H_TOL, rtol=1e-3, err_msg=f"doc {i} layer {layer}")
+            np.testing.assert_allclose(
+                got.astype(np.float32),
+                reference[i]["hidden"][layer].numpy(),
+                atol=H_TOL,
+                rtol=1e-3,
+                err_msg=f"doc {i} layer {layer}",
+            )
 
 
 def test_hidden_token_subset_is_seeded_sorted_and_matches(tmp_path, shard, teacher_manifest, reference):
     def run(name: str, seed: int) -> dict[int, dict]:
-        job = hidden_job(tmp_path / name, shard, teacher_manifest, hidden_layers=[1, 3],
-                         hidden_token_ratio=0.5, hidden_token_seed=seed)
+        job = hidden_job(
+            tmp_path / name,
+            shard,
+            teacher_manifest,
+            hidden_layers=[1, 3],
+            hidden_token_ratio=0.5,
+            hidden_token_seed=seed,
+        )
         capture_hidden(job)
         return docs_of(job.outputs["hidden"], "hidden")
 
@@ -337,6 +388,7 @@ def test_hidden_pass_stops_after_deepest_layer(tmp_path, shard, teacher_manifest
     def counter(name):
         def hook(*_):
             calls[name] += 1
+
         return hook
 
     for idx, layer in enumerate(held.model.layers):
@@ -352,8 +404,9 @@ def test_hidden_pass_stops_after_deepest_layer(tmp_path, shard, teacher_manifest
     assert calls == {"layer0": batches, "layer1": batches, "layer2": 0, "layer3": 0, "norm": 0, "lm_head": 0}
     assert summary["passes_per_token"] == 2 / 4
     for i, doc in docs_of(job.outputs["hidden"], "hidden").items():
-        np.testing.assert_allclose(doc["hidden_l2"].astype(np.float32), reference[i]["hidden"][2].numpy(),
-                                   atol=H_TOL, rtol=1e-3)
+        np.testing.assert_allclose(
+            doc["hidden_l2"].astype(np.float32), reference[i]["hidden"][2].numpy(), atol=H_TOL, rtol=1e-3
+        )
     # the stopping hooks are gone afterwards: the model runs to the end again
     with torch.inference_mode():
         held(input_ids=torch.tensor([reference[0]["ids"]]))
@@ -368,6 +421,7 @@ def test_hidden_layers_out_of_range_refused(tmp_path, shard, teacher_manifest, l
 
 
 # --------------------------------------------------------------------------- resumability
+
 
 class Killed(Exception):
     pass
@@ -392,8 +446,10 @@ def kill_at_write(monkeypatch, n: int) -> None:
 
 
 def tables_equal(a: Path, b: Path) -> bool:
-    return pq.read_table(a).equals(pq.read_table(b)) and \
-        pq.ParquetFile(a).num_row_groups == pq.ParquetFile(b).num_row_groups
+    return (
+        pq.read_table(a).equals(pq.read_table(b))
+        and pq.ParquetFile(a).num_row_groups == pq.ParquetFile(b).num_row_groups
+    )
 
 
 def test_killed_job_resumes_from_finished_parts(tmp_path, shard, teacher_manifest, topk_run, monkeypatch):
@@ -459,13 +515,15 @@ def test_stale_partial_part_is_recomputed(tmp_path, shard, teacher_manifest, top
     assert not job.partial_dir.exists()
 
 
-def test_partial_part_from_other_teacher_weights_is_recomputed(tmp_path, shard, teacher_manifest, topk_run,
-                                                              tiny_teacher_dir, monkeypatch):
+def test_partial_part_from_other_teacher_weights_is_recomputed(
+    tmp_path, shard, teacher_manifest, topk_run, tiny_teacher_dir, monkeypatch
+):
     """The teacher's weights change (same name, e.g. another teacher.source.path), after a killed job."""
     clean_job, _, _, _ = topk_run
     ref = {"load_path": str(tiny_teacher_dir), "origin": "local_dir"}
-    other_manifest = make_teacher(tmp_path / "other_teacher", load_model(ref), load_tokenizer(ref),
-                                  note="the unsharpened tiny teacher")
+    other_manifest = make_teacher(
+        tmp_path / "other_teacher", load_model(ref), load_tokenizer(ref), note="the unsharpened tiny teacher"
+    )
     assert read_manifest(other_manifest)["source_hash"] != read_manifest(teacher_manifest)["source_hash"]
     _kill_after_first_part(topk_job(tmp_path / "out", shard, other_manifest), monkeypatch)
     job = topk_job(tmp_path / "out", shard, teacher_manifest)
@@ -504,9 +562,15 @@ def test_sigkill_mid_job_leaves_no_output_and_the_rerun_resumes(tmp_path, shard,
     clean_job, _, _, _ = topk_run
     job = topk_job(tmp_path, shard, teacher_manifest)
     ready = tmp_path / "ready"
-    code = _SLOW_CHILD.format(settings=dict(job.settings), ready=str(ready), shard=str(shard),
-                              topk=str(job.outputs["topk"]), embed=str(job.outputs["embed"]),
-                              partial=str(job.partial_dir), manifest=str(teacher_manifest))
+    code = _SLOW_CHILD.format(
+        settings=dict(job.settings),
+        ready=str(ready),
+        shard=str(shard),
+        topk=str(job.outputs["topk"]),
+        embed=str(job.outputs["embed"]),
+        partial=str(job.partial_dir),
+        manifest=str(teacher_manifest),
+    )
     child = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 120
@@ -527,4 +591,3 @@ def test_sigkill_mid_job_leaves_no_output_and_the_rerun_resumes(tmp_path, shard,
     for name in ("topk", "embed"):
         assert tables_equal(job.outputs[name], clean_job.outputs[name]), name
     assert not job.partial_dir.exists()
-

@@ -22,7 +22,7 @@ from kdflow.results import ResultsError, build_results
 from kdflow.telemetry import EnergyMeter, Telemetry, job_telemetry, load_telemetry, visible_gpu_indices
 
 REPO = Path(__file__).resolve().parents[1]
-MB = 2 ** 20
+MB = 2**20
 
 
 class FakeNVML:
@@ -98,6 +98,7 @@ def real_nvml_available() -> bool:
 
 # --------------------------------------------------------------------------- the file
 
+
 def test_without_nvml_records_why_once_and_samples_cpu_and_memory(tmp_path):
     if real_nvml_available():
         pytest.skip("NVML works on this machine (the fake-NVML tests cover that path)")
@@ -116,8 +117,14 @@ def test_without_nvml_records_why_once_and_samples_cpu_and_memory(tmp_path):
     assert max(s["cpu_percent"] for s in samples[1:]) > 10  # burn() keeps a core busy
     assert all(s["rss_mb"] > 1 for s in samples)
     assert [s["elapsed_s"] for s in samples] == sorted(s["elapsed_s"] for s in samples)
-    assert end == {"kind": "end", "t": end["t"], "elapsed_s": end["elapsed_s"], "tokens": 1234, "energy_j": None,
-                   "ok": True}
+    assert end == {
+        "kind": "end",
+        "t": end["t"],
+        "elapsed_s": end["elapsed_s"],
+        "tokens": 1234,
+        "energy_j": None,
+        "ok": True,
+    }
     assert end["elapsed_s"] >= 0.2
 
 
@@ -139,37 +146,57 @@ def test_nvml_failing_to_initialise_is_no_error(tmp_path):
 def test_nvml_samples_the_visible_gpus_and_sums_their_energy(tmp_path):
     fake = FakeNVML(count=4, no_counter=(3,))
     path = tmp_path / "train.jsonl"
-    with Telemetry(path, "train", "stu.rb.s0", interval_s=0.05, nvml=fake,
-                   environ={"CUDA_VISIBLE_DEVICES": "1,3"}) as tel:
+    with Telemetry(
+        path, "train", "stu.rb.s0", interval_s=0.05, nvml=fake, environ={"CUDA_VISIBLE_DEVICES": "1,3"}
+    ) as tel:
         burn(0.2)
         tel.tokens = 1000
     recs = lines(path)
     start, samples, end = recs[0], recs[1:-1], recs[-1]
     assert start["nvml"] is True and start["nvml_error"] is None and start["cuda_visible_devices"] == "1,3"
-    assert start["gpus"] == [{"index": 1, "name": "Fake H100 #1", "memory_total_mb": 81920.0},
-                             {"index": 3, "name": "Fake H100 #3", "memory_total_mb": 81920.0}]
+    assert start["gpus"] == [
+        {"index": 1, "name": "Fake H100 #1", "memory_total_mb": 81920.0},
+        {"index": 3, "name": "Fake H100 #3", "memory_total_mb": 81920.0},
+    ]
     assert fake.reads[0] == fake.reads[2] == 0  # the hidden GPUs are never read
     assert len(samples) >= 3
     for n, s in enumerate(samples, 1):
         g1, g3 = s["gpus"]
         assert (g1["index"], g3["index"]) == (1, 3)
-        assert g1 == {"index": 1, "power_w": 100.0 + 10 * n, "energy_j": 7000.0 + 50 * n,
-                      "mem_used_mb": 1000.0 + 100 * n, "util_gpu": 90.0}
+        assert g1 == {
+            "index": 1,
+            "power_w": 100.0 + 10 * n,
+            "energy_j": 7000.0 + 50 * n,
+            "mem_used_mb": 1000.0 + 100 * n,
+            "util_gpu": 90.0,
+        }
         assert g3["energy_j"] is None and g3["power_w"] == 100.0 + 10 * n  # no counter: null, not a failure
     # GPU 1: counter difference; GPU 3: trapezoid of its power over the samples
     counter = samples[-1]["gpus"][0]["energy_j"] - samples[0]["gpus"][0]["energy_j"]
     assert counter == 50.0 * (len(samples) - 1)
-    integral = sum((b["elapsed_s"] - a["elapsed_s"]) * (a["gpus"][1]["power_w"] + b["gpus"][1]["power_w"]) / 2
-                   for a, b in zip(samples, samples[1:], strict=False))
+    integral = sum(
+        (b["elapsed_s"] - a["elapsed_s"]) * (a["gpus"][1]["power_w"] + b["gpus"][1]["power_w"]) / 2
+        for a, b in zip(samples, samples[1:], strict=False)
+    )
     assert end["energy_j"] == pytest.approx(counter + integral, rel=1e-12)
     assert end["tokens"] == 1000 and end["ok"] is True
     assert fake.inits == fake.shutdowns == 1
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, [0, 1, 2, 3]), ("", []), ("2,0", [2, 0]), (" 1 , 3 ", [1, 3]), ("0,7,1", [0]), ("-1", []),
-    ("1,1", [1]), ("GPU-8f3c1a2b-0000", [0, 1, 2, 3]), ("MIG-1234", [0, 1, 2, 3]),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, [0, 1, 2, 3]),
+        ("", []),
+        ("2,0", [2, 0]),
+        (" 1 , 3 ", [1, 3]),
+        ("0,7,1", [0]),
+        ("-1", []),
+        ("1,1", [1]),
+        ("GPU-8f3c1a2b-0000", [0, 1, 2, 3]),
+        ("MIG-1234", [0, 1, 2, 3]),
+    ],
+)
 def test_cuda_visible_devices(value, expected):
     assert visible_gpu_indices(value, 4) == expected
 
@@ -222,8 +249,9 @@ def test_disabled_or_unwritable_writes_nothing_and_never_fails(tmp_path, caplog)
 
 
 def test_job_telemetry_reads_config_rule_and_wildcards():
-    smk = SimpleNamespace(config={"telemetry": {"enabled": True, "interval_s": 0.25}}, rule="hidden_cache",
-                          wildcards=["heldout"])
+    smk = SimpleNamespace(
+        config={"telemetry": {"enabled": True, "interval_s": 0.25}}, rule="hidden_cache", wildcards=["heldout"]
+    )
     tel = job_telemetry(smk)
     assert (tel.rule, tel.job, tel.interval_s, tel.enabled) == ("hidden_cache", "heldout", 0.25, True)
     # derived, not a rule param: adding telemetry to a rule must not rerun its finished jobs
@@ -275,19 +303,24 @@ def test_a_killed_job_leaves_valid_lines_that_parse_results_reads(tmp_path):
 
 # --------------------------------------------------------------------------- into the results
 
+
 def test_parse_results_gives_energy_per_token_and_peak_memory_per_stage(tmp_path):
     import duckdb
 
     root = tmp_path / "telemetry"
     fakes = {}
-    for rule, job, tokens in (("topk_cache", "shard_00000", 4000), ("topk_cache", "shard_00001", 6000),
-                              ("train", "stu.rb.s0", 2000)):
+    for rule, job, tokens in (
+        ("topk_cache", "shard_00000", 4000),
+        ("topk_cache", "shard_00001", 6000),
+        ("train", "stu.rb.s0", 2000),
+    ):
         fakes[(rule, job)] = fake = FakeNVML(count=2)
         with Telemetry(root / rule / f"{job}.jsonl", rule, job, interval_s=0.02, nvml=fake, environ={}) as tel:
             burn(0.06)
             tel.tokens = tokens
-    with Telemetry(root / "prepare_models" / "stu.jsonl", "prepare_models", "stu", interval_s=0.02,
-                   nvml=FakeNVML(count=1)):
+    with Telemetry(
+        root / "prepare_models" / "stu.jsonl", "prepare_models", "stu", interval_s=0.02, nvml=FakeNVML(count=1)
+    ):
         pass  # no tokens
     files = sorted(root.rglob("*.jsonl"))
     ends = {(lines(f)[0]["rule"], lines(f)[0]["job"]): lines(f)[-1] for f in files}
@@ -295,9 +328,13 @@ def test_parse_results_gives_energy_per_token_and_peak_memory_per_stage(tmp_path
     build_results([], telemetry_files=files, db_path=out / "kdflow.duckdb", md_path=out / "summary.md")
     con = duckdb.connect(str(out / "kdflow.duckdb"), read_only=True)
     try:
-        energy = {(r[0], r[1]): r[2:] for r in con.execute(
-            "select rule, job, nvml, gpus, tokens, energy_j, energy_per_token_j, peak_gpu_mem_mb, complete "
-            "from energy").fetchall()}
+        energy = {
+            (r[0], r[1]): r[2:]
+            for r in con.execute(
+                "select rule, job, nvml, gpus, tokens, energy_j, energy_per_token_j, peak_gpu_mem_mb, complete "
+                "from energy"
+            ).fetchall()
+        }
         n_rows = con.execute("select count(*) from telemetry where rule = 'train'").fetchone()[0]
     finally:
         con.close()
@@ -312,7 +349,7 @@ def test_parse_results_gives_energy_per_token_and_peak_memory_per_stage(tmp_path
     samples = len(lines(root / "train" / "stu.rb.s0.jsonl")) - 2
     assert n_rows == 2 * samples  # one row per sample and GPU
     md = (out / "summary.md").read_text()
-    section = md[md.index("## Energy and memory per stage"):]
+    section = md[md.index("## Energy and memory per stage") :]
     topk = [energy[("topk_cache", j)] for j in ("shard_00000", "shard_00001")]
     joules = topk[0][3] + topk[1][3]
     row = next(x for x in section.splitlines() if x.startswith("| topk_cache |"))

@@ -23,17 +23,27 @@ from kdflow.models import load_model, load_tokenizer
 from kdflow.runs import expand_runs
 from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
 from kdflow.train import Batches, Trainer, TrainingError, TrainJob, lr_lambda, run_training
-
 from tiny_models import one_thread, other_vocab_dir, prepare_tiny_models, tiny_teacher_dir, write_shard  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 12  # every document below is longer, so every cached document has exactly 12 tokens
-CACHE = dict(k=4, max_length=MAX_LENGTH, batch_size=4, rows_per_part=4, device="cpu", dtype="float32",
-             hidden_layers=[2], hidden_token_ratio=1.0, hidden_token_seed=0)
+CACHE = dict(
+    k=4,
+    max_length=MAX_LENGTH,
+    batch_size=4,
+    rows_per_part=4,
+    device="cpu",
+    dtype="float32",
+    hidden_layers=[2],
+    hidden_token_ratio=1.0,
+    hidden_token_seed=0,
+)
 
 
 def texts(offset: int, n: int) -> list[str]:
-    return [f"def f{i}(x, y):\n    total = x * {i} + y\n    return total - {i * i}\n" for i in range(offset, offset + n)]
+    return [
+        f"def f{i}(x, y):\n    total = x * {i} + y\n    return total - {i * i}\n" for i in range(offset, offset + n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -45,37 +55,66 @@ def study(tmp_path_factory, tiny_teacher_dir, other_vocab_dir):  # noqa: F811
     shards = []
     for i, docs in enumerate([texts(0, 10), texts(10, 9)]):
         shard = write_shard(root / f"shards/shard_{i:05d}.parquet", docs)
-        out = {"topk": root / f"cache/topk/{shard.name}", "embed": root / f"cache/embed/{shard.name}",
-               "hidden": root / f"cache/hidden/{shard.name}"}
-        capture_topk(CacheJob("topk", shard, {"topk": out["topk"], "embed": out["embed"]}, root / f".p/t{i}", teacher, CACHE))
+        out = {
+            "topk": root / f"cache/topk/{shard.name}",
+            "embed": root / f"cache/embed/{shard.name}",
+            "hidden": root / f"cache/hidden/{shard.name}",
+        }
+        capture_topk(
+            CacheJob("topk", shard, {"topk": out["topk"], "embed": out["embed"]}, root / f".p/t{i}", teacher, CACHE)
+        )
         capture_hidden(CacheJob("hidden", shard, {"hidden": out["hidden"]}, root / f".p/h{i}", teacher, CACHE))
         shards.append({k: str(v) for k, v in out.items()})
     heldout = write_shard(root / "shards/heldout.parquet", texts(100, 4))
-    return {"root": root, "teacher": teacher, "student": student, "foreign": foreign, "shards": shards,
-            "heldout": str(heldout)}
+    return {
+        "root": root,
+        "teacher": teacher,
+        "student": student,
+        "foreign": foreign,
+        "shards": shards,
+        "heldout": str(heldout),
+    }
 
 
 def spec_for(mode: str, **settings) -> dict:
     """A run spec as the config expands it (schema defaults + ``settings``)."""
-    config = validate_config({
-        "teacher": {"name": "teacher", "source": {"kind": "hf", "path": "x"}},
-        "students": [{"name": "student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}}],
-        "data": {"sources": [{"name": "s", "kind": "python_stdlib"}]},
-        "teacher_cache": {"hidden_layers": [2]},
-        "training": {"defaults": {"steps": 6, "batch_size": 2, "checkpoint_every": 2, "heldout_docs": 2,
-                                 "optimizer": {"lr": 0.01}, "fb": {"layer_map": [{"student": 1, "teacher": 2}]},
-                                 "lora": {"r": 4, "alpha": 8}},
-                     "experiments": [{"modes": [mode], "set": settings}]},
-    })
+    config = validate_config(
+        {
+            "teacher": {"name": "teacher", "source": {"kind": "hf", "path": "x"}},
+            "students": [{"name": "student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}}],
+            "data": {"sources": [{"name": "s", "kind": "python_stdlib"}]},
+            "teacher_cache": {"hidden_layers": [2]},
+            "training": {
+                "defaults": {
+                    "steps": 6,
+                    "batch_size": 2,
+                    "checkpoint_every": 2,
+                    "heldout_docs": 2,
+                    "optimizer": {"lr": 0.01},
+                    "fb": {"layer_map": [{"student": 1, "teacher": 2}]},
+                    "lora": {"r": 4, "alpha": 8},
+                },
+                "experiments": [{"modes": [mode], "set": settings}],
+            },
+        }
+    )
     (spec,) = expand_runs(config)[0].values()
     return spec
 
 
 def job_for(study, tmp: Path, spec: dict, student: str = "student", **kw) -> TrainJob:
     expected = {"k": 4, "max_length": MAX_LENGTH, "teacher": "teacher"}
-    return TrainJob(spec=spec, student_manifest=str(study[student]), shards=copy.deepcopy(study["shards"]),
-                    expected=expected, output=str(tmp / "out" / spec["name"]), work=str(tmp / "work" / spec["name"]),
-                    heldout=study["heldout"], threads=1, **kw)
+    return TrainJob(
+        spec=spec,
+        student_manifest=str(study[student]),
+        shards=copy.deepcopy(study["shards"]),
+        expected=expected,
+        output=str(tmp / "out" / spec["name"]),
+        work=str(tmp / "work" / spec["name"]),
+        heldout=study["heldout"],
+        threads=1,
+        **kw,
+    )
 
 
 def adapter(path: Path) -> dict[str, torch.Tensor]:
@@ -100,6 +139,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 
 # --------------------------------------------------------------------------- every mode
 
+
 @pytest.mark.parametrize("mode", ["ce", "rb", "fb", "relb", "mix"])
 def test_each_mode_trains_and_leaves_a_loadable_peft_adapter(study, tmp_path, mode):
     from peft import PeftModel
@@ -107,8 +147,14 @@ def test_each_mode_trains_and_leaves_a_loadable_peft_adapter(study, tmp_path, mo
     spec = spec_for(mode)
     summary = run_training(job_for(study, tmp_path, spec))
     out = tmp_path / "out" / spec["name"]
-    assert {"adapter_config.json", "adapter_model.safetensors", "run_config.json", "provenance.json",
-            "metrics.jsonl", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "run_config.json",
+        "provenance.json",
+        "metrics.jsonl",
+        "summary.json",
+    } <= {p.name for p in out.iterdir()}
     assert (out / "projector.safetensors").exists() == ("fb" in spec["terms"])
     rows = metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -152,6 +198,7 @@ def test_learning_rate_schedules():
 
 
 # --------------------------------------------------------------------------- resume
+
 
 def test_sigterm_checkpoints_and_rerun_ends_bitwise_equal(study, tmp_path, monkeypatch):
     spec = spec_for("mix", steps=7, checkpoint_every=3, lora={"r": 4, "alpha": 8, "dropout": 0.1})
@@ -229,6 +276,7 @@ def test_checkpoint_of_other_settings_is_not_resumed(study, tmp_path, monkeypatc
 
 # --------------------------------------------------------------------------- distributed
 
+
 def test_ddp_two_gloo_processes_equal_one_process_with_twice_the_batch(study, tmp_path):
     """Rank r gets documents r, r+2, … of the global order, so two ranks of batch 2 see the documents one
     process of batch 4 sees; with equal-length documents the averaged gradients are the same."""
@@ -245,7 +293,7 @@ def test_ddp_two_gloo_processes_equal_one_process_with_twice_the_batch(study, tm
     assert [r["docs"] for r in rows] == [4] * 4
     assert json.loads((Path(job.output) / "summary.json").read_text())["world_size"] == 2
     one = metrics(tmp_path / "one" / "out" / single["name"] / "metrics.jsonl")
-    for a, b in zip(rows, one):
+    for a, b in zip(rows, one, strict=False):
         assert a["rb"] == pytest.approx(b["rb"], rel=1e-5, abs=1e-7) and a["ce"] == pytest.approx(b["ce"], rel=1e-5)
     assert_same_weights(adapter(job.output), adapter(tmp_path / "one" / "out" / single["name"]), atol=1e-6)
 
@@ -262,10 +310,23 @@ def test_the_per_node_launcher_of_a_multi_node_job_trains_through_a_c10d_rendezv
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", SLURM_NNODES="1", SLURM_NODEID="0",
-               SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="77", KDFLOW_RDZV_PORT=str(port))
-    done = subprocess.run([sys.executable, "-m", "kdflow.launch", str(job_file), "2"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO / "src"),
+        OMP_NUM_THREADS="1",
+        SLURM_NNODES="1",
+        SLURM_NODEID="0",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_JOB_ID="77",
+        KDFLOW_RDZV_PORT=str(port),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "kdflow.launch", str(job_file), "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"--rdzv_endpoint=localhost:{port}" in done.stderr
     summary = json.loads((Path(job.output) / "summary.json").read_text())
@@ -273,6 +334,7 @@ def test_the_per_node_launcher_of_a_multi_node_job_trains_through_a_c10d_rendezv
 
 
 # --------------------------------------------------------------------------- errors and compatibility
+
 
 def test_nan_loss_stops_naming_step_batch_and_term(study, tmp_path, monkeypatch):
     real_next = Batches.next
@@ -320,8 +382,11 @@ def test_bad_lora_target_and_layer_are_named(study, tmp_path):
     with pytest.raises(TrainingError, match=r"lora.target_modules \['query'\] match no module"):
         run_training(job)
     job = job_for(study, tmp_path, spec_for("fb", fb={"layer_map": [{"student": 9, "teacher": 2}]}))
-    with pytest.raises(TrainingError, match=r"fb.layer_map\[0\].student = 9, but student 'student' has hidden "
-                                            r"states 0..2"):
+    with pytest.raises(
+        TrainingError,
+        match=r"fb.layer_map\[0\].student = 9, but student 'student' has hidden "
+        r"states 0..2",
+    ):
         run_training(job)
 
 
@@ -330,5 +395,8 @@ def test_gradient_checkpointing_gives_the_same_adapter(study, tmp_path):
     run_training(job_for(study, tmp_path / "plain", plain))
     ckpt = spec_for("mix", steps=3, gradient_checkpointing=True)
     run_training(job_for(study, tmp_path / "ckpt", ckpt))
-    assert_same_weights(adapter(tmp_path / "plain" / "out" / plain["name"]),
-                        adapter(tmp_path / "ckpt" / "out" / ckpt["name"]), atol=1e-6)
+    assert_same_weights(
+        adapter(tmp_path / "plain" / "out" / plain["name"]),
+        adapter(tmp_path / "ckpt" / "out" / ckpt["name"]),
+        atol=1e-6,
+    )

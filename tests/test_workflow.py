@@ -23,12 +23,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -37,8 +51,11 @@ def planned_jobs(output: str) -> dict[str, int]:
     if "Nothing to be done" in output:
         return {}
     table = output.split("Job stats:")[1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
-            if m.group(1) not in ("total", "all")}
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
+        if m.group(1) not in ("total", "all")
+    }
 
 
 def tiny_config(workdir: Path, teacher_dir: Path) -> dict:
@@ -46,8 +63,12 @@ def tiny_config(workdir: Path, teacher_dir: Path) -> dict:
     (docs / "dup.py").write_text((docs / "doc03.py").read_text())
     with open(workdir / "chat.jsonl", "wb") as f:
         for i in range(30):
-            rec = {"messages": [{"role": "user", "content": f"question {i}?"},
-                                {"role": "assistant", "content": f"answer {i} " * 3}]}
+            rec = {
+                "messages": [
+                    {"role": "user", "content": f"question {i}?"},
+                    {"role": "assistant", "content": f"answer {i} " * 3},
+                ]
+            }
             f.write(json.dumps(rec).encode() + b"\n")
         f.write(b"{not json\n")
     return {
@@ -68,11 +89,19 @@ def tiny_config(workdir: Path, teacher_dir: Path) -> dict:
         "prepare": {"max_length": 32, "batch_size": 4, "ppl_max_docs": 4},
         "teacher_cache": {"k": 4, "max_length": 24, "batch_size": 4, "rows_per_part": 8, "hidden_layers": [2]},
         "training": {
-            "defaults": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "heldout_docs": 2,
-                         "lora": {"r": 2, "alpha": 4}, "fb": {"layer_map": [{"student": 1, "teacher": 2}]}},
-            "experiments": [{"modes": ["ce", "mix"]},
-                            # long enough (on a tiny model) to be killed midway by test_killed_training_resumes
-                            {"modes": ["rb"], "tag": "long", "set": {"steps": 400, "checkpoint_every": 25}}],
+            "defaults": {
+                "steps": 4,
+                "batch_size": 2,
+                "checkpoint_every": 2,
+                "heldout_docs": 2,
+                "lora": {"r": 2, "alpha": 4},
+                "fb": {"layer_map": [{"student": 1, "teacher": 2}]},
+            },
+            "experiments": [
+                {"modes": ["ce", "mix"]},
+                # long enough (on a tiny model) to be killed midway by test_killed_training_resumes
+                {"modes": ["rb"], "tag": "long", "set": {"steps": 400, "checkpoint_every": 25}},
+            ],
         },
         "eval": {"heldout": {"max_docs": 4}, "lm_eval": {"limit": 3, "batch_size": 4}},
     }
@@ -90,8 +119,17 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
 
 def test_dry_run_plans_the_foundation(study):
     _, _, dry, _ = study
-    assert planned_jobs(dry.stdout) == {"corpus": 1, "shard": 4, "prepare_models": 2, "topk_cache": 4,
-                                        "hidden_cache": 4, "cache_index": 3, "train": 3, "eval": 5, "parse_results": 1}
+    assert planned_jobs(dry.stdout) == {
+        "corpus": 1,
+        "shard": 4,
+        "prepare_models": 2,
+        "topk_cache": 4,
+        "hidden_cache": 4,
+        "cache_index": 3,
+        "train": 3,
+        "eval": 5,
+        "parse_results": 1,
+    }
 
 
 def test_run_produces_models_shards_and_manifest(study):
@@ -122,14 +160,27 @@ def test_second_run_does_nothing(study):
 def test_deleted_shard_is_rebuilt_alone_and_identical(study):
     workdir, _, _, _ = study
     target = workdir / "results/shards/shard_00001.parquet"
-    caches = [workdir / f"results/cache/tiny-teacher/{c}/shard_00001.parquet" for c in ("topk_k4", "embed", "hidden_l2")]
+    caches = [
+        workdir / f"results/cache/tiny-teacher/{c}/shard_00001.parquet" for c in ("topk_k4", "embed", "hidden_l2")
+    ]
     before = {p: p.read_bytes() for p in [target, *caches]}
-    others = {p: p.stat().st_mtime_ns for d in ("results/shards", "results/cache") for p in (workdir / d).rglob("*")
-              if p.is_file() and p not in before}
+    others = {
+        p: p.stat().st_mtime_ns
+        for d in ("results/shards", "results/cache")
+        for p in (workdir / d).rglob("*")
+        if p.is_file() and p not in before
+    }
     target.unlink()
     # the shard and the caches made from it (and the runs trained on them), nothing of the other shards
-    assert planned_jobs(snakemake(workdir, "-n").stdout) == {"shard": 1, "topk_cache": 1, "hidden_cache": 1,
-                                                             "cache_index": 3, "train": 3, "eval": 3, "parse_results": 1}
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {
+        "shard": 1,
+        "topk_cache": 1,
+        "hidden_cache": 1,
+        "cache_index": 3,
+        "train": 3,
+        "eval": 3,
+        "parse_results": 1,
+    }
     # the shard and its caches by name (the caches alone would not do: their outputs stand, so Snakemake would
     # not need the missing shard to make them)
     snakemake(workdir, *[str(p.relative_to(workdir)) for p in [target, *caches]])
@@ -141,12 +192,15 @@ def test_deleted_shard_is_rebuilt_alone_and_identical(study):
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {}
 
 
-@pytest.mark.parametrize("target,rule", [
-    ("results/shards/shard_00002.parquet", "shard"),
-    ("results/cache/tiny-teacher/topk_k4/shard_00001.parquet", "topk_cache"),
-    ("results/cache/tiny-teacher/embed/heldout.parquet", "topk_cache"),
-    ("results/cache/tiny-teacher/hidden_l2/shard_00000.parquet", "hidden_cache"),
-])
+@pytest.mark.parametrize(
+    "target,rule",
+    [
+        ("results/shards/shard_00002.parquet", "shard"),
+        ("results/cache/tiny-teacher/topk_k4/shard_00001.parquet", "topk_cache"),
+        ("results/cache/tiny-teacher/embed/heldout.parquet", "topk_cache"),
+        ("results/cache/tiny-teacher/hidden_l2/shard_00000.parquet", "hidden_cache"),
+    ],
+)
 def test_forcing_one_file_plans_one_job(study, target, rule):
     workdir, _, _, _ = study
     out = snakemake(workdir, "-n", "--force", target).stdout
@@ -160,8 +214,9 @@ def test_caches_exist_for_every_shard_with_summaries(study):
     for shard in [f"shard_{i:05d}" for i in range(3)] + ["heldout"]:
         docs = pq.read_table(workdir / f"results/shards/{shard}.parquet").num_rows
         for kind, sub in (("topk", "topk_k4"), ("embed", "embed"), ("hidden", "hidden_l2")):
-            reader = CacheReader.open(workdir / f"results/cache/tiny-teacher/{sub}/{shard}.parquet", kind,
-                                      {"shard": shard})
+            reader = CacheReader.open(
+                workdir / f"results/cache/tiny-teacher/{sub}/{shard}.parquet", kind, {"shard": shard}
+            )
             assert reader.num_rows == docs
         log = (workdir / f"results/logs/topk_cache/{shard}.log").read_text()
         summary = json.loads(log.split("summary ", 1)[1].splitlines()[0])
@@ -186,12 +241,21 @@ def test_every_model_is_evaluated_into_one_database_summary_and_report(study, tm
     import duckdb
 
     workdir, _, _, _ = study
-    models = ["tiny-student.ce.s0", "tiny-student.mix.s0", "tiny-student.rb.s0.long", "tiny-teacher",
-              "tiny-student.init"]
+    models = [
+        "tiny-student.ce.s0",
+        "tiny-student.mix.s0",
+        "tiny-student.rb.s0.long",
+        "tiny-teacher",
+        "tiny-student.init",
+    ]
     for model in models:
         heldout = json.loads((workdir / f"results/eval/{model}/heldout.json").read_text())
-        assert {m["metric"] for m in heldout["metrics"]} == {"ppl", "nll_per_token", "top1_agreement",
-                                                             "kl_teacher_student"}
+        assert {m["metric"] for m in heldout["metrics"]} == {
+            "ppl",
+            "nll_per_token",
+            "top1_agreement",
+            "kl_teacher_student",
+        }
         lm = json.loads((workdir / f"results/eval/{model}/lm_eval.json").read_text())
         assert {m["metric"] for m in lm["metrics"]} >= {"bits_per_byte", "word_perplexity"}
     with duckdb.connect(str(workdir / "results/kdflow.duckdb"), read_only=True) as db:
@@ -199,8 +263,15 @@ def test_every_model_is_evaluated_into_one_database_summary_and_report(study, tm
         assert db.execute("select count(*) from metrics where task = 'kdflow_heldout'").fetchone()[0] >= 15
         assert db.execute("select count(*) from train_steps").fetchone()[0] == 4 + 4 + 400
         assert db.execute("select count(distinct rule) from jobs").fetchone()[0] >= 6
-        assert db.execute("select rule, count(*), count(tokens) from energy group by rule order by rule").fetchall() \
-            == [("eval", 5, 5), ("hidden_cache", 4, 4), ("prepare_models", 2, 0), ("topk_cache", 4, 4), ("train", 3, 3)]
+        assert db.execute(
+            "select rule, count(*), count(tokens) from energy group by rule order by rule"
+        ).fetchall() == [
+            ("eval", 5, 5),
+            ("hidden_cache", 4, 4),
+            ("prepare_models", 2, 0),
+            ("topk_cache", 4, 4),
+            ("train", 3, 3),
+        ]
     summary = (workdir / "results/summary.md").read_text()
     assert all(m in summary for m in ("tiny-teacher", "tiny-student.init", "tiny-student.ce", "tiny-student.mix"))
     assert list((workdir / "results/plots").glob("*.png"))
@@ -232,8 +303,16 @@ def test_editing_a_source_file_reruns_the_corpus(study):
     doc.write_text(text + "extra = 1\n")
     try:
         assert planned_jobs(snakemake(workdir, "-n").stdout) == {
-            "corpus": 1, "shard": 4, "prepare_models": 2, "topk_cache": 4, "hidden_cache": 4, "cache_index": 3,
-            "train": 3, "eval": 5, "parse_results": 1}
+            "corpus": 1,
+            "shard": 4,
+            "prepare_models": 2,
+            "topk_cache": 4,
+            "hidden_cache": 4,
+            "cache_index": 3,
+            "train": 3,
+            "eval": 5,
+            "parse_results": 1,
+        }
     finally:  # the file as it was, time stamp included: the study stays complete for the tests after this one
         doc.write_text(text)
         os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -249,10 +328,28 @@ def test_killed_training_resumes_from_its_checkpoint_on_rerun(study):
     workdir, _, _, _ = study
     run = "tiny-student.rb.s0.long"
     ckpts = workdir / "results/checkpoints" / run / "checkpoints"
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
-           str(workdir / "config.yaml"), "--cores", "2", "--force", f"results/train/{run}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        "--force",
+        f"results/train/{run}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step_*")):
         time.sleep(0.05)

@@ -23,8 +23,12 @@ def make_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
@@ -35,9 +39,16 @@ def make_model(vocab_size: int, layers: int = 4, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -93,10 +104,18 @@ def prepare_tiny_models(root: Path, teacher_dir: Path, other_dir: Path) -> dict[
 
     out = {name: root / f"models/{name}/kdflow_model.json" for name in ("teacher", "student", "foreign")}
     prepare_teacher({"name": "teacher", "source": {"kind": "hf", "path": str(teacher_dir)}}, PREP, out["teacher"])
-    prepare_student({"name": "student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}},
-                    PREP, out["teacher"], out["student"])
-    prepare_student({"name": "foreign", "vocab": "own", "source": {"kind": "hf", "path": str(other_dir)}},
-                    PREP, out["teacher"], out["foreign"])
+    prepare_student(
+        {"name": "student", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 3]}},
+        PREP,
+        out["teacher"],
+        out["student"],
+    )
+    prepare_student(
+        {"name": "foreign", "vocab": "own", "source": {"kind": "hf", "path": str(other_dir)}},
+        PREP,
+        out["teacher"],
+        out["foreign"],
+    )
     return out
 
 
@@ -106,7 +125,14 @@ def write_shard(path: Path, texts: list[str]) -> Path:
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"doc_id": pa.array([f"doc-{i:02d}" for i in range(len(texts))], pa.string()),
-                             "source": pa.array(["code"] * len(texts), pa.string()),
-                             "text": pa.array(texts, pa.string())}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "doc_id": pa.array([f"doc-{i:02d}" for i in range(len(texts))], pa.string()),
+                "source": pa.array(["code"] * len(texts), pa.string()),
+                "text": pa.array(texts, pa.string()),
+            }
+        ),
+        path,
+    )
     return path

@@ -37,15 +37,17 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
     topk_ids = np.zeros((bsz, width, k), dtype=np.int64)
     topk_lp = np.zeros((bsz, width, k), dtype=np.float32)
     rest = np.zeros((bsz, width), dtype=np.float32)
-    for i, (ex, n) in enumerate(zip(examples, lengths)):
+    for i, (ex, n) in enumerate(zip(examples, lengths, strict=False)):
         input_ids[i, :n] = ex["input_ids"]
         mask[i, :n] = 1
         topk_ids[i, :n] = ex["topk_ids"]
         topk_lp[i, :n] = ex["topk_logprobs"]
         rest[i, :n] = ex["rest_logprob"]
     out: dict[str, Any] = {
-        "input_ids": torch.from_numpy(input_ids), "mask": torch.from_numpy(mask),
-        "topk_ids": torch.from_numpy(topk_ids), "topk_logprobs": torch.from_numpy(topk_lp),
+        "input_ids": torch.from_numpy(input_ids),
+        "mask": torch.from_numpy(mask),
+        "topk_ids": torch.from_numpy(topk_ids),
+        "topk_logprobs": torch.from_numpy(topk_lp),
         "rest_logprob": torch.from_numpy(rest),
         "doc_index": torch.tensor([int(ex["doc_index"]) for ex in examples], dtype=torch.long),
         "shard": [ex["shard"] for ex in examples],
@@ -59,7 +61,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
         hidden = {}
         for layer, first in examples[0]["hidden"].items():
             hidden[layer] = np.zeros((bsz, most, first.shape[1]), dtype=np.float32)
-        for i, (ex, p) in enumerate(zip(examples, plens)):
+        for i, (ex, p) in enumerate(zip(examples, plens, strict=False)):
             positions[i, :p] = ex["hidden_positions"]
             for layer, values in ex["hidden"].items():
                 hidden[layer][i, :p] = values

@@ -12,9 +12,10 @@ after the cached text (it has no target inside the document).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,11 +27,26 @@ LOGPROB_FLOOR = -1.0e4  # log-probabilities below this (incl. -inf) are stored a
 
 # The metadata keys each cache kind carries besides ``cache`` (the kind itself), docs/cache_format.md
 # "Key/value metadata": kdflow.teacher_pass writes exactly these, kdflow.cache_loader checks against them.
-COMMON_META_KEYS = frozenset({
-    "format_version", "kdflow_version", "git_commit", "teacher", "teacher_source_hash", "teacher_revision",
-    "teacher_layers", "tokenizer_fingerprint", "vocab_size", "max_length", "dtype", "value_dtype", "shard",
-    "shard_sha256", "settings_hash", "resume_key",
-})
+COMMON_META_KEYS = frozenset(
+    {
+        "format_version",
+        "kdflow_version",
+        "git_commit",
+        "teacher",
+        "teacher_source_hash",
+        "teacher_revision",
+        "teacher_layers",
+        "tokenizer_fingerprint",
+        "vocab_size",
+        "max_length",
+        "dtype",
+        "value_dtype",
+        "shard",
+        "shard_sha256",
+        "settings_hash",
+        "resume_key",
+    }
+)
 KIND_META_KEYS = {
     "topk": COMMON_META_KEYS | {"k"},
     "embed": COMMON_META_KEYS | {"hidden_size"},
@@ -48,27 +64,32 @@ class CacheError(RuntimeError):
 
 # --------------------------------------------------------------------------- schemas
 
+
 def topk_schema(k: int) -> pa.Schema:
-    return pa.schema([
-        ("doc_index", pa.int32()),            # row of the source shard
-        ("doc_id", pa.string()),
-        ("n_tokens", pa.int32()),             # tokens the teacher saw (after truncation)
-        ("truncated", pa.bool_()),            # the document was longer than max_length tokens
-        ("input_ids", pa.list_(pa.int32())),  # [n_tokens]
-        ("topk_ids", pa.list_(pa.list_(pa.int32(), k))),          # [n_tokens][k], most probable first
-        ("topk_logprobs", pa.list_(pa.list_(pa.float16(), k))),   # full-vocabulary log p at T=1
-        ("rest_logprob", pa.list_(pa.float16())),  # log of the probability mass outside the k ids
-    ])
+    return pa.schema(
+        [
+            ("doc_index", pa.int32()),  # row of the source shard
+            ("doc_id", pa.string()),
+            ("n_tokens", pa.int32()),  # tokens the teacher saw (after truncation)
+            ("truncated", pa.bool_()),  # the document was longer than max_length tokens
+            ("input_ids", pa.list_(pa.int32())),  # [n_tokens]
+            ("topk_ids", pa.list_(pa.list_(pa.int32(), k))),  # [n_tokens][k], most probable first
+            ("topk_logprobs", pa.list_(pa.list_(pa.float16(), k))),  # full-vocabulary log p at T=1
+            ("rest_logprob", pa.list_(pa.float16())),  # log of the probability mass outside the k ids
+        ]
+    )
 
 
 def embed_schema(hidden: int) -> pa.Schema:
-    return pa.schema([
-        ("doc_index", pa.int32()),
-        ("doc_id", pa.string()),
-        ("n_tokens", pa.int32()),
-        ("text", pa.string()),                # the text the teacher saw (the document up to truncation)
-        ("embedding", pa.list_(pa.float16(), hidden)),  # mean of the final hidden state over its tokens
-    ])
+    return pa.schema(
+        [
+            ("doc_index", pa.int32()),
+            ("doc_id", pa.string()),
+            ("n_tokens", pa.int32()),
+            ("text", pa.string()),  # the text the teacher saw (the document up to truncation)
+            ("embedding", pa.list_(pa.float16(), hidden)),  # mean of the final hidden state over its tokens
+        ]
+    )
 
 
 def hidden_schema(hidden: int, layers: Sequence[int]) -> pa.Schema:
@@ -83,6 +104,7 @@ def hidden_schema(hidden: int, layers: Sequence[int]) -> pa.Schema:
 
 
 # --------------------------------------------------------------------------- arrays
+
 
 def ragged(values: np.ndarray, lengths: np.ndarray, type_: pa.DataType | None = None) -> pa.ListArray:
     """A list array whose i-th entry is the next ``lengths[i]`` rows of ``values``.
@@ -115,13 +137,16 @@ def list_values(column: pa.ChunkedArray | pa.Array, width: int | None = None) ->
 
 # --------------------------------------------------------------------------- metadata
 
+
 def cache_meta(base: dict[str, Any], kind: str, **extra: Any) -> dict[str, Any]:
     """The metadata of a ``kind`` file: ``base`` (the common keys), the kind, and the kind's own keys.
     Refuses any key set other than ``KIND_META_KEYS[kind]``: what is written is what the loader checks."""
     meta = {**base, "cache": kind, **extra}
     if set(meta) - {"cache"} != KIND_META_KEYS[kind]:
-        raise ValueError(f"{kind} cache metadata {sorted(meta)} is not cache_format.KIND_META_KEYS[{kind!r}] "
-                         f"{sorted(KIND_META_KEYS[kind])}; change both (and docs/cache_format.md) together")
+        raise ValueError(
+            f"{kind} cache metadata {sorted(meta)} is not cache_format.KIND_META_KEYS[{kind!r}] "
+            f"{sorted(KIND_META_KEYS[kind])}; change both (and docs/cache_format.md) together"
+        )
     return meta
 
 
@@ -134,10 +159,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     try:
         raw = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowInvalid) as e:
-        raise CacheError(f"{path}: not a readable Parquet file ({e}); rebuild it with `snakemake --force {path}`") from e
+        raise CacheError(
+            f"{path}: not a readable Parquet file ({e}); rebuild it with `snakemake --force {path}`"
+        ) from e
     try:
-        meta = {k.decode()[len(META_PREFIX):]: json.loads(v) for k, v in raw.items()
-                if k.decode().startswith(META_PREFIX)}
+        meta = {
+            k.decode()[len(META_PREFIX) :]: json.loads(v) for k, v in raw.items() if k.decode().startswith(META_PREFIX)
+        }
     except ValueError:  # e.g. a shard file: kdflow.* keys, but plain strings, not a cache's JSON values
         meta = {}
     if "cache" not in meta:
@@ -155,8 +183,10 @@ def check_compatible(path: str | Path, meta: dict[str, Any], expected: dict[str,
         if have != want and key == "cache":
             raise CacheMismatch(f"{path}: is a {have!r} cache, but {asked_by} needs a {want!r} cache; check the path")
         if have != want:
-            raise CacheMismatch(f"{path}: built with {key}={have!r}, but {asked_by} needs {key}={want!r}; rebuild "
-                                f"the cache for this config (`snakemake --force {path}`) or fix the config")
+            raise CacheMismatch(
+                f"{path}: built with {key}={have!r}, but {asked_by} needs {key}={want!r}; rebuild "
+                f"the cache for this config (`snakemake --force {path}`) or fix the config"
+            )
 
 
 def check_student_vocab(meta: dict[str, Any], student: dict[str, Any], mode: str, path: str | Path) -> None:
@@ -170,10 +200,12 @@ def check_student_vocab(meta: dict[str, Any], student: dict[str, Any], mode: str
         raise CacheMismatch(
             f"{path}: the teacher tokenizer (fingerprint {meta.get('tokenizer_fingerprint')}, vocab "
             f"{meta.get('vocab_size')}) differs from student {student.get('name')!r}'s (fingerprint "
-            f"{student.get('tokenizer_fingerprint')}); {mode} KD needs the same token ids. Use relb for this student.")
+            f"{student.get('tokenizer_fingerprint')}); {mode} KD needs the same token ids. Use relb for this student."
+        )
 
 
 # --------------------------------------------------------------------------- writing
+
 
 @dataclass
 class PartWriter:
@@ -186,8 +218,14 @@ class PartWriter:
 
         table = pa.table(columns, schema=self.schema.with_metadata(encode_meta(meta)))
         with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, table.num_rows),
-                           use_dictionary=["doc_id"], write_statistics=["doc_index"])
+            pq.write_table(
+                table,
+                tmp,
+                compression="zstd",
+                row_group_size=max(1, table.num_rows),
+                use_dictionary=["doc_id"],
+                write_statistics=["doc_index"],
+            )
         return path.stat().st_size
 
 
@@ -197,14 +235,16 @@ def assemble(parts: Sequence[Path], out: Path, meta: dict[str, Any]) -> int:
 
     schema = pq.read_schema(parts[0]).with_metadata(encode_meta(meta))
     with atomic_path(out) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=["doc_id"],
-                              write_statistics=["doc_index"]) as writer:
+        with pq.ParquetWriter(
+            tmp, schema, compression="zstd", use_dictionary=["doc_id"], write_statistics=["doc_index"]
+        ) as writer:
             for part in parts:
                 writer.write_table(pq.read_table(part).replace_schema_metadata(schema.metadata))
     return out.stat().st_size
 
 
 # --------------------------------------------------------------------------- reading
+
 
 @dataclass
 class CacheReader:
@@ -214,8 +254,9 @@ class CacheReader:
     meta: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path, kind: str, expected: dict[str, Any] | None = None,
-             asked_by: str = "the caller") -> "CacheReader":
+    def open(
+        cls, path: str | Path, kind: str, expected: dict[str, Any] | None = None, asked_by: str = "the caller"
+    ) -> CacheReader:
         path = Path(path)
         meta = read_meta(path)
         check_compatible(path, meta, {"cache": kind, **(expected or {})}, asked_by)
@@ -240,10 +281,14 @@ class CacheReader:
                     width = col.type.value_type.list_size if pa.types.is_fixed_size_list(col.type.value_type) else None
                     values, lengths = list_values(col, width)
                     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-                    decoded[name] = [values[s:s + n] for s, n in zip(starts, lengths)]
+                    decoded[name] = [values[s : s + n] for s, n in zip(starts, lengths, strict=False)]
                 elif pa.types.is_fixed_size_list(col.type):
-                    decoded[name] = list(col.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                                         .reshape(len(col), col.type.list_size))
+                    decoded[name] = list(
+                        col.combine_chunks()
+                        .flatten()
+                        .to_numpy(zero_copy_only=False)
+                        .reshape(len(col), col.type.list_size)
+                    )
                 else:
                     decoded[name] = col.to_pylist()
             for i in range(table.num_rows):

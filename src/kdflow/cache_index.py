@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -21,8 +22,22 @@ from kdflow.cache_format import CacheMismatch, read_meta
 log = logging.getLogger("kdflow.cache_index")
 
 # What every file of one cache must share: who built it and how (per-shard keys such as shard_sha256 differ).
-SHARED_KEYS = ("cache", "teacher", "teacher_source_hash", "teacher_revision", "tokenizer_fingerprint", "vocab_size",
-               "k", "max_length", "dtype", "settings_hash", "layers", "hidden_size", "token_ratio", "token_seed")
+SHARED_KEYS = (
+    "cache",
+    "teacher",
+    "teacher_source_hash",
+    "teacher_revision",
+    "tokenizer_fingerprint",
+    "vocab_size",
+    "k",
+    "max_length",
+    "dtype",
+    "settings_hash",
+    "layers",
+    "hidden_size",
+    "token_ratio",
+    "token_seed",
+)
 
 
 def write_index(files: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
@@ -37,16 +52,29 @@ def write_index(files: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
             shared, first = mine, f
         elif mine != shared:
             key = next(k for k in sorted(set(mine) | set(shared)) if mine.get(k) != shared.get(k))
-            raise CacheMismatch(f"{f}: built with {key}={mine.get(key)!r}, but {first} with {key}={shared.get(key)!r}; "
-                                f"one cache must come from one teacher and one setting: rebuild the odd file "
-                                f"(`snakemake --force {f}`)")
-        entries.append({"path": str(f), "shard": meta.get("shard"), "rows": pq.ParquetFile(f).metadata.num_rows,
-                        "shard_sha256": meta.get("shard_sha256")})
-    index = {"cache": shared.get("cache"), "meta": shared, "files": entries,
-             "rows": sum(e["rows"] for e in entries)}
+            raise CacheMismatch(
+                f"{f}: built with {key}={mine.get(key)!r}, but {first} with {key}={shared.get(key)!r}; "
+                f"one cache must come from one teacher and one setting: rebuild the odd file "
+                f"(`snakemake --force {f}`)"
+            )
+        entries.append(
+            {
+                "path": str(f),
+                "shard": meta.get("shard"),
+                "rows": pq.ParquetFile(f).metadata.num_rows,
+                "shard_sha256": meta.get("shard_sha256"),
+            }
+        )
+    index = {"cache": shared.get("cache"), "meta": shared, "files": entries, "rows": sum(e["rows"] for e in entries)}
     write_json(out, index)
-    log.info("%s: %d files, %d rows (%s cache of %s)", out, len(entries), index["rows"], index["cache"],
-             shared.get("teacher"))
+    log.info(
+        "%s: %d files, %d rows (%s cache of %s)",
+        out,
+        len(entries),
+        index["rows"],
+        index["cache"],
+        shared.get("teacher"),
+    )
     return index
 
 

@@ -34,9 +34,9 @@ class Tokenised:
     """A shard's documents as the teacher sees them, in shard order."""
 
     doc_ids: list[str]
-    ids: list[np.ndarray]        # int32 token ids, truncated to max_length
-    texts: list[str]             # the part of each document those tokens cover
-    truncated: np.ndarray        # bool per document
+    ids: list[np.ndarray]  # int32 token ids, truncated to max_length
+    texts: list[str]  # the part of each document those tokens cover
+    truncated: np.ndarray  # bool per document
 
 
 def tokenise_shard(shard: str | Path, tokenizer, max_length: int) -> Tokenised:
@@ -44,7 +44,7 @@ def tokenise_shard(shard: str | Path, tokenizer, max_length: int) -> Tokenised:
     doc_ids, texts = table.column("doc_id").to_pylist(), table.column("text").to_pylist()
     enc = tokenizer(texts, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
     ids, covered, truncated = [], [], []
-    for text, row, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+    for text, row, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=False):
         cut = row[:max_length]
         ids.append(np.asarray(cut, dtype=np.int32))
         truncated.append(len(row) > max_length)
@@ -71,23 +71,31 @@ def pad_batch(tok: Tokenised, index: np.ndarray, pad_id: int, device) -> tuple[t
 class CacheJob:
     """What one cache job needs to know; ``meta`` goes into every file it writes."""
 
-    kind: str                     # "topk" (+ embed) or "hidden"
+    kind: str  # "topk" (+ embed) or "hidden"
     shard: Path
-    outputs: dict[str, Path]      # {"topk": …, "embed": …} or {"hidden": …}
+    outputs: dict[str, Path]  # {"topk": …, "embed": …} or {"hidden": …}
     partial_dir: Path
     teacher_manifest: Path
-    settings: dict[str, Any]      # config["teacher_cache"]
+    settings: dict[str, Any]  # config["teacher_cache"]
 
     def base_meta(self, teacher_info: dict, tokenizer, n_layers: int, keys: Sequence[str]) -> dict[str, Any]:
         """Provenance for every file of this job; ``keys`` are the settings that change its content."""
         s = self.settings
         return {
-            "format_version": FORMAT_VERSION, "kdflow_version": __version__, "git_commit": git_commit(),
-            "teacher": teacher_info["name"], "teacher_source_hash": teacher_info.get("source_hash"),
-            "teacher_revision": teacher_info.get("revision"), "teacher_layers": n_layers,
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
-            "max_length": s["max_length"], "dtype": s["dtype"], "value_dtype": "float16",
-            "shard": self.shard.stem, "shard_sha256": file_sha256(self.shard),
+            "format_version": FORMAT_VERSION,
+            "kdflow_version": __version__,
+            "git_commit": git_commit(),
+            "teacher": teacher_info["name"],
+            "teacher_source_hash": teacher_info.get("source_hash"),
+            "teacher_revision": teacher_info.get("revision"),
+            "teacher_layers": n_layers,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": len(tokenizer),
+            "max_length": s["max_length"],
+            "dtype": s["dtype"],
+            "value_dtype": "float16",
+            "shard": self.shard.stem,
+            "shard_sha256": file_sha256(self.shard),
             "settings_hash": config_hash({k: s[k] for k in ("max_length", "dtype", "rows_per_part", *keys)}),
         }
 
@@ -115,8 +123,14 @@ def _finished(paths: dict[str, Path], meta: dict[str, Any]) -> bool:
     return True
 
 
-def run_cache_job(job: CacheJob, metas: dict[str, dict], schemas: dict[str, Any], tok: Tokenised,
-                  make_part: Callable[[np.ndarray], dict[str, dict]], progress_desc: str) -> dict[str, Any]:
+def run_cache_job(
+    job: CacheJob,
+    metas: dict[str, dict],
+    schemas: dict[str, Any],
+    tok: Tokenised,
+    make_part: Callable[[np.ndarray], dict[str, dict]],
+    progress_desc: str,
+) -> dict[str, Any]:
     """Process ``tok`` in length order, part by part, skipping finished parts; then assemble outputs."""
     s = job.settings
     order = length_order(tok)
@@ -129,7 +143,7 @@ def run_cache_job(job: CacheJob, metas: dict[str, dict], schemas: dict[str, Any]
     bar = tqdm(total=total_tokens, desc=progress_desc, unit="tok", unit_scale=True, mininterval=1)
     all_parts: dict[str, list[Path]] = {name: [] for name in job.outputs}
     for part in range(n_parts):
-        index = order[part * rows:(part + 1) * rows]
+        index = order[part * rows : (part + 1) * rows]
         paths = _part_paths(job, list(job.outputs), part)
         for name in job.outputs:
             all_parts[name].append(paths[name])
@@ -148,9 +162,18 @@ def run_cache_job(job: CacheJob, metas: dict[str, dict], schemas: dict[str, Any]
     seconds = time.perf_counter() - t0
     sizes = {name: assemble(all_parts[name], job.outputs[name], metas[name]) for name in job.outputs}
     shutil.rmtree(job.partial_dir, ignore_errors=True)
-    summary = {"cache": job.kind, "shard": job.shard.stem, "documents": len(order), "tokens": total_tokens,
-               "tokens_computed": tokens_done, "parts": n_parts, "parts_resumed": resumed,
-               "truncated_documents": int(tok.truncated.sum()), "seconds": round(seconds, 3),
-               "tokens_per_s": round(tokens_done / seconds, 1) if tokens_done else None,
-               "bytes_written": sum(sizes.values()), "bytes": dict(sizes)}
+    summary = {
+        "cache": job.kind,
+        "shard": job.shard.stem,
+        "documents": len(order),
+        "tokens": total_tokens,
+        "tokens_computed": tokens_done,
+        "parts": n_parts,
+        "parts_resumed": resumed,
+        "truncated_documents": int(tok.truncated.sum()),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens_done / seconds, 1) if tokens_done else None,
+        "bytes_written": sum(sizes.values()),
+        "bytes": dict(sizes),
+    }
     return summary

@@ -51,9 +51,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -90,8 +91,8 @@ class _Shard:
     """One shard's opened files and its row-group sizes."""
 
     name: str
-    readers: dict[str, CacheReader]          # kind -> reader; "topk" always, "embed"/"hidden" if given
-    row_groups: list[int] = field(default_factory=list)   # rows per row group (equal in every file)
+    readers: dict[str, CacheReader]  # kind -> reader; "topk" always, "embed"/"hidden" if given
+    row_groups: list[int] = field(default_factory=list)  # rows per row group (equal in every file)
 
 
 def split_expected(expected: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -101,8 +102,10 @@ def split_expected(expected: dict[str, Any] | None) -> dict[str, dict[str, Any]]
     expected = dict(expected or {})
     unknown = sorted(set(expected) - set().union(*KIND_META_KEYS.values()))
     if unknown:
-        raise ValueError(f"CacheStream(expected=…): {unknown} is not a metadata key of any cache; known keys: "
-                         f"{sorted(set().union(*KIND_META_KEYS.values()))} (the kind, `cache`, is implied by the file)")
+        raise ValueError(
+            f"CacheStream(expected=…): {unknown} is not a metadata key of any cache; known keys: "
+            f"{sorted(set().union(*KIND_META_KEYS.values()))} (the kind, `cache`, is implied by the file)"
+        )
     return {kind: {k: v for k, v in expected.items() if k in keys} for kind, keys in KIND_META_KEYS.items()}
 
 
@@ -126,7 +129,7 @@ def reservoir_order(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     for t, j in enumerate(picks.tolist()):
         out[t] = buf[j]
         buf[j] = fill + t
-    out[n - fill:] = np.asarray(buf, dtype=np.int64)[rng.permutation(fill)]
+    out[n - fill :] = np.asarray(buf, dtype=np.int64)[rng.permutation(fill)]
     return out
 
 
@@ -155,9 +158,18 @@ class CacheStream(torch.utils.data.IterableDataset):
     order, ranks and resume.
     """
 
-    def __init__(self, shards: Sequence[ShardCaches], *, expected: dict | None = None, seed: int = 0,
-                 shuffle_buffer: int = 256, rank: int = 0, world_size: int = 1, asked_by: str = "training",
-                 with_text: bool = False):
+    def __init__(
+        self,
+        shards: Sequence[ShardCaches],
+        *,
+        expected: dict | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        asked_by: str = "training",
+        with_text: bool = False,
+    ):
         super().__init__()
         if not shards:
             raise ValueError("CacheStream: no shards given")
@@ -173,8 +185,10 @@ class CacheStream(torch.utils.data.IterableDataset):
         self._shards = [self._open(s if isinstance(s, ShardCaches) else ShardCaches(s), per_kind) for s in shards]
         self.with_text = bool(with_text)
         if self.with_text and any("embed" not in sh.readers for sh in self._shards):
-            raise ValueError("CacheStream(with_text=True): the document texts are read from the embed files; give "
-                             "every shard its embed file")
+            raise ValueError(
+                "CacheStream(with_text=True): the document texts are read from the embed files; give "
+                "every shard its embed file"
+            )
         self._check_across_shards()
         # The units of an epoch: (shard number, row group number, rows).
         self._units = [(si, gi, n) for si, sh in enumerate(self._shards) for gi, n in enumerate(sh.row_groups)]
@@ -198,13 +212,15 @@ class CacheStream(torch.utils.data.IterableDataset):
                     what = "the same shard file" if key in SAME_SHARD_KEYS else "the same teacher and settings"
                     raise CacheMismatch(
                         f"{reader.path}: {key}={reader.meta.get(key)!r}, but {top.path}: {key}="
-                        f"{top.meta.get(key)!r}; the {kind} and top-k caches of a shard must come from {what}")
+                        f"{top.meta.get(key)!r}; the {kind} and top-k caches of a shard must come from {what}"
+                    )
         sizes = _row_group_sizes(top.path)
         for kind, reader in readers.items():
             if kind != "topk" and (other := _row_group_sizes(reader.path)) != sizes:
                 raise CacheMismatch(
                     f"{reader.path}: row groups of {other} rows, but {top.path}: {sizes}; the caches of a shard must "
-                    f"be built with the same rows_per_part (one row group per part, same length-sorted order)")
+                    f"be built with the same rows_per_part (one row group per part, same length-sorted order)"
+                )
         return _Shard(str(top.meta.get("shard")), readers, sizes)
 
     def _check_across_shards(self) -> None:
@@ -214,21 +230,27 @@ class CacheStream(torch.utils.data.IterableDataset):
             top = sh.readers["topk"]
             key = (top.meta.get("shard"), top.meta.get("shard_sha256"))
             if key in seen:
-                raise ValueError(f"CacheStream: {top.path} and {seen[key]} are caches of the same shard {key[0]!r}; "
-                                 "each shard may be given once (its documents would appear twice per epoch)")
+                raise ValueError(
+                    f"CacheStream: {top.path} and {seen[key]} are caches of the same shard {key[0]!r}; "
+                    "each shard may be given once (its documents would appear twice per epoch)"
+                )
             seen[key] = top.path
             if set(sh.readers) != set(first.readers):
-                raise ValueError(f"CacheStream: {top.path} comes with {sorted(sh.readers)} caches but "
-                                 f"{first.readers['topk'].path} with {sorted(first.readers)}; "
-                                 "give every shard the same kinds")
+                raise ValueError(
+                    f"CacheStream: {top.path} comes with {sorted(sh.readers)} caches but "
+                    f"{first.readers['topk'].path} with {sorted(first.readers)}; "
+                    "give every shard the same kinds"
+                )
             for kind, keys in (("topk", ("k",)), ("embed", ("hidden_size",)), ("hidden", ("layers", "hidden_size"))):
                 if kind not in sh.readers:
                     continue
                 a, b = sh.readers[kind], first.readers[kind]
                 for k in keys:
                     if a.meta.get(k) != b.meta.get(k):
-                        raise CacheMismatch(f"{a.path}: {k}={a.meta.get(k)!r}, but {b.path}: {k}={b.meta.get(k)!r}; "
-                                            f"the shards of one stream must share {k}")
+                        raise CacheMismatch(
+                            f"{a.path}: {k}={a.meta.get(k)!r}, but {b.path}: {k}={b.meta.get(k)!r}; "
+                            f"the shards of one stream must share {k}"
+                        )
 
     # ------------------------------------------------------------------ order
 
@@ -238,7 +260,7 @@ class CacheStream(torch.utils.data.IterableDataset):
         sizes = np.asarray([self._units[u][2] for u in perm], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         order = reservoir_order(int(sizes.sum()), self.shuffle_buffer, np.random.default_rng([self.seed, epoch, 1]))
-        mine = order[self.rank::self.world_size]
+        mine = order[self.rank :: self.world_size]
         pos = np.repeat(np.arange(len(perm), dtype=np.int64), sizes)[mine]
         return perm, pos, mine - starts[pos]
 
@@ -250,8 +272,10 @@ class CacheStream(torch.utils.data.IterableDataset):
     def order_key(self) -> str:
         """A hash of what the order depends on: seed, buffer, world size, the shards and their row groups (not
         the rank: at a given step every rank has yielded the same number of examples)."""
-        shards = [(sh.readers["topk"].meta.get("shard"), sh.readers["topk"].meta.get("shard_sha256"), sh.row_groups)
-                  for sh in self._shards]
+        shards = [
+            (sh.readers["topk"].meta.get("shard"), sh.readers["topk"].meta.get("shard_sha256"), sh.row_groups)
+            for sh in self._shards
+        ]
         blob = json.dumps([self.seed, self.shuffle_buffer, self.world_size, shards], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -276,19 +300,25 @@ class CacheStream(torch.utils.data.IterableDataset):
         """The next ``iter()`` resumes right after ``state["position"]`` examples of ``state["epoch"]``."""
         epoch, position = int(state["epoch"]), int(state["position"])
         if "order_key" in state and state["order_key"] != self.order_key():
-            raise ValueError("CacheStream.load_state_dict: the state was saved by a stream with other shards, seed, "
-                             "shuffle_buffer or world_size; resuming would not continue the same order")
+            raise ValueError(
+                "CacheStream.load_state_dict: the state was saved by a stream with other shards, seed, "
+                "shuffle_buffer or world_size; resuming would not continue the same order"
+            )
         if epoch < 0 or not 0 <= position <= len(self):
-            raise ValueError(f"CacheStream.load_state_dict: epoch {epoch}, position {position} out of range "
-                             f"(this rank has {len(self)} examples per epoch)")
+            raise ValueError(
+                f"CacheStream.load_state_dict: epoch {epoch}, position {position} out of range "
+                f"(this rank has {len(self)} examples per epoch)"
+            )
         self._epoch, self._position, self._resume_at = epoch, position, position
 
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[dict]:
         if torch.utils.data.get_worker_info() is not None:
-            raise RuntimeError("CacheStream does not support DataLoader(num_workers > 0): every worker would yield "
-                               "the same documents and the resume position would be wrong; use num_workers=0")
+            raise RuntimeError(
+                "CacheStream does not support DataLoader(num_workers > 0): every worker would yield "
+                "the same documents and the resume position would be wrong; use num_workers=0"
+            )
         start, self._resume_at = self._resume_at, 0
         self._position = start
         return self._generate(self._epoch, start)
@@ -304,7 +334,7 @@ class CacheStream(torch.utils.data.IterableDataset):
         groups = np.split(rows[by_pos], first[1:])
         pending: dict[tuple[int, int], dict] = {}
         nxt = 0
-        for p, need in zip(unit_pos.tolist(), groups):
+        for p, need in zip(unit_pos.tolist(), groups, strict=False):
             si, gi, _ = self._units[perm[p]]
             for row, doc in self._read_unit(si, gi, np.unique(need)):
                 pending[(p, row)] = doc
@@ -327,13 +357,17 @@ class CacheStream(torch.utils.data.IterableDataset):
         for name, width in (("topk_ids", k), ("topk_logprobs", k), ("rest_logprob", None)):
             arrays[name], n = list_values(t.column(name), width)
             if not np.array_equal(n, lengths):
-                raise CacheError(f"{top.path}: row group {gi}: {name} has other lengths than input_ids; the file is damaged")
+                raise CacheError(
+                    f"{top.path}: row group {gi}: {name} has other lengths than input_ids; the file is damaged"
+                )
         offsets = np.concatenate([[0], np.cumsum(lengths)])
 
         emb = None
         if "embed" in sh.readers:
             er = sh.readers["embed"]
-            te = _read_row_group(er.path, gi, ["doc_index", "n_tokens", "embedding"] + (["text"] if self.with_text else []))
+            te = _read_row_group(
+                er.path, gi, ["doc_index", "n_tokens", "embedding"] + (["text"] if self.with_text else [])
+            )
             _check_rows(top.path, er.path, gi, doc_index, te.column("doc_index").to_numpy(), "doc_index")
             _check_rows(top.path, er.path, gi, lengths, te.column("n_tokens").to_numpy(), "n_tokens")
             emb = _fixed_values(te.column("embedding"))
@@ -352,14 +386,19 @@ class CacheStream(torch.utils.data.IterableDataset):
             for layer in layers:
                 states[layer], n = list_values(th.column(f"hidden_l{layer}"), width)
                 if not np.array_equal(n, plen):
-                    raise CacheError(f"{hr.path}: row group {gi}: hidden_l{layer} has other lengths than positions; "
-                                     "the file is damaged")
+                    raise CacheError(
+                        f"{hr.path}: row group {gi}: hidden_l{layer} has other lengths than positions; "
+                        "the file is damaged"
+                    )
             hid = (np.concatenate([[0], np.cumsum(plen)]), positions, states)
 
         for row in need.tolist():
             a, b = offsets[row], offsets[row + 1]
-            doc = {"shard": sh.name, "doc_index": int(doc_index[row]),
-                   **{name: values[a:b].copy() for name, values in arrays.items()}}
+            doc = {
+                "shard": sh.name,
+                "doc_index": int(doc_index[row]),
+                **{name: values[a:b].copy() for name, values in arrays.items()},
+            }
             if emb is not None:
                 doc["embedding"] = emb[row].copy()
                 if texts is not None:
@@ -385,4 +424,5 @@ def _check_rows(path_a: Path, path_b: Path, group: int, a: np.ndarray, b: np.nda
         raise CacheMismatch(
             f"{path_b}: row group {group}, row {bad} has {column}={vb}, but {path_a} has {column}={va} there; the "
             f"caches of a shard must hold the same documents in the same order (same rows_per_part and shard); "
-            f"rebuild the one that is stale")
+            f"rebuild the one that is stale"
+        )

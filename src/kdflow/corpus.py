@@ -37,8 +37,9 @@ from kdflow.provenance import provenance
 from kdflow.sources import SourceCounts, check_bad_lines, read_source
 
 HELDOUT = -1
-CORPUS_SCHEMA = pa.schema([("shard", pa.int32()), ("doc_id", pa.string()), ("source", pa.string()),
-                           ("text", pa.string())])
+CORPUS_SCHEMA = pa.schema(
+    [("shard", pa.int32()), ("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string())]
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _sha(text: str) -> str:
 
 
 def _rank(seed: int, key: str) -> str:
-    return hashlib.sha256(f"{seed}\x00{key}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
 
 
 def read_documents(data: dict) -> tuple[list[Doc], dict[str, SourceReport]]:
@@ -95,8 +96,13 @@ def read_documents(data: dict) -> tuple[list[Doc], dict[str, SourceReport]]:
     for spec in data["sources"]:
         report = reports[spec["name"]] = SourceReport()
         counts = SourceCounts()
-        stream = tqdm(read_source(spec, counts, data["bad_lines"], log), desc=f"source {spec['name']}",
-                      unit=" docs", mininterval=2, leave=False)
+        stream = tqdm(
+            read_source(spec, counts, data["bad_lines"], log),
+            desc=f"source {spec['name']}",
+            unit=" docs",
+            mininterval=2,
+            leave=False,
+        )
         for raw in stream:
             text = normalise(raw.text)
             if len(text) < data["min_chars"]:
@@ -117,8 +123,10 @@ def read_documents(data: dict) -> tuple[list[Doc], dict[str, SourceReport]]:
         report.read = counts.as_dict()
         log.info("source %s: %s", spec["name"], report)
         if report.kept == 0:
-            raise CorpusError(f"data.sources[{spec['name']}]: no usable document ({report.read}, "
-                              f"{report.empty} empty, {report.duplicate} duplicates)")
+            raise CorpusError(
+                f"data.sources[{spec['name']}]: no usable document ({report.read}, "
+                f"{report.empty} empty, {report.duplicate} duplicates)"
+            )
     return docs, reports
 
 
@@ -130,8 +138,10 @@ def split_heldout(docs: list[Doc], data: dict) -> tuple[list[Doc], list[Doc]]:
     if cap is not None:
         n_heldout = min(n_heldout, cap)
     if n_heldout >= len(docs):
-        raise CorpusError(f"data.heldout: {n_heldout} held-out documents leave none of the {len(docs)} for "
-                          f"training; lower data.heldout.fraction or add data")
+        raise CorpusError(
+            f"data.heldout: {n_heldout} held-out documents leave none of the {len(docs)} for "
+            f"training; lower data.heldout.fraction or add data"
+        )
     return ranked[n_heldout:], ranked[:n_heldout]
 
 
@@ -175,7 +185,7 @@ def handle_long(docs: list[Doc], data: dict, reports: dict[str, SourceReport], s
             out.append(d)
         elif mode == "truncate":
             report.truncated += 1
-            out.append(Doc(d.doc_id, d.source, d.text[:_cut(d.text, limit)].strip(), d.sha))
+            out.append(Doc(d.doc_id, d.source, d.text[: _cut(d.text, limit)].strip(), d.sha))
         elif mode == "drop":
             report.too_long_dropped += 1
         else:
@@ -196,8 +206,9 @@ def assign_shards(train: list[Doc], n_shards: int, seed: int) -> list[list[Doc]]
     ordered = sorted(train, key=lambda d: _rank(seed, "shard\x00" + d.doc_id))
     shards = [ordered[i::n_shards] for i in range(n_shards)]
     if not shards[-1]:
-        raise CorpusError(f"data.n_shards={n_shards} but only {len(ordered)} training documents; "
-                          f"lower data.n_shards or add data")
+        raise CorpusError(
+            f"data.n_shards={n_shards} but only {len(ordered)} training documents; lower data.n_shards or add data"
+        )
     return shards
 
 
@@ -222,23 +233,40 @@ def build_corpus(data: dict, corpus_path: str | Path, manifest_path: str | Path)
     with atomic_path(corpus_path) as tmp:
         with pq.ParquetWriter(tmp, CORPUS_SCHEMA.with_metadata(meta), compression="zstd") as writer:
             for shard_id, rows in [(HELDOUT, heldout)] + list(enumerate(shards)):
-                writer.write_table(pa.table({
-                    "shard": pa.array([shard_id] * len(rows), pa.int32()),
-                    "doc_id": [d.doc_id for d in rows], "source": [d.source for d in rows],
-                    "text": [d.text for d in rows]}, schema=CORPUS_SCHEMA))
+                writer.write_table(
+                    pa.table(
+                        {
+                            "shard": pa.array([shard_id] * len(rows), pa.int32()),
+                            "doc_id": [d.doc_id for d in rows],
+                            "source": [d.source for d in rows],
+                            "text": [d.text for d in rows],
+                        },
+                        schema=CORPUS_SCHEMA,
+                    )
+                )
     manifest = {
         "data_config_hash": config_hash(data),
-        "documents": {"kept": len(docs), "train_pieces": len(train), "heldout_pieces": len(heldout),
-                      "train_chars": sum(len(d.text) for d in train),
-                      "heldout_chars": sum(len(d.text) for d in heldout)},
+        "documents": {
+            "kept": len(docs),
+            "train_pieces": len(train),
+            "heldout_pieces": len(heldout),
+            "train_chars": sum(len(d.text) for d in train),
+            "heldout_chars": sum(len(d.text) for d in heldout),
+        },
         "shards": {shard_name(i): len(rows) for i, rows in enumerate(shards)} | {"heldout": len(heldout)},
         "sources": {name: vars(r) for name, r in reports.items()},
-        "python_stdlib": sysconfig.get_paths()["stdlib"], "python_version": sys.version.split()[0],
+        "python_stdlib": sysconfig.get_paths()["stdlib"],
+        "python_version": sys.version.split()[0],
         "provenance": provenance(),
     }
     write_json(manifest_path, manifest)
-    log.info("corpus: %d documents kept, %d training pieces in %d shards, %d held out", len(docs), len(train),
-             len(shards), len(heldout))
+    log.info(
+        "corpus: %d documents kept, %d training pieces in %d shards, %d held out",
+        len(docs),
+        len(train),
+        len(shards),
+        len(heldout),
+    )
     return manifest
 
 

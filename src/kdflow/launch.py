@@ -47,8 +47,18 @@ def single_node_command(job_file: str | Path, nproc: int) -> list[str]:
 
 def multi_node_command(job_file: str | Path, nproc_per_node: int, nodes: int) -> list[str]:
     """srun starting one launcher task per node of the job's allocation (each becomes a torchrun)."""
-    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            sys.executable, "-m", "kdflow.launch", str(job_file), str(nproc_per_node)]
+    return [
+        "srun",
+        f"--nodes={nodes}",
+        f"--ntasks={nodes}",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "kdflow.launch",
+        str(job_file),
+        str(nproc_per_node),
+    ]
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -74,14 +84,25 @@ def node_command(job_file: str | Path, nproc_per_node: int, env: Mapping[str, st
     """The torchrun line for this node of a multi-node job, from the variables srun sets in each task."""
     missing = [k for k in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID") if k not in env]
     if missing:
-        raise LaunchError(f"python -m kdflow.launch runs inside `srun` (one task per node); {', '.join(missing)} "
-                          f"not set")
+        raise LaunchError(
+            f"python -m kdflow.launch runs inside `srun` (one task per node); {', '.join(missing)} not set"
+        )
     nodes, rank = int(env["SLURM_NNODES"]), int(env["SLURM_NODEID"])
     head = expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
     port = int(env.get("KDFLOW_RDZV_PORT", RDZV_PORT))
-    return torchrun([f"--nnodes={nodes}", f"--node_rank={rank}", f"--nproc_per_node={nproc_per_node}",
-                     "--rdzv_backend=c10d", f"--rdzv_endpoint={head}:{port}", f"--rdzv_id={env['SLURM_JOB_ID']}",
-                     "-m", "kdflow.train", str(job_file)])
+    return torchrun(
+        [
+            f"--nnodes={nodes}",
+            f"--node_rank={rank}",
+            f"--nproc_per_node={nproc_per_node}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={head}:{port}",
+            f"--rdzv_id={env['SLURM_JOB_ID']}",
+            "-m",
+            "kdflow.train",
+            str(job_file),
+        ]
+    )
 
 
 def launch_command(job_file: str | Path, nproc: int, nodes: int = 1) -> list[str]:
@@ -118,8 +139,10 @@ def train_main(argv: list[str] | None = None) -> int:
         print("usage: python -m kdflow.train JOB.json   (a TrainJob written by the train rule)", file=sys.stderr)
         return 2
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+    )
     from kdflow.train import TrainJob, run_training
 
     summary = run_training(TrainJob.load(argv[0]))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -19,8 +20,10 @@ def run_logged(log_file: str | Path, job: Callable[[], T]) -> T:
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = [logging.FileHandler(log_file, mode="w", encoding="utf-8"),
-                                       logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [
+        logging.FileHandler(log_file, mode="w", encoding="utf-8"),
+        logging.StreamHandler(sys.stderr),
+    ]
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for h in handlers:

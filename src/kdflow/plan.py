@@ -2,17 +2,19 @@
 
 ``rules/common.smk`` builds one :class:`StudyPlan` after validating the config and its input functions only
 look things up in it (``PLAN.train_inputs(wildcards.run)``); the training job decides which caches it reads
-with the same :func:`kdflow.runs.caches_read`. Paths are relative to the workflow's working directory, as Snakemake's are.
+with the same :func:`kdflow.runs.caches_read`. Paths are relative to the workflow's working directory, as
+Snakemake's are.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from kdflow.config import load_schema, validate_config
 from kdflow.corpus import shard_name
@@ -24,8 +26,10 @@ HELDOUT_SHARD = f"{SHARDS_DIR}/heldout.parquet"
 RESULTS = ["results/kdflow.duckdb", "results/summary.csv", "results/summary.md", "results/plots"]
 # The teacher_cache settings every cache job depends on (so that other changes do not rerun one).
 COMMON_CACHE_SETTINGS = ("max_length", "batch_size", "rows_per_part", "device", "dtype")
-CACHE_SETTINGS = {"topk": (*COMMON_CACHE_SETTINGS, "k"),
-                  "hidden": (*COMMON_CACHE_SETTINGS, "hidden_layers", "hidden_token_ratio", "hidden_token_seed")}
+CACHE_SETTINGS = {
+    "topk": (*COMMON_CACHE_SETTINGS, "k"),
+    "hidden": (*COMMON_CACHE_SETTINGS, "hidden_layers", "hidden_token_ratio", "hidden_token_seed"),
+}
 
 
 # What an evaluated model is (EvalTarget.kind): a training run or one of the two baselines.
@@ -52,15 +56,15 @@ class EvalTarget:
     """One evaluated model: a training run, the teacher, or a student's untrained init (``<student>.init``).
     The eval job's ``target`` parameter (:meth:`to_dict`), read back by kdflow.evaluate (:meth:`from_dict`)."""
 
-    kind: str                 # one of KINDS
+    kind: str  # one of KINDS
     student: str | None = None
     mode: str | None = None
     seed: int | None = None
     tag: str | None = None
-    manifest: str             # the model's kdflow_model.json
+    manifest: str  # the model's kdflow_model.json
     adapter: str | None = None  # results/train/<run> for a run
     gpus: int = 0
-    model: str                # its id: the run name, the teacher's name or <student>.init
+    model: str  # its id: the run name, the teacher's name or <student>.init
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> EvalTarget:
@@ -82,7 +86,7 @@ class EvalTarget:
 @dataclass(frozen=True)
 class StudyPlan:
     config: dict[str, Any]
-    repo: Path                # the workflow's base directory (shipped lm-eval tasks live there)
+    repo: Path  # the workflow's base directory (shipped lm-eval tasks live there)
 
     @property
     def teacher(self) -> str:
@@ -143,8 +147,10 @@ class StudyPlan:
             return self.config["teacher"]
         if model in self.students:
             return self.students[model]
-        raise PlanError(f"model {model!r} is not in the config: known are teacher {self.teacher!r} and students "
-                        f"{sorted(self.students)}")
+        raise PlanError(
+            f"model {model!r} is not in the config: known are teacher {self.teacher!r} and students "
+            f"{sorted(self.students)}"
+        )
 
     def model_role(self, model: str) -> str:
         return "teacher" if model == self.teacher else "student"
@@ -167,8 +173,9 @@ class StudyPlan:
     def cache_index_inputs(self, cache: str) -> list[str]:
         """The training shards' files of one cache (the held-out shard's file is for evaluation)."""
         if cache not in self.cache_names:
-            raise PlanError(f"{self.cache_path(cache)}: not a cache of this config (caches: "
-                            f"{', '.join(self.cache_names)})")
+            raise PlanError(
+                f"{self.cache_path(cache)}: not a cache of this config (caches: {', '.join(self.cache_names)})"
+            )
         return [f"{self.cache_path(cache)}/{s}.parquet" for s in self.shard_names(with_heldout=False)]
 
     # -- training --------------------------------------------------------------------------------------------
@@ -179,16 +186,18 @@ class StudyPlan:
 
     def run_spec(self, run: str) -> dict:
         if run not in self.runs:
-            raise PlanError(f"run {run!r} is not in the config's training.experiments; known runs: "
-                            f"{sorted(self.runs)}")
+            raise PlanError(f"run {run!r} is not in the config's training.experiments; known runs: {sorted(self.runs)}")
         return self.runs[run]
 
     def train_inputs(self, run: str) -> dict[str, str]:
         """The student, the index of each cache this run reads (kdflow.cache_index), and the held-out shard."""
         spec = self.run_spec(run)
         own_vocab = self.students[spec["student"]].get("vocab") == "own"
-        inputs = {"student": model_manifest(spec["student"]), "heldout": HELDOUT_SHARD,
-                  "topk": f"{self.cache_path(self.topk_name)}/index.json"}
+        inputs = {
+            "student": model_manifest(spec["student"]),
+            "heldout": HELDOUT_SHARD,
+            "topk": f"{self.cache_path(self.topk_name)}/index.json",
+        }
         need = caches_read(spec["terms"], own_vocab)
         if need["embed"]:
             inputs["embed"] = f"{self.cache_path('embed')}/index.json"
@@ -243,24 +252,50 @@ class StudyPlan:
         baselines = self.config["eval"]["baselines"]
         targets = {}
         for run, spec in self.runs.items():
-            targets[run] = EvalTarget(kind="run", student=spec["student"], mode=spec["mode"], seed=spec["seed"],
-                                      tag=spec["tag"], manifest=model_manifest(spec["student"]),
-                                      adapter=f"results/train/{run}", gpus=spec["gpus"], model=run)
+            targets[run] = EvalTarget(
+                kind="run",
+                student=spec["student"],
+                mode=spec["mode"],
+                seed=spec["seed"],
+                tag=spec["tag"],
+                manifest=model_manifest(spec["student"]),
+                adapter=f"results/train/{run}",
+                gpus=spec["gpus"],
+                model=run,
+            )
         if "teacher" in baselines:
-            targets[self.teacher] = EvalTarget(kind="teacher", student=None, mode=None, seed=None, tag=None,
-                                               manifest=model_manifest(self.teacher), adapter=None, gpus=0,
-                                               model=self.teacher)
+            targets[self.teacher] = EvalTarget(
+                kind="teacher",
+                student=None,
+                mode=None,
+                seed=None,
+                tag=None,
+                manifest=model_manifest(self.teacher),
+                adapter=None,
+                gpus=0,
+                model=self.teacher,
+            )
         if "student_init" in baselines:
             for student in self.students:
-                targets[f"{student}.init"] = EvalTarget(kind="student_init", student=student, mode=None, seed=None,
-                                                        tag=None, manifest=model_manifest(student), adapter=None,
-                                                        gpus=0, model=f"{student}.init")
+                targets[f"{student}.init"] = EvalTarget(
+                    kind="student_init",
+                    student=student,
+                    mode=None,
+                    seed=None,
+                    tag=None,
+                    manifest=model_manifest(student),
+                    adapter=None,
+                    gpus=0,
+                    model=f"{student}.init",
+                )
         return targets
 
     def eval_target(self, model: str) -> EvalTarget:
         if model not in self.eval_targets:
-            raise PlanError(f"{model!r} is neither a training run nor a baseline of this config; evaluated "
-                            f"models: {sorted(self.eval_targets)}")
+            raise PlanError(
+                f"{model!r} is neither a training run nor a baseline of this config; evaluated "
+                f"models: {sorted(self.eval_targets)}"
+            )
         return self.eval_targets[model]
 
     def eval_params(self, model: str) -> dict[str, Any]:
@@ -272,8 +307,11 @@ class StudyPlan:
 
     def eval_inputs(self, model: str) -> dict[str, str]:
         target = self.eval_target(model)
-        inputs = {"manifest": target.manifest, "heldout": HELDOUT_SHARD,
-                  "heldout_topk": f"{self.cache_path(self.topk_name)}/heldout.parquet"}
+        inputs = {
+            "manifest": target.manifest,
+            "heldout": HELDOUT_SHARD,
+            "heldout_topk": f"{self.cache_path(self.topk_name)}/heldout.parquet",
+        }
         if target.adapter:
             inputs["adapter"] = target.adapter
         return inputs
@@ -283,11 +321,19 @@ class StudyPlan:
 
     def expected_results(self) -> dict[str, Any]:
         """What parse_results must find: every model, every evaluation, every configured task."""
-        return {"models": sorted(self.eval_targets),
-                "evaluations": {"heldout": ["heldout"], "lm_eval": list(self.config["eval"]["lm_eval"]["tasks"])}}
+        return {
+            "models": sorted(self.eval_targets),
+            "evaluations": {"heldout": ["heldout"], "lm_eval": list(self.config["eval"]["lm_eval"]["tasks"])},
+        }
 
     # -- the whole study -------------------------------------------------------------------------------------
     def final_outputs(self) -> list[str]:
-        return (self.shard_files() + ["results/data/manifest.json"]
-                + [model_manifest(m) for m in [self.teacher, *self.students]]
-                + self.cache_files() + self.train_outputs() + self.eval_files() + RESULTS)
+        return (
+            self.shard_files()
+            + ["results/data/manifest.json"]
+            + [model_manifest(m) for m in [self.teacher, *self.students]]
+            + self.cache_files()
+            + self.train_outputs()
+            + self.eval_files()
+            + RESULTS
+        )

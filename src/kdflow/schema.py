@@ -37,7 +37,8 @@ def validator_class() -> type:
 
     # JSON Schema counts 4.0 as an integer; kdflow's integers are counts and indices, so refuse floats.
     types = base.TYPE_CHECKER.redefine(
-        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    )
     return jsonschema.validators.extend(base, {"properties": set_defaults}, type_checker=types)
 
 

@@ -39,11 +39,16 @@ def write_shard(corpus: str | Path, name: str, out: str | Path) -> int:
     index = shard_index(name)
     table = pq.read_table(corpus, filters=[("shard", "==", index)], columns=SHARD_SCHEMA.names)
     if table.num_rows == 0:
-        raise ShardError(f"{corpus}: has no rows for {name}; is data.n_shards larger than when the corpus "
-                         f"was built? Rerun the corpus rule.")
+        raise ShardError(
+            f"{corpus}: has no rows for {name}; is data.n_shards larger than when the corpus "
+            f"was built? Rerun the corpus rule."
+        )
     corpus_meta = pq.read_schema(corpus).metadata or {}
-    meta = {b"kdflow.shard": name.encode(), b"kdflow.corpus_rows": str(table.num_rows).encode(),
-            b"kdflow.data_config_hash": corpus_meta.get(b"kdflow.data_config_hash", b"")}
+    meta = {
+        b"kdflow.shard": name.encode(),
+        b"kdflow.corpus_rows": str(table.num_rows).encode(),
+        b"kdflow.data_config_hash": corpus_meta.get(b"kdflow.data_config_hash", b""),
+    }
     table = table.cast(SHARD_SCHEMA).replace_schema_metadata(meta)
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, table.num_rows))

@@ -26,9 +26,10 @@ import json
 import logging
 import os
 import sysconfig
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from kdflow.records import UnrecognisedRecord, record_to_text
 
@@ -70,9 +71,7 @@ class SourceError(RuntimeError):
     """A source cannot be read; the message names the source, the place at fault and the fix."""
 
 
-def read_source(
-    spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger
-) -> Iterator[RawDoc]:
+def read_source(spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger) -> Iterator[RawDoc]:
     """Yield the documents of the source ``spec`` (one item of ``data.sources``, defaults filled).
 
     ``counts`` is updated as records are read; ``bad_lines`` is ``data.bad_lines``. The order is
@@ -87,9 +86,7 @@ def read_source(
         "hf": _read_hf,
     }
     if kind not in readers:
-        raise SourceError(
-            f"source '{spec['name']}': unknown kind {kind!r}; use one of {', '.join(readers)}"
-        )
+        raise SourceError(f"source '{spec['name']}': unknown kind {kind!r}; use one of {', '.join(readers)}")
     return readers[kind](spec, counts, bad_lines, log)
 
 
@@ -175,17 +172,13 @@ def _read_file_docs(
         yield RawDoc(f"{name}/{locator}", text)
 
 
-def _read_stdlib(
-    spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger
-) -> Iterator[RawDoc]:
+def _read_stdlib(spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger) -> Iterator[RawDoc]:
     root = sysconfig.get_paths()["stdlib"]
     rels = _stdlib_files(root, spec.get("exclude") or [])
     yield from _read_file_docs(spec, counts, log, ((os.path.join(root, r), r) for r in rels))
 
 
-def _read_text_files(
-    spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger
-) -> Iterator[RawDoc]:
+def _read_text_files(spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger) -> Iterator[RawDoc]:
     exclude = spec.get("exclude") or []
     files = [p for p in _expand_paths(spec) if not _excluded(p, exclude)]
     yield from _read_file_docs(spec, counts, log, ((p, p) for p in files))
@@ -203,13 +196,9 @@ class _Unrecognised:
         self.counts.unrecognised += 1
         self.seen += 1
         if self.seen <= MAX_UNRECOGNISED_LOGGED:
-            self.log.warning(
-                "source '%s': %s: record not recognised, skipped: %s", self.name, where, error
-            )
+            self.log.warning("source '%s': %s: record not recognised, skipped: %s", self.name, where, error)
         elif self.seen == MAX_UNRECOGNISED_LOGGED + 1:
-            self.log.warning(
-                "source '%s': further unrecognised records are only counted, not logged", self.name
-            )
+            self.log.warning("source '%s': further unrecognised records are only counted, not logged", self.name)
 
 
 def _convert(spec: dict, record: Mapping[str, Any]) -> str:
@@ -230,16 +219,16 @@ def _parse_line(raw: bytes, lineno: int) -> tuple[dict | None, str]:
     except json.JSONDecodeError as e:
         return None, f"invalid JSON: {e.msg} (column {e.colno})"
     if not isinstance(value, dict):
-        kind = "null" if value is None else {list: "an array", str: "a string", bool: "a boolean"}.get(
-            type(value), "a number"
+        kind = (
+            "null"
+            if value is None
+            else {list: "an array", str: "a string", bool: "a boolean"}.get(type(value), "a number")
         )
         return None, f"a JSON object was expected, found {kind}"
     return value, ""
 
 
-def _read_jsonl(
-    spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger
-) -> Iterator[RawDoc]:
+def _read_jsonl(spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger) -> Iterator[RawDoc]:
     name = spec["name"]
     fail = bad_lines.get("policy", "skip") == "fail"
     unrecognised = _Unrecognised(name, counts, log)
@@ -267,9 +256,7 @@ def _read_jsonl(
                 yield RawDoc(f"{name}/{path}:{lineno}", text)
 
 
-def _read_parquet(
-    spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger
-) -> Iterator[RawDoc]:
+def _read_parquet(spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger) -> Iterator[RawDoc]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -306,24 +293,17 @@ def _read_parquet(
 
 
 def _offline() -> bool:
-    return any(
-        os.environ.get(var, "").strip().lower() in _TRUE
-        for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-    )
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def _read_hf(
-    spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger
-) -> Iterator[RawDoc]:
+def _read_hf(spec: dict, counts: SourceCounts, bad_lines: dict, log: logging.Logger) -> Iterator[RawDoc]:
     # Imported here: `import datasets` takes seconds and most runs read no hub dataset.
     import datasets
 
     name, dataset, config_name = spec["name"], spec["dataset"], spec.get("config_name")
     split = spec.get("split", "train")
     args = (dataset,) if config_name is None else (dataset, config_name)
-    what = f"dataset {dataset!r}" + (f" (config {config_name!r})" if config_name else "") + (
-        f", split {split!r}"
-    )
+    what = f"dataset {dataset!r}" + (f" (config {config_name!r})" if config_name else "") + (f", split {split!r}")
     try:
         ds = datasets.load_dataset(
             *args, split=split, streaming=spec.get("streaming", False), revision=spec.get("revision")

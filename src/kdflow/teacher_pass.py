@@ -44,7 +44,7 @@ def topk_of_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, k: int, chunk
     """
     ids_out, lp_out, rest_out = [], [], []
     for start in range(0, hidden.shape[0], chunk):
-        logits = lm_head(hidden[start:start + chunk]).float()
+        logits = lm_head(hidden[start : start + chunk]).float()
         values, ids = torch.topk(logits, k, dim=-1)
         # One exp pass, in place, shifted by the row maximum (the top-1 value): the total gives the
         # log-normaliser, and the sum with the k entries zeroed gives the mass outside the k directly
@@ -85,8 +85,13 @@ def setup_cache_job(job: CacheJob) -> TeacherSetup:
     model = load_model(info, s["device"], s["dtype"])
     tok = tokenise_shard(job.shard, tokenizer, s["max_length"])
     if tok.truncated.any():
-        log.info("%s: %d of %d documents truncated to %d tokens", job.shard, int(tok.truncated.sum()),
-                 len(tok.ids), s["max_length"])
+        log.info(
+            "%s: %d of %d documents truncated to %d tokens",
+            job.shard,
+            int(tok.truncated.sum()),
+            len(tok.ids),
+            s["max_length"],
+        )
     return TeacherSetup(info, tokenizer, model, tok, pad_id_of(tokenizer))
 
 
@@ -98,7 +103,7 @@ class TopkPass:
     metas: dict[str, dict]
     schemas: dict[str, Any]
     make_part: Callable[[np.ndarray], dict[str, dict]]
-    clamped: dict[str, int]       # values clamped to fp16's range so far, per column
+    clamped: dict[str, int]  # values clamped to fp16's range so far, per column
 
 
 @torch.inference_mode()
@@ -108,8 +113,9 @@ def capture_topk(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, 
     ``setup``: an already loaded teacher and tokenised shard (default: :func:`setup_cache_job`)."""
     setup = setup_cache_job(job) if setup is None else setup
     plan = topk_pass(job, setup)
-    summary = run_cache_job(job, plan.metas, plan.schemas, setup.tok, plan.make_part,
-                            f"top-{job.settings['k']} {job.shard.stem}")
+    summary = run_cache_job(
+        job, plan.metas, plan.schemas, setup.tok, plan.make_part, f"top-{job.settings['k']} {job.shard.stem}"
+    )
     summary["values_clamped"] = plan.clamped
     return summary
 
@@ -131,7 +137,7 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
     def make_part(index: np.ndarray) -> dict[str, dict]:
         ids_l, lp_l, rest_l, emb_l = [], [], [], []
         for start in range(0, len(index), s["batch_size"]):
-            batch = index[start:start + s["batch_size"]]
+            batch = index[start : start + s["batch_size"]]
             ids, mask = pad_batch(tok, batch, pad_id, device)
             hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             valid = mask.bool().to(hidden.device)
@@ -150,12 +156,23 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
         doc_index = index.astype(np.int32)
         doc_ids = [tok.doc_ids[i] for i in index]
         return {
-            "topk": {"doc_index": doc_index, "doc_id": doc_ids, "n_tokens": lengths,
-                     "truncated": tok.truncated[index], "input_ids": ragged(np.concatenate([tok.ids[i] for i in index]), lengths),
-                     "topk_ids": ragged(np.concatenate(ids_l), lengths), "topk_logprobs": ragged(lp, lengths),
-                     "rest_logprob": ragged(rest, lengths)},
-            "embed": {"doc_index": doc_index, "doc_id": doc_ids, "n_tokens": lengths,
-                      "text": [tok.texts[i] for i in index], "embedding": fixed(emb)},
+            "topk": {
+                "doc_index": doc_index,
+                "doc_id": doc_ids,
+                "n_tokens": lengths,
+                "truncated": tok.truncated[index],
+                "input_ids": ragged(np.concatenate([tok.ids[i] for i in index]), lengths),
+                "topk_ids": ragged(np.concatenate(ids_l), lengths),
+                "topk_logprobs": ragged(lp, lengths),
+                "rest_logprob": ragged(rest, lengths),
+            },
+            "embed": {
+                "doc_index": doc_index,
+                "doc_id": doc_ids,
+                "n_tokens": lengths,
+                "text": [tok.texts[i] for i in index],
+                "embedding": fixed(emb),
+            },
         }
 
     return TopkPass(metas, schemas, make_part, clamped)
@@ -182,6 +199,7 @@ def layer_hooks(model, layers: Sequence[int], captured: dict[int, torch.Tensor])
             captured[layer] = output[0] if isinstance(output, tuple) else output
             if layer == deepest:
                 raise _Stop
+
         return hook
 
     handles = []
@@ -204,10 +222,17 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
     if bad:
         raise ValueError(f"teacher_cache.hidden_layers: {bad} out of range; the teacher has hidden states 0..{n}")
     hidden_size = model.config.hidden_size
-    base = job.with_resume_key(job.base_meta(info, tokenizer, n,
-                                             ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"]))
-    meta = cache_meta(base, "hidden", layers=layers, hidden_size=hidden_size, token_ratio=s["hidden_token_ratio"],
-                     token_seed=s["hidden_token_seed"])
+    base = job.with_resume_key(
+        job.base_meta(info, tokenizer, n, ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"])
+    )
+    meta = cache_meta(
+        base,
+        "hidden",
+        layers=layers,
+        hidden_size=hidden_size,
+        token_ratio=s["hidden_token_ratio"],
+        token_seed=s["hidden_token_seed"],
+    )
     device = input_device(model)
     captured: dict[int, torch.Tensor] = {}
     handles = layer_hooks(model, layers, captured)
@@ -216,7 +241,7 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
     def make_part(index: np.ndarray) -> dict[str, dict]:
         pos_l, per_layer = [], {layer: [] for layer in layers}
         for start in range(0, len(index), s["batch_size"]):
-            batch = index[start:start + s["batch_size"]]
+            batch = index[start : start + s["batch_size"]]
             ids, mask = pad_batch(tok, batch, pad_id, device)
             captured.clear()
             try:
@@ -230,9 +255,12 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
                 for layer in layers:
                     per_layer[layer].append(captured[layer][row].index_select(0, sel.to(captured[layer].device)))
         lengths = np.asarray([len(p) for p in pos_l], dtype=np.int32)
-        cols: dict[str, Any] = {"doc_index": index.astype(np.int32), "doc_id": [tok.doc_ids[i] for i in index],
-                                "n_tokens": np.asarray([len(tok.ids[i]) for i in index], dtype=np.int32),
-                                "positions": ragged(np.concatenate(pos_l), lengths)}
+        cols: dict[str, Any] = {
+            "doc_index": index.astype(np.int32),
+            "doc_id": [tok.doc_ids[i] for i in index],
+            "n_tokens": np.asarray([len(tok.ids[i]) for i in index], dtype=np.int32),
+            "positions": ragged(np.concatenate(pos_l), lengths),
+        }
         for layer in layers:
             values, n_clamped = _to_f16(torch.cat(per_layer[layer]))
             clamped[0] += n_clamped
@@ -240,8 +268,14 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
         return {"hidden": cols}
 
     try:
-        summary = run_cache_job(job, {"hidden": meta}, {"hidden": hidden_schema(hidden_size, layers)}, tok,
-                                make_part, f"hidden {layers} {job.shard.stem}")
+        summary = run_cache_job(
+            job,
+            {"hidden": meta},
+            {"hidden": hidden_schema(hidden_size, layers)},
+            tok,
+            make_part,
+            f"hidden {layers} {job.shard.stem}",
+        )
     finally:
         for h in handles:
             h.remove()
@@ -251,14 +285,26 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
     return summary
 
 
-
-def run_cache_rule(kind: str, shard: str | Path, outputs: dict[str, str | Path], partial_dir: str | Path,
-                   teacher_manifest: str | Path, settings: dict[str, Any], telemetry: Any = None) -> dict[str, Any]:
+def run_cache_rule(
+    kind: str,
+    shard: str | Path,
+    outputs: dict[str, str | Path],
+    partial_dir: str | Path,
+    teacher_manifest: str | Path,
+    settings: dict[str, Any],
+    telemetry: Any = None,
+) -> dict[str, Any]:
     """One topk_cache (``kind="topk"``) or hidden_cache (``"hidden"``) job: capture the shard, count this
     attempt's tokens into the job's telemetry (parts resumed from a killed attempt cost nothing now), log the
     summary and return it."""
-    job = CacheJob(kind=kind, shard=Path(shard), outputs={k: Path(v) for k, v in outputs.items()},
-                   partial_dir=Path(partial_dir), teacher_manifest=Path(teacher_manifest), settings=dict(settings))
+    job = CacheJob(
+        kind=kind,
+        shard=Path(shard),
+        outputs={k: Path(v) for k, v in outputs.items()},
+        partial_dir=Path(partial_dir),
+        teacher_manifest=Path(teacher_manifest),
+        settings=dict(settings),
+    )
     summary = capture_topk(job) if kind == "topk" else capture_hidden(job)
     if telemetry is not None:
         telemetry.tokens = summary["tokens_computed"]

@@ -17,8 +17,15 @@ torch.set_num_threads(sm.threads)
 
 def main():
     with job_telemetry(sm) as tel:
-        records = evaluate_model(dict(sm.params.target), sm.params.settings, sm.input.heldout, sm.input.heldout_topk,
-                                 sm.output.heldout, sm.output.lm_eval, out_raw=sm.output.raw)
+        records = evaluate_model(
+            dict(sm.params.target),
+            sm.params.settings,
+            sm.input.heldout,
+            sm.input.heldout_topk,
+            sm.output.heldout,
+            sm.output.lm_eval,
+            out_raw=sm.output.raw,
+        )
         tel.tokens = records["heldout"]["details"].get("tokens")  # held-out tokens scored (not lm-eval's)
 
 

@@ -17,10 +17,20 @@ sm = snakemake  # noqa: F821
 def main():
     benchmarks = sorted(Path(sm.params.benchmarks).rglob("*.tsv"))
     telemetry = sorted(Path(sm.params.telemetry).rglob("*.jsonl"))
-    out = build_results(list(sm.input.evals), list(sm.input.runs), benchmarks, dict(sm.params.expected),
-                        sm.output.db, sm.output.csv, sm.output.md, sm.output.plots, telemetry_files=telemetry)
-    logging.getLogger("kdflow.results").info("wrote %s, %s, %s and %d plots", out["database"], out["csv"],
-                                             out["markdown"], len(out["plots"]))
+    out = build_results(
+        list(sm.input.evals),
+        list(sm.input.runs),
+        benchmarks,
+        dict(sm.params.expected),
+        sm.output.db,
+        sm.output.csv,
+        sm.output.md,
+        sm.output.plots,
+        telemetry_files=telemetry,
+    )
+    logging.getLogger("kdflow.results").info(
+        "wrote %s, %s, %s and %d plots", out["database"], out["csv"], out["markdown"], len(out["plots"])
+    )
 
 
 run_logged(sm.log[0], main)

@@ -17,8 +17,14 @@ torch.set_num_threads(sm.threads)
 
 def main():
     with job_telemetry(sm):
-        prepare_model(sm.params.role, sm.params.model, sm.params.settings, sm.output.manifest, sm.input.heldout,
-                      teacher_manifest=sm.input.get("teacher"))
+        prepare_model(
+            sm.params.role,
+            sm.params.model,
+            sm.params.settings,
+            sm.output.manifest,
+            sm.input.heldout,
+            teacher_manifest=sm.input.get("teacher"),
+        )
 
 
 run_logged(sm.log[0], main)

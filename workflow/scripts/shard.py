@@ -8,5 +8,11 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F
 from kdflow.logs import run_logged
 from kdflow.shards import write_shard
 
-run_logged(snakemake.log[0], lambda: write_shard(snakemake.input.corpus, snakemake.wildcards.shard,  # noqa: F821
-                                                 snakemake.output.shard))  # noqa: F821
+run_logged(
+    snakemake.log[0],
+    lambda: write_shard(
+        snakemake.input.corpus,
+        snakemake.wildcards.shard,  # noqa: F821
+        snakemake.output.shard,
+    ),
+)  # noqa: F821

@@ -19,8 +19,15 @@ torch.set_num_threads(sm.threads)
 
 def main():
     with job_telemetry(sm) as tel:
-        summary = run_cache_rule("topk", sm.input.shard, dict(sm.output.items()), sm.params.partial,
-                                 sm.input.teacher, sm.params.settings, telemetry=tel)
+        summary = run_cache_rule(
+            "topk",
+            sm.input.shard,
+            dict(sm.output.items()),
+            sm.params.partial,
+            sm.input.teacher,
+            sm.params.settings,
+            telemetry=tel,
+        )
     print(json.dumps(summary, sort_keys=True))
 
 

@@ -37,7 +37,6 @@ Both files: ``{"model", "kind" ("run" | "teacher" | "student_init"), "student", 
 weights' and adapter's identity}}``.
 """
 
-
 from kdflow.evaluate.harness import (
     HELDOUT_TASK,
     TASK_TEMPLATE,
@@ -53,7 +52,20 @@ from kdflow.evaluate.record import evaluate_model
 from kdflow.plan import KINDS
 
 __all__ = [
-    "HELDOUT_METRICS", "HELDOUT_TASK", "KINDS", "ROW_CHUNK", "TASK_TEMPLATE", "EvalError",
-    "evaluate_model", "heldout_docs", "heldout_metrics", "lm_eval_metrics", "lm_eval_version", "load_eval_model",
-    "model_identity", "resolve_include_dir", "run_lm_eval", "write_heldout_task_data",
+    "HELDOUT_METRICS",
+    "HELDOUT_TASK",
+    "KINDS",
+    "ROW_CHUNK",
+    "TASK_TEMPLATE",
+    "EvalError",
+    "evaluate_model",
+    "heldout_docs",
+    "heldout_metrics",
+    "lm_eval_metrics",
+    "lm_eval_version",
+    "load_eval_model",
+    "model_identity",
+    "resolve_include_dir",
+    "run_lm_eval",
+    "write_heldout_task_data",
 ]

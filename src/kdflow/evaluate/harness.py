@@ -20,8 +20,8 @@ from kdflow.evaluate.loading import EvalError
 
 log = logging.getLogger("kdflow.evaluate")
 
-HELDOUT_TASK = "kdflow_heldout"          # the shipped lm-eval task
-TASK_TEMPLATE = "kdflow_heldout.yaml"    # its file in the include directory (the template)
+HELDOUT_TASK = "kdflow_heldout"  # the shipped lm-eval task
+TASK_TEMPLATE = "kdflow_heldout.yaml"  # its file in the include directory (the template)
 
 
 def write_heldout_task_data(heldout_parquet: str | Path, out_jsonl: str | Path, max_docs: int | None = None) -> int:
@@ -61,11 +61,22 @@ def resolve_include_dir(include_path: str | Path, heldout_data: str | Path | Non
     return out
 
 
-def run_lm_eval(pretrained_dir: str, adapter_dir: str | Path | None, tasks: Sequence[str],
-                include_path: str | Path | None, batch_size: int | str, limit: int | float | None, device: str,
-                num_fewshot: int | None = None, *, dtype: str = "float32", revision: str | None = None,
-                heldout_data: str | Path | None = None, work_dir: str | Path | None = None,
-                bootstrap_iters: int = 100000) -> dict[str, Any]:
+def run_lm_eval(
+    pretrained_dir: str,
+    adapter_dir: str | Path | None,
+    tasks: Sequence[str],
+    include_path: str | Path | None,
+    batch_size: int | str,
+    limit: int | float | None,
+    device: str,
+    num_fewshot: int | None = None,
+    *,
+    dtype: str = "float32",
+    revision: str | None = None,
+    heldout_data: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    bootstrap_iters: int = 100000,
+) -> dict[str, Any]:
     """lm-eval's result dict for ``tasks`` on the ``hf`` model ``pretrained_dir`` (a directory or hub id
     at ``revision``) with the PEFT adapter ``adapter_dir`` if given; per-sample logs are not kept.
 
@@ -89,8 +100,9 @@ def run_lm_eval(pretrained_dir: str, adapter_dir: str | Path | None, tasks: Sequ
     if not tasks:
         raise ValueError("run_lm_eval: no tasks given")
     if HELDOUT_TASK in tasks and heldout_data is None:
-        raise EvalError(f"lm-eval task {HELDOUT_TASK} needs its data file (heldout_data=…, from "
-                        "write_heldout_task_data)")
+        raise EvalError(
+            f"lm-eval task {HELDOUT_TASK} needs its data file (heldout_data=…, from write_heldout_task_data)"
+        )
     model_args: dict[str, Any] = {"pretrained": str(pretrained_dir), "dtype": dtype}
     if revision:
         model_args["revision"] = revision
@@ -108,20 +120,37 @@ def run_lm_eval(pretrained_dir: str, adapter_dir: str | Path | None, tasks: Sequ
             if not all(t in manager.all_tasks for t in tasks):
                 manager = TaskManager(include_path=str(resolved))
         elif HELDOUT_TASK in tasks:
-            raise EvalError(f"lm-eval task {HELDOUT_TASK} is defined in resources/lm_eval_tasks; set "
-                            "eval.lm_eval.include_path to that directory")
+            raise EvalError(
+                f"lm-eval task {HELDOUT_TASK} is defined in resources/lm_eval_tasks; set "
+                "eval.lm_eval.include_path to that directory"
+            )
         else:
             manager = TaskManager()
         missing = [t for t in tasks if t not in manager.all_tasks]
         if missing:
-            raise EvalError(f"eval.lm_eval.tasks: {missing} are not lm-eval tasks, groups or tags "
-                            f"(include_path {include_path}); see `lm_eval ls tasks`")
-        log.info("lm-eval %s: tasks %s on %s%s", lm_eval_version(), tasks, pretrained_dir,
-                 f" + adapter {adapter_dir}" if adapter_dir else "")
+            raise EvalError(
+                f"eval.lm_eval.tasks: {missing} are not lm-eval tasks, groups or tags "
+                f"(include_path {include_path}); see `lm_eval ls tasks`"
+            )
+        log.info(
+            "lm-eval %s: tasks %s on %s%s",
+            lm_eval_version(),
+            tasks,
+            pretrained_dir,
+            f" + adapter {adapter_dir}" if adapter_dir else "",
+        )
         results = lm_eval.simple_evaluate(
-            model="hf", model_args=model_args, tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size,
-            device=lm_device, limit=limit, task_manager=manager, log_samples=False,
-            bootstrap_iters=bootstrap_iters)
+            model="hf",
+            model_args=model_args,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=lm_device,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=bootstrap_iters,
+        )
     if results is None:  # not rank 0 of a distributed lm-eval
         raise EvalError("lm-eval returned no results (not the main process?)")
     return results
@@ -169,7 +198,13 @@ def lm_eval_metrics(results: dict[str, Any]) -> list[dict[str, Any]]:
                     hib = is_higher_better(name)
                 except Exception:  # unknown to the registry
                     hib = None
-            out.append({"task": task, "metric": name if filt == "none" else key, "value": value,
-                        "stderr": _number(values.get(f"{name}_stderr,{filt}")),
-                        "higher_is_better": None if hib is None else bool(hib)})
+            out.append(
+                {
+                    "task": task,
+                    "metric": name if filt == "none" else key,
+                    "value": value,
+                    "stderr": _number(values.get(f"{name}_stderr,{filt}")),
+                    "higher_is_better": None if hib is None else bool(hib),
+                }
+            )
     return sorted(out, key=lambda r: (r["task"], r["metric"]))

@@ -48,9 +48,16 @@ def _batches(docs: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 
 @torch.inference_mode()
-def heldout_metrics(model, tokenizer, info: dict, topk_file: str | Path, max_docs: int | None = None,
-                    batch_size: int = 8, device: str | torch.device | None = None,
-                    heldout_shard: str | Path | None = None) -> dict[str, Any]:
+def heldout_metrics(
+    model,
+    tokenizer,
+    info: dict,
+    topk_file: str | Path,
+    max_docs: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    heldout_shard: str | Path | None = None,
+) -> dict[str, Any]:
     """Perplexity, top-1 agreement with the teacher and KL(teacher ‖ model) on the held-out top-k cache.
 
     ``info`` is the model's manifest (for messages). ``device``: where the inputs go (default: the model's
@@ -63,9 +70,14 @@ def heldout_metrics(model, tokenizer, info: dict, topk_file: str | Path, max_doc
     reader = CacheReader.open(topk_file, "topk", asked_by="the eval rule")
     meta = reader.meta
     fingerprint = tokenizer_fingerprint(tokenizer)
-    common = {"k": meta.get("k"), "max_length": meta.get("max_length"), "teacher": meta.get("teacher"),
-              "cache_tokenizer_fingerprint": meta.get("tokenizer_fingerprint"),
-              "model_tokenizer_fingerprint": fingerprint, "max_docs": max_docs}
+    common = {
+        "k": meta.get("k"),
+        "max_length": meta.get("max_length"),
+        "teacher": meta.get("teacher"),
+        "cache_tokenizer_fingerprint": meta.get("tokenizer_fingerprint"),
+        "model_tokenizer_fingerprint": fingerprint,
+        "max_docs": max_docs,
+    }
     if fingerprint != meta.get("tokenizer_fingerprint"):
         return _own_vocab_metrics(model, tokenizer, info, meta, heldout_shard, max_docs, batch_size, common)
 
@@ -86,10 +98,12 @@ def heldout_metrics(model, tokenizer, info: dict, topk_file: str | Path, max_doc
         topk_lp = batch["topk_logprobs"].reshape(-1, topk_ids.shape[-1]).to(flat.device)
         rest = batch["rest_logprob"].reshape(-1).to(flat.device)
         if bool((topk_ids[rows] >= vocab).any()):
-            raise EvalError(f"{topk_file}: a cached teacher id is beyond {info.get('name')!r}'s {vocab} logits; "
-                            "the cache was not made with this model's tokenizer")
+            raise EvalError(
+                f"{topk_file}: a cached teacher id is beyond {info.get('name')!r}'s {vocab} logits; "
+                "the cache was not made with this model's tokenizer"
+            )
         for chunk in rows.split(ROW_CHUNK):
-            z = flat[chunk].float()                                   # [n, V]
+            z = flat[chunk].float()  # [n, V]
             t = targets[chunk]
             counted = t >= 0
             if bool(counted.any()):
@@ -101,14 +115,26 @@ def heldout_metrics(model, tokenizer, info: dict, topk_file: str | Path, max_doc
             rows_n += len(chunk)
         docs += len(examples)
     if docs == 0:
-        raise EvalError(f"{topk_file}: no held-out documents to score (max_docs={max_docs}); raise "
-                        "data.heldout.fraction or eval.heldout.max_docs")
+        raise EvalError(
+            f"{topk_file}: no held-out documents to score (max_docs={max_docs}); raise "
+            "data.heldout.fraction or eval.heldout.max_docs"
+        )
     if targets_n == 0:
         raise EvalError(f"{topk_file}: every selected document is a single token; nothing to predict")
     nll = nll_sum / targets_n
-    return {"ppl": math.exp(nll), "nll_per_token": nll, "top1_agreement": agree / rows_n,
-            "kl_teacher_student": kl_sum / rows_n, "docs": docs, "tokens": targets_n, "positions": rows_n,
-            "tokenization": "teacher_cache", "null_reason": None, "heldout_file": str(topk_file), **common}
+    return {
+        "ppl": math.exp(nll),
+        "nll_per_token": nll,
+        "top1_agreement": agree / rows_n,
+        "kl_teacher_student": kl_sum / rows_n,
+        "docs": docs,
+        "tokens": targets_n,
+        "positions": rows_n,
+        "tokenization": "teacher_cache",
+        "null_reason": None,
+        "heldout_file": str(topk_file),
+        **common,
+    }
 
 
 def _own_vocab_metrics(model, tokenizer, info, meta, heldout_shard, max_docs, batch_size, common) -> dict:
@@ -116,19 +142,39 @@ def _own_vocab_metrics(model, tokenizer, info, meta, heldout_shard, max_docs, ba
     from kdflow.perplexity import perplexity
     from kdflow.shards import read_texts
 
-    reason = (f"the tokenizer of {info.get('name')!r} (fingerprint {common['model_tokenizer_fingerprint']}) is not "
-              f"the teacher's (cache fingerprint {meta.get('tokenizer_fingerprint')}): its logits do not index the "
-              "teacher's token ids, so top-1 agreement and KL to the teacher are undefined; ppl is per token of the "
-              "model's own tokenizer")
+    reason = (
+        f"the tokenizer of {info.get('name')!r} (fingerprint {common['model_tokenizer_fingerprint']}) is not "
+        f"the teacher's (cache fingerprint {meta.get('tokenizer_fingerprint')}): its logits do not index the "
+        "teacher's token ids, so top-1 agreement and KL to the teacher are undefined; ppl is per token of the "
+        "model's own tokenizer"
+    )
     if heldout_shard is None:
-        raise EvalError(f"{info.get('name')!r} does not share the teacher's tokenizer: its held-out perplexity needs "
-                        "the held-out shard's texts (heldout_shard=…)")
+        raise EvalError(
+            f"{info.get('name')!r} does not share the teacher's tokenizer: its held-out perplexity needs "
+            "the held-out shard's texts (heldout_shard=…)"
+        )
     texts = read_texts(heldout_shard, max_docs)
     if not texts:
         raise EvalError(f"{heldout_shard}: the held-out set is empty; raise data.heldout.fraction")
-    result = perplexity(model, tokenizer, texts, max_length=int(meta.get("max_length") or 256),
-                        batch_size=batch_size, desc=f"held-out ppl {info.get('name')}")
+    result = perplexity(
+        model,
+        tokenizer,
+        texts,
+        max_length=int(meta.get("max_length") or 256),
+        batch_size=batch_size,
+        desc=f"held-out ppl {info.get('name')}",
+    )
     log.warning("%s: %s", info.get("name"), reason)
-    return {"ppl": result["ppl"], "nll_per_token": result["nll_per_token"], "top1_agreement": None,
-            "kl_teacher_student": None, "docs": result["docs"], "tokens": result["tokens"], "positions": None,
-            "tokenization": "own", "null_reason": reason, "heldout_file": str(heldout_shard), **common}
+    return {
+        "ppl": result["ppl"],
+        "nll_per_token": result["nll_per_token"],
+        "top1_agreement": None,
+        "kl_teacher_student": None,
+        "docs": result["docs"],
+        "tokens": result["tokens"],
+        "positions": None,
+        "tokenization": "own",
+        "null_reason": reason,
+        "heldout_file": str(heldout_shard),
+        **common,
+    }

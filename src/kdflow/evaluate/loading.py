@@ -19,8 +19,9 @@ class EvalError(RuntimeError):
     """An evaluation that cannot run (missing or mismatched inputs); the message says what to do."""
 
 
-def load_eval_model(manifest: str | Path | dict, adapter_dir: str | Path | None = None, device: str = "cpu",
-                    dtype: str = "float32"):
+def load_eval_model(
+    manifest: str | Path | dict, adapter_dir: str | Path | None = None, device: str = "cpu", dtype: str = "float32"
+):
     """``(model, tokenizer, info)``: a prepared model (its manifest path or resolved manifest dict) in eval
     mode, with a trained run's PEFT adapter on top when ``adapter_dir`` is given (not merged).
 
@@ -33,12 +34,15 @@ def load_eval_model(manifest: str | Path | dict, adapter_dir: str | Path | None 
 
         adapter_dir = Path(adapter_dir)
         if not (adapter_dir / "adapter_config.json").is_file():
-            raise EvalError(f"{adapter_dir}: no adapter_config.json; not a finished training run (rerun "
-                            f"`snakemake {adapter_dir}`)")
+            raise EvalError(
+                f"{adapter_dir}: no adapter_config.json; not a finished training run (rerun `snakemake {adapter_dir}`)"
+            )
         trained_on = _run_config(adapter_dir).get("spec", {}).get("student")
         if trained_on is not None and trained_on != info.get("name"):
-            raise EvalError(f"{adapter_dir}: the adapter was trained on student {trained_on!r}, but the base "
-                            f"model given is {info.get('name')!r}")
+            raise EvalError(
+                f"{adapter_dir}: the adapter was trained on student {trained_on!r}, but the base "
+                f"model given is {info.get('name')!r}"
+            )
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model.eval(), tokenizer, info
 
@@ -51,9 +55,20 @@ def _run_config(adapter_dir: Path) -> dict:
 def model_identity(info: dict, adapter_dir: str | Path | None = None) -> dict[str, Any]:
     """What identifies the evaluated weights: the manifest's name, source and hashes, and for a run its
     adapter directory, the hash of its run config and of its adapter weights."""
-    ident: dict[str, Any] = {k: info.get(k) for k in ("name", "role", "origin", "load_path", "revision",
-                                                      "source_hash", "source_hash_of", "tokenizer_fingerprint",
-                                                      "config_hash")}
+    ident: dict[str, Any] = {
+        k: info.get(k)
+        for k in (
+            "name",
+            "role",
+            "origin",
+            "load_path",
+            "revision",
+            "source_hash",
+            "source_hash_of",
+            "tokenizer_fingerprint",
+            "config_hash",
+        )
+    }
     ident["adapter"] = None
     if adapter_dir is not None:
         adapter_dir = Path(adapter_dir)

@@ -22,11 +22,9 @@ from kdflow.schema import deep_merge, section_defaults
 log = logging.getLogger("kdflow.evaluate")
 
 
-
 def _sanitised(obj: Any) -> Any:
     """``obj`` as plain JSON values (dtypes, paths and other objects as strings)."""
     return json.loads(json.dumps(obj, default=str))
-
 
 
 def _settings(settings: dict | None) -> dict:
@@ -35,14 +33,30 @@ def _settings(settings: dict | None) -> dict:
 
 
 def _record(target: EvalTarget, evaluation: str, metrics: list[dict], details: dict, prov: dict) -> dict:
-    return {"model": target.model, "kind": target.kind, "student": target.student,
-            "mode": target.mode, "seed": target.seed, "tag": target.tag,
-            "evaluation": evaluation, "metrics": metrics, "details": details, "provenance": prov}
+    return {
+        "model": target.model,
+        "kind": target.kind,
+        "student": target.student,
+        "mode": target.mode,
+        "seed": target.seed,
+        "tag": target.tag,
+        "evaluation": evaluation,
+        "metrics": metrics,
+        "details": details,
+        "provenance": prov,
+    }
 
 
-def evaluate_model(target: EvalTarget | dict, settings: dict | None, heldout_shard: str | Path, heldout_topk: str | Path,
-                   out_heldout: str | Path, out_lm_eval: str | Path, out_raw: str | Path | None = None,
-                   work_dir: str | Path | None = None) -> dict[str, dict]:
+def evaluate_model(
+    target: EvalTarget | dict,
+    settings: dict | None,
+    heldout_shard: str | Path,
+    heldout_topk: str | Path,
+    out_heldout: str | Path,
+    out_lm_eval: str | Path,
+    out_raw: str | Path | None = None,
+    work_dir: str | Path | None = None,
+) -> dict[str, dict]:
     """Evaluate one model and write ``heldout.json``, ``lm_eval.json`` and ``lm_eval_raw.json`` (default:
     beside ``lm_eval.json``). Returns ``{"heldout": record, "lm_eval": record}``.
 
@@ -67,28 +81,56 @@ def evaluate_model(target: EvalTarget | dict, settings: dict | None, heldout_sha
     # ---- held-out set, through the teacher's cache
     started = time.time()
     model, tokenizer, _ = load_eval_model(info, adapter, s["device"], s["dtype"])
-    held = heldout_metrics(model, tokenizer, info, heldout_topk, s["heldout"]["max_docs"],
-                           s["heldout"]["batch_size"], heldout_shard=heldout_shard)
+    held = heldout_metrics(
+        model,
+        tokenizer,
+        info,
+        heldout_topk,
+        s["heldout"]["max_docs"],
+        s["heldout"]["batch_size"],
+        heldout_shard=heldout_shard,
+    )
     del model, tokenizer
     release_memory()
-    metrics = [{"task": "heldout", "metric": name, "value": held[name], "stderr": None, "higher_is_better": hib}
-               for name, hib in HELDOUT_METRICS.items()]
-    details = {**{k: v for k, v in held.items() if k not in HELDOUT_METRICS}, "device": s["device"],
-               "dtype": s["dtype"], "batch_size": s["heldout"]["batch_size"], "seconds": time.time() - started}
+    metrics = [
+        {"task": "heldout", "metric": name, "value": held[name], "stderr": None, "higher_is_better": hib}
+        for name, hib in HELDOUT_METRICS.items()
+    ]
+    details = {
+        **{k: v for k, v in held.items() if k not in HELDOUT_METRICS},
+        "device": s["device"],
+        "dtype": s["dtype"],
+        "batch_size": s["heldout"]["batch_size"],
+        "seconds": time.time() - started,
+    }
     records = {"heldout": _record(target, "heldout", metrics, details, {**provenance(), "model": identity})}
     write_json(out_heldout, records["heldout"])
-    log.info("%s: held-out ppl %.3f, top-1 agreement %s, KL %s (%d docs, %d tokens)", target.model, held["ppl"],
-             held["top1_agreement"], held["kl_teacher_student"], held["docs"], held["tokens"])
+    log.info(
+        "%s: held-out ppl %.3f, top-1 agreement %s, KL %s (%d docs, %d tokens)",
+        target.model,
+        held["ppl"],
+        held["top1_agreement"],
+        held["kl_teacher_student"],
+        held["docs"],
+        held["tokens"],
+    )
 
     # ---- lm-evaluation-harness
     le = s["lm_eval"]
     out_raw = Path(out_raw) if out_raw is not None else Path(out_lm_eval).with_name("lm_eval_raw.json")
     include = le.get("include_path")
     include = None if include is None else str(Path(include).resolve())
-    lm_details: dict[str, Any] = {"lm_eval_version": lm_eval_version(), "tasks": list(le["tasks"]),
-                                  "include_path": include, "limit": le["limit"], "num_fewshot": le["num_fewshot"],
-                                  "batch_size": le["batch_size"], "device": s["device"], "dtype": s["dtype"],
-                                  "raw_file": str(out_raw)}
+    lm_details: dict[str, Any] = {
+        "lm_eval_version": lm_eval_version(),
+        "tasks": list(le["tasks"]),
+        "include_path": include,
+        "limit": le["limit"],
+        "num_fewshot": le["num_fewshot"],
+        "batch_size": le["batch_size"],
+        "device": s["device"],
+        "dtype": s["dtype"],
+        "raw_file": str(out_raw),
+    }
     started = time.time()
     if not le["tasks"]:
         raw: dict[str, Any] = {"skipped": "eval.lm_eval.tasks is empty"}
@@ -99,11 +141,23 @@ def evaluate_model(target: EvalTarget | dict, settings: dict | None, heldout_sha
             data = None
             if HELDOUT_TASK in le["tasks"]:
                 data = Path(tmp) / f"{HELDOUT_TASK}.jsonl"
-                lm_details["heldout_task_docs"] = write_heldout_task_data(heldout_shard, data,
-                                                                          s["heldout"]["max_docs"])
-            raw = _sanitised(run_lm_eval(info["load_path"], adapter, le["tasks"], include, le["batch_size"],
-                                         le["limit"], s["device"], le["num_fewshot"], dtype=s["dtype"],
-                                         revision=info.get("revision"), heldout_data=data, work_dir=tmp))
+                lm_details["heldout_task_docs"] = write_heldout_task_data(heldout_shard, data, s["heldout"]["max_docs"])
+            raw = _sanitised(
+                run_lm_eval(
+                    info["load_path"],
+                    adapter,
+                    le["tasks"],
+                    include,
+                    le["batch_size"],
+                    le["limit"],
+                    s["device"],
+                    le["num_fewshot"],
+                    dtype=s["dtype"],
+                    revision=info.get("revision"),
+                    heldout_data=data,
+                    work_dir=tmp,
+                )
+            )
         lm_metrics = lm_eval_metrics(raw)
         lm_details["n_samples"] = raw.get("n-samples")
         lm_details["versions"] = raw.get("versions")
@@ -116,6 +170,5 @@ def evaluate_model(target: EvalTarget | dict, settings: dict | None, heldout_sha
     records["lm_eval"] = _record(target, "lm_eval", lm_metrics, lm_details, prov)
     write_json(out_lm_eval, records["lm_eval"])
     for m in lm_metrics:
-        log.info("%s: lm-eval %s %s = %s (stderr %s)", target.model, m["task"], m["metric"], m["value"],
-                 m["stderr"])
+        log.info("%s: lm-eval %s %s = %s (stderr %s)", target.model, m["task"], m["metric"], m["value"], m["stderr"])
     return records

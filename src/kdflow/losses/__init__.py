@@ -24,5 +24,15 @@ from kdflow.losses.kd import LOGPROB_FLOOR, Divergence, MissingMass, TopKKDLoss
 from kdflow.losses.relation import RelationKDLoss
 from kdflow.losses.weighted import combine
 
-__all__ = ["CELoss", "ce_targets", "FeatureKDLoss", "gathered_logprobs", "LOGPROB_FLOOR", "Divergence", "MissingMass",
-           "TopKKDLoss", "RelationKDLoss", "combine"]
+__all__ = [
+    "CELoss",
+    "ce_targets",
+    "FeatureKDLoss",
+    "gathered_logprobs",
+    "LOGPROB_FLOOR",
+    "Divergence",
+    "MissingMass",
+    "TopKKDLoss",
+    "RelationKDLoss",
+    "combine",
+]

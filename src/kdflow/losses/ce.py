@@ -28,13 +28,16 @@ class CELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 3 or logits.shape[:2] != input_ids.shape or input_ids.shape != mask.shape:
-            raise ValueError(f"CELoss: expected logits [B, L, V], input_ids and mask [B, L]; got "
-                             f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(mask.shape)}")
+            raise ValueError(
+                f"CELoss: expected logits [B, L, V], input_ids and mask [B, L]; got "
+                f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(mask.shape)}"
+            )
         real = mask != 0
         counted = real[:, :-1] & real[:, 1:]
         if not bool(counted.any()):
             return logits.sum() * 0.0  # exactly 0, still on the student's graph
         # Every row of the flattened view (no copy of the logits): non-counted targets are ignored, which
         # zeroes their gradient without boolean-index copies of vocabulary-sized rows.
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ce_targets(input_ids, mask).reshape(-1),
-                               ignore_index=-100)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), ce_targets(input_ids, mask).reshape(-1), ignore_index=-100
+        )

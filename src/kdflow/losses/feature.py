@@ -29,20 +29,24 @@ class FeatureKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"kind={self.kind}"
 
-    def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         b, l, _ = student_hidden.shape
         if teacher_hidden.shape[:2] != positions.shape or positions.shape[0] != b:
-            raise ValueError(f"FeatureKDLoss: expected student_hidden [B, L, Ds], teacher_hidden [B, P, Dt], "
-                             f"positions [B, P]; got {tuple(student_hidden.shape)}, "
-                             f"{tuple(teacher_hidden.shape)}, {tuple(positions.shape)}")
+            raise ValueError(
+                f"FeatureKDLoss: expected student_hidden [B, L, Ds], teacher_hidden [B, P, Dt], "
+                f"positions [B, P]; got {tuple(student_hidden.shape)}, "
+                f"{tuple(teacher_hidden.shape)}, {tuple(positions.shape)}"
+            )
         valid = positions >= 0
         pos = positions[valid].long()
         if pos.numel() and int(pos.max()) >= l:
             # A cached position beyond the student's sequence means the two were tokenised or truncated
             # differently: the pairing would be wrong, so refuse rather than drop rows silently.
-            raise ValueError(f"FeatureKDLoss: cached position {int(pos.max())} is beyond the student's "
-                             f"sequence length {l}")
+            raise ValueError(
+                f"FeatureKDLoss: cached position {int(pos.max())} is beyond the student's sequence length {l}"
+            )
         batch = torch.arange(b, device=positions.device).unsqueeze(1).expand_as(positions)[valid]
         # F.linear with an fp32 copy of the weight keeps the math in fp32 even if the module was cast down.
         student = F.linear(student_hidden[batch, pos].float(), self.projector.weight.float())  # [N, Dt]

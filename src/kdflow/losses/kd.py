@@ -51,7 +51,6 @@ from kdflow.cache_format import LOGPROB_FLOOR  # the cache's "zero mass"
 from kdflow.losses.ce import CELoss, ce_targets
 from kdflow.losses.gathered import gathered_logprobs
 
-
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 MissingMass = Literal["renormalize", "rest_bucket"]
 
@@ -74,8 +73,13 @@ class TopKKDLoss(nn.Module):
     logit row) -> scalar. Values at masked-out positions are never read (ids there may be −1, values NaN).
     """
 
-    def __init__(self, temperature: float = 1.0, divergence: Divergence = "forward_kl",
-                 missing_mass: MissingMass = "rest_bucket", jsd_beta: float = 0.5) -> None:
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        divergence: Divergence = "forward_kl",
+        missing_mass: MissingMass = "rest_bucket",
+        jsd_beta: float = 0.5,
+    ) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"TopKKDLoss: temperature must be > 0, got {temperature}")
@@ -95,8 +99,14 @@ class TopKKDLoss(nn.Module):
         beta = f", jsd_beta={self.jsd_beta}" if self.divergence == "jsd" else ""
         return f"temperature={self.temperature}, divergence={self.divergence}, missing_mass={self.missing_mass}{beta}"
 
-    def bucket_logprobs(self, student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                        rest_logprob: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def bucket_logprobs(
+        self,
+        student_logits: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_logprobs: torch.Tensor,
+        rest_logprob: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p teacher, log q student) over the buckets, fp32: [..., V], [..., k], [..., k], [...] ->
         two [..., k] (renormalize) or [..., k+1] (rest_bucket). ``keep`` [...] (optional) marks the rows that
         count; the others get finite placeholder values whatever the logits hold there."""
@@ -138,18 +148,26 @@ class TopKKDLoss(nn.Module):
     def _checked(self, student_logits, topk_ids, topk_logprobs, rest_logprob, mask):
         """Shape and id checks; the inputs with harmless values (id 0, value 0) at the rows that do not count."""
         b, l = mask.shape
-        if (student_logits.dim() != 3 or student_logits.shape[:2] != (b, l) or topk_ids.shape[:2] != (b, l)
-                or topk_logprobs.shape != topk_ids.shape or rest_logprob.shape != (b, l)):
+        if (
+            student_logits.dim() != 3
+            or student_logits.shape[:2] != (b, l)
+            or topk_ids.shape[:2] != (b, l)
+            or topk_logprobs.shape != topk_ids.shape
+            or rest_logprob.shape != (b, l)
+        ):
             raise ValueError(
                 f"TopKKDLoss: expected student_logits [B, L, V], topk_ids and topk_logprobs [B, L, k], "
                 f"rest_logprob and mask [B, L]; got {tuple(student_logits.shape)}, {tuple(topk_ids.shape)}, "
-                f"{tuple(topk_logprobs.shape)}, {tuple(rest_logprob.shape)}, {tuple(mask.shape)}")
+                f"{tuple(topk_logprobs.shape)}, {tuple(rest_logprob.shape)}, {tuple(mask.shape)}"
+            )
         keep = mask != 0
         vocab = student_logits.shape[-1]
         ids = topk_ids[keep]
         if bool(((ids < 0) | (ids >= vocab)).any()):
-            raise ValueError(f"TopKKDLoss: a teacher top-k id at a masked-in position is outside the student's "
-                             f"vocabulary [0, {vocab}); is the student using the teacher's tokenizer?")
+            raise ValueError(
+                f"TopKKDLoss: a teacher top-k id at a masked-in position is outside the student's "
+                f"vocabulary [0, {vocab}); is the student using the teacher's tokenizer?"
+            )
         # Every row of the (viewed, not copied) logits is used; padding rows get harmless inputs and drop out
         # of the mean, so they never put NaN into the sum or its gradient.
         live = keep.unsqueeze(-1)
@@ -161,25 +179,39 @@ class TopKKDLoss(nn.Module):
     def _reduce(self, log_p: torch.Tensor, log_q: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         per_row = self.divergence_per_row(log_p, log_q)
         per_row = torch.where(keep, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
-        return per_row.sum() / keep.sum() * self.temperature ** 2
+        return per_row.sum() / keep.sum() * self.temperature**2
 
-    def forward(self, student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                rest_logprob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_logprobs: torch.Tensor,
+        rest_logprob: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         keep, ids, lp, rest = self._checked(student_logits, topk_ids, topk_logprobs, rest_logprob, mask)
         if not bool(keep.any()):
             return student_logits.sum().float() * 0.0  # exactly 0, still on the student's graph
         log_p, log_q = self.bucket_logprobs(student_logits, ids, lp, rest, keep)
         return self._reduce(log_p, log_q, keep)
 
-    def forward_with_ce(self, student_logits: torch.Tensor, input_ids: torch.Tensor, ce_mask: torch.Tensor,
-                        topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, rest_logprob: torch.Tensor,
-                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_ce(
+        self,
+        student_logits: torch.Tensor,
+        input_ids: torch.Tensor,
+        ce_mask: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_logprobs: torch.Tensor,
+        rest_logprob: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(CELoss()(student_logits, input_ids, ce_mask), self(student_logits, topk_ids, …, mask))`` with one
         pass over the vocabulary for both at T = 1 with ``rest_bucket`` (the CE target is one more gathered id);
         otherwise the two separate calls."""
         if self.temperature != 1 or self.missing_mass != "rest_bucket":
-            return CELoss()(student_logits, input_ids, ce_mask), self(student_logits, topk_ids, topk_logprobs,
-                                                                      rest_logprob, mask)
+            return CELoss()(student_logits, input_ids, ce_mask), self(
+                student_logits, topk_ids, topk_logprobs, rest_logprob, mask
+            )
         keep, ids, lp, rest = self._checked(student_logits, topk_ids, topk_logprobs, rest_logprob, mask)
         targets = ce_targets(input_ids, ce_mask)
         counted = targets >= 0
@@ -191,6 +223,8 @@ class TopKKDLoss(nn.Module):
         ce = ce_rows.sum() / flat_counted.sum().clamp_min(1)
         if not bool(keep.any()):
             return ce, student_logits.sum().float() * 0.0
-        teacher = torch.cat([lp.reshape(-1, k).clamp_min(LOGPROB_FLOOR), rest.reshape(-1, 1).clamp_min(LOGPROB_FLOOR)], -1)
+        teacher = torch.cat(
+            [lp.reshape(-1, k).clamp_min(LOGPROB_FLOOR), rest.reshape(-1, 1).clamp_min(LOGPROB_FLOOR)], -1
+        )
         log_q = torch.cat([picked[:, :k], student_rest.clamp_min(LOGPROB_FLOOR)], -1)
         return ce, self._reduce(teacher.log_softmax(-1).reshape(*keep.shape, -1), log_q.reshape(*keep.shape, -1), keep)

@@ -49,8 +49,10 @@ class RelationKDLoss(nn.Module):
 
     def forward(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
         if student_emb.dim() != 2 or teacher_emb.dim() != 2 or student_emb.shape[0] != teacher_emb.shape[0]:
-            raise ValueError(f"RelationKDLoss: expected student_emb [N, Ds] and teacher_emb [N, Dt]; got "
-                             f"{tuple(student_emb.shape)}, {tuple(teacher_emb.shape)}")
+            raise ValueError(
+                f"RelationKDLoss: expected student_emb [N, Ds] and teacher_emb [N, Dt]; got "
+                f"{tuple(student_emb.shape)}, {tuple(teacher_emb.shape)}"
+            )
         n = student_emb.shape[0]
         student = student_emb.float()
         teacher = teacher_emb.detach().float()

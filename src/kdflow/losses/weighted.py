@@ -21,8 +21,10 @@ def combine(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.
         if term.dim() != 0:
             raise ValueError(f"combine: loss term {name!r} must be a scalar, got shape {tuple(term.shape)}")
         if not bool(torch.isfinite(term.detach())):
-            raise FloatingPointError(f"combine: loss term {name!r} is {float(term.detach())} (weight "
-                                     f"{weights[name]}); training diverged or an input holds NaN/inf")
+            raise FloatingPointError(
+                f"combine: loss term {name!r} is {float(term.detach())} (weight "
+                f"{weights[name]}); training diverged or an input holds NaN/inf"
+            )
         weighted = term * weights[name]
         total = weighted if total is None else total + weighted
     assert total is not None

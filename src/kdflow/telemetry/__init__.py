@@ -35,5 +35,14 @@ from kdflow.telemetry.sampler import (
     visible_gpu_indices,
 )
 
-__all__ = ["DEFAULT_INTERVAL_S", "GPU_FIELDS", "MB", "TELEMETRY_DIR", "EnergyMeter", "Telemetry", "job_telemetry",
-           "load_telemetry", "visible_gpu_indices"]
+__all__ = [
+    "DEFAULT_INTERVAL_S",
+    "GPU_FIELDS",
+    "MB",
+    "TELEMETRY_DIR",
+    "EnergyMeter",
+    "Telemetry",
+    "job_telemetry",
+    "load_telemetry",
+    "visible_gpu_indices",
+]

@@ -19,8 +19,9 @@ class EnergyMeter:
 
     def add(self, elapsed_s: float, gpus: list[dict]) -> None:
         for g in gpus:
-            s = self._gpus.setdefault(g["index"], {"first": None, "last": None, "counter": True, "joules": 0.0,
-                                                   "power": None, "powered": 0})
+            s = self._gpus.setdefault(
+                g["index"], {"first": None, "last": None, "counter": True, "joules": 0.0, "power": None, "powered": 0}
+            )
             energy, power = g.get("energy_j"), g.get("power_w")
             if energy is None:
                 s["counter"] = False

@@ -63,8 +63,10 @@ def load_telemetry(path: str | Path, problems: list[str]) -> tuple[list[dict], d
         kind = rec.get("kind") if isinstance(rec, dict) else None
         if start is None:
             if kind != "start" or not isinstance(rec.get("rule"), str) or not isinstance(rec.get("job"), str):
-                problems.append(f"{where}: the first line of a telemetry file must be its start line (kind "
-                                f"start, with rule and job), found {line[:80]!r}; {fix}")
+                problems.append(
+                    f"{where}: the first line of a telemetry file must be its start line (kind "
+                    f"start, with rule and job), found {line[:80]!r}; {fix}"
+                )
                 return [], None
             start = rec
             continue
@@ -76,21 +78,34 @@ def load_telemetry(path: str | Path, problems: list[str]) -> tuple[list[dict], d
             bad = [k for k in ("elapsed_s", "t") if not _is_number(rec.get(k))]
             bad += [k for k in ("cpu_percent", "rss_mb") if not _opt_number(rec, k)]
             if not isinstance(gpus, list) or not all(
-                    isinstance(g, dict) and isinstance(g.get("index"), int) and not isinstance(g["index"], bool)
-                    for g in gpus):
+                isinstance(g, dict) and isinstance(g.get("index"), int) and not isinstance(g["index"], bool)
+                for g in gpus
+            ):
                 bad.append("gpus")
             else:
-                bad += [f"gpus[{i}].{k}" for i, g in enumerate(gpus) for k in GPU_FIELDS
-                        if not _opt_number(g, k)]
+                bad += [f"gpus[{i}].{k}" for i, g in enumerate(gpus) for k in GPU_FIELDS if not _opt_number(g, k)]
             if bad:
                 problems.append(f"{where}: sample with missing or non-numeric {', '.join(bad)}; {fix}")
                 return [], None
-            base = {"rule": start["rule"], "job": start["job"], "sample": samples, "t": float(rec["t"]),
-                    "elapsed_s": float(rec["elapsed_s"]), "cpu_percent": rec.get("cpu_percent"),
-                    "rss_mb": rec.get("rss_mb"), "line": n, "source": p}
+            base = {
+                "rule": start["rule"],
+                "job": start["job"],
+                "sample": samples,
+                "t": float(rec["t"]),
+                "elapsed_s": float(rec["elapsed_s"]),
+                "cpu_percent": rec.get("cpu_percent"),
+                "rss_mb": rec.get("rss_mb"),
+                "line": n,
+                "source": p,
+            }
             for g in gpus or [None]:
-                rows.append({**base, "gpu": None if g is None else g["index"],
-                             **{k: None if g is None else g.get(k) for k in GPU_FIELDS}})
+                rows.append(
+                    {
+                        **base,
+                        "gpu": None if g is None else g["index"],
+                        **{k: None if g is None else g.get(k) for k in GPU_FIELDS},
+                    }
+                )
             meter.add(float(rec["elapsed_s"]), gpus)
             peak_mem = _max(peak_mem, *(g.get("mem_used_mb") for g in gpus))
             peak_rss = _max(peak_rss, rec.get("rss_mb"))
@@ -116,11 +131,22 @@ def load_telemetry(path: str | Path, problems: list[str]) -> tuple[list[dict], d
     names = [str(g.get("name")) for g in gpu_info if isinstance(g, dict) and g.get("name") is not None]
     energy = end.get("energy_j") if end is not None else meter.total_j()
     tokens = end.get("tokens") if end is not None else None
-    job = {"rule": start["rule"], "job": start["job"], "host": start.get("host"), "nvml": bool(start.get("nvml")),
-           "nvml_error": start.get("nvml_error"), "gpus": len(gpu_info), "gpu_names": ", ".join(names) or None,
-           "samples": samples, "complete": end is not None and end.get("ok", True) is not False,
-           "elapsed_s": float(end["elapsed_s"]) if end is not None else last_elapsed, "tokens": tokens,
-           "energy_j": None if energy is None else float(energy),
-           "energy_per_token_j": float(energy) / tokens if energy is not None and tokens else None,
-           "peak_gpu_mem_mb": peak_mem, "peak_rss_mb": peak_rss, "source": p}
+    job = {
+        "rule": start["rule"],
+        "job": start["job"],
+        "host": start.get("host"),
+        "nvml": bool(start.get("nvml")),
+        "nvml_error": start.get("nvml_error"),
+        "gpus": len(gpu_info),
+        "gpu_names": ", ".join(names) or None,
+        "samples": samples,
+        "complete": end is not None and end.get("ok", True) is not False,
+        "elapsed_s": float(end["elapsed_s"]) if end is not None else last_elapsed,
+        "tokens": tokens,
+        "energy_j": None if energy is None else float(energy),
+        "energy_per_token_j": float(energy) / tokens if energy is not None and tokens else None,
+        "peak_gpu_mem_mb": peak_mem,
+        "peak_rss_mb": peak_rss,
+        "source": p,
+    }
     return rows, job

@@ -20,7 +20,7 @@ log = logging.getLogger("kdflow.telemetry")
 
 DEFAULT_INTERVAL_S = 5.0
 TELEMETRY_DIR = "results/telemetry"  # relative to the workflow's working directory; parse_results reads it whole
-MB = 2 ** 20
+MB = 2**20
 
 
 def visible_gpu_indices(value: str | None, count: int) -> list[int]:
@@ -84,8 +84,16 @@ class Telemetry:
     ``environ``: instead of ``os.environ`` (for ``CUDA_VISIBLE_DEVICES``). ``enabled=False`` writes nothing.
     """
 
-    def __init__(self, path: str | Path, rule: str, job: str, interval_s: float = DEFAULT_INTERVAL_S,
-                 enabled: bool = True, nvml: Any = None, environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        rule: str,
+        job: str,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        enabled: bool = True,
+        nvml: Any = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
         if not interval_s > 0:
             raise ValueError(f"telemetry interval_s must be > 0, got {interval_s!r}")
         self.path, self.rule, self.job = Path(path), rule, job
@@ -124,8 +132,13 @@ class Telemetry:
             gpus = []
             for i, h in handles:
                 name = nvml.nvmlDeviceGetName(h)
-                gpus.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
-                             "memory_total_mb": nvml.nvmlDeviceGetMemoryInfo(h).total / MB})
+                gpus.append(
+                    {
+                        "index": i,
+                        "name": name.decode() if isinstance(name, bytes) else str(name),
+                        "memory_total_mb": nvml.nvmlDeviceGetMemoryInfo(h).total / MB,
+                    }
+                )
         except Exception as e:
             _shutdown(nvml)
             return [], f"{type(e).__name__}: {e}"
@@ -144,10 +157,13 @@ class Telemetry:
             x = float(getattr(value, attr) if attr else value) / scale
             return x if math.isfinite(x) else None
 
-        return {"index": index, "power_w": read("nvmlDeviceGetPowerUsage", 1000.0),
-                "energy_j": read("nvmlDeviceGetTotalEnergyConsumption", 1000.0),
-                "mem_used_mb": read("nvmlDeviceGetMemoryInfo", MB, "used"),
-                "util_gpu": read("nvmlDeviceGetUtilizationRates", 1.0, "gpu")}
+        return {
+            "index": index,
+            "power_w": read("nvmlDeviceGetPowerUsage", 1000.0),
+            "energy_j": read("nvmlDeviceGetTotalEnergyConsumption", 1000.0),
+            "mem_used_mb": read("nvmlDeviceGetMemoryInfo", MB, "used"),
+            "util_gpu": read("nvmlDeviceGetUtilizationRates", 1.0, "gpu"),
+        }
 
     # ------------------------------------------------------------------ writing
 
@@ -169,12 +185,19 @@ class Telemetry:
                 self._last = (elapsed, cpu_s)
                 gpus = [self._gpu_sample(i, h) for i, h in self._handles]
                 self._energy.add(elapsed, gpus)
-                self._write({"kind": "sample", "t": t, "elapsed_s": elapsed, "cpu_percent": cpu_pct,
-                             "rss_mb": rss, "gpus": gpus})
+                self._write(
+                    {
+                        "kind": "sample",
+                        "t": t,
+                        "elapsed_s": elapsed,
+                        "cpu_percent": cpu_pct,
+                        "rss_mb": rss,
+                        "gpus": gpus,
+                    }
+                )
             except Exception:
                 self._sampling = False
-                log.warning("telemetry %s: sampling stopped after an error (the job goes on)", self.path,
-                            exc_info=True)
+                log.warning("telemetry %s: sampling stopped after an error (the job goes on)", self.path, exc_info=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s) and self._sampling:
@@ -193,17 +216,33 @@ class Telemetry:
             return self
         gpus, why = self._open_nvml()
         if why is None:
-            log.info("telemetry -> %s: NVML, %d GPU(s) %s, every %g s", self.path, len(gpus),
-                     [g["index"] for g in gpus], self.interval_s)
+            log.info(
+                "telemetry -> %s: NVML, %d GPU(s) %s, every %g s",
+                self.path,
+                len(gpus),
+                [g["index"] for g in gpus],
+                self.interval_s,
+            )
         else:
-            log.info("telemetry -> %s: no NVML (%s); CPU and memory only, every %g s", self.path, why,
-                     self.interval_s)
+            log.info("telemetry -> %s: no NVML (%s); CPU and memory only, every %g s", self.path, why, self.interval_s)
         self._t0 = time.monotonic()
         try:
-            self._write({"kind": "start", "rule": self.rule, "job": self.job, "host": socket.gethostname(),
-                         "nvml": why is None, "nvml_error": why, "gpus": gpus,
-                         "cuda_visible_devices": (os.environ if self._environ is None else self._environ)
-                         .get("CUDA_VISIBLE_DEVICES"), "interval_s": self.interval_s, "t": time.time()})
+            self._write(
+                {
+                    "kind": "start",
+                    "rule": self.rule,
+                    "job": self.job,
+                    "host": socket.gethostname(),
+                    "nvml": why is None,
+                    "nvml_error": why,
+                    "gpus": gpus,
+                    "cuda_visible_devices": (os.environ if self._environ is None else self._environ).get(
+                        "CUDA_VISIBLE_DEVICES"
+                    ),
+                    "interval_s": self.interval_s,
+                    "t": time.time(),
+                }
+            )
         except Exception:
             log.warning("telemetry %s: cannot write the start line; no telemetry", self.path, exc_info=True)
             self._close()
@@ -214,8 +253,9 @@ class Telemetry:
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._file is None:
             return
         self._stop.set()
@@ -227,9 +267,16 @@ class Telemetry:
             try:
                 tokens = None if self.tokens is None else int(self.tokens)
                 energy = self._energy.total_j()
-                self._write({"kind": "end", "t": time.time(), "elapsed_s": time.monotonic() - self._t0,
-                             "tokens": tokens, "energy_j": energy if energy is None or math.isfinite(energy) else None,
-                             "ok": exc_type is None})
+                self._write(
+                    {
+                        "kind": "end",
+                        "t": time.time(),
+                        "elapsed_s": time.monotonic() - self._t0,
+                        "tokens": tokens,
+                        "energy_j": energy if energy is None or math.isfinite(energy) else None,
+                        "ok": exc_type is None,
+                    }
+                )
             except Exception:
                 log.warning("telemetry %s: cannot write the end line", self.path, exc_info=True)
             self._close()
@@ -260,6 +307,10 @@ def job_telemetry(smk: Any, enabled: bool = True) -> Telemetry:
     (e.g. a rank other than 0 of a launched run)."""
     settings = (getattr(smk, "config", None) or {}).get("telemetry") or {}
     name = ".".join(str(v) for v in smk.wildcards) or smk.rule
-    return Telemetry(Path(TELEMETRY_DIR) / smk.rule / f"{name}.jsonl", rule=smk.rule, job=name,
-                     interval_s=settings.get("interval_s", DEFAULT_INTERVAL_S),
-                     enabled=enabled and settings.get("enabled", True))
+    return Telemetry(
+        Path(TELEMETRY_DIR) / smk.rule / f"{name}.jsonl",
+        rule=smk.rule,
+        job=name,
+        interval_s=settings.get("interval_s", DEFAULT_INTERVAL_S),
+        enabled=enabled and settings.get("enabled", True),
+    )

@@ -35,7 +35,26 @@ from kdflow.train.schedule import lr_lambda
 from kdflow.train.signals import STOP_SIGNALS, Interrupted
 from kdflow.train.trainer import Trainer, run_training
 
-__all__ = ["Batches", "to_device", "training_batches", "CHECKPOINT_PREFIX", "trainable_state", "Distiller",
-           "build_student", "Dist", "all_reduce", "gather", "setup_distributed", "RunInputs", "TrainingError",
-           "TrainJob", "read_inputs", "training_shards", "lr_lambda", "STOP_SIGNALS", "Interrupted", "Trainer",
-           "run_training"]
+__all__ = [
+    "Batches",
+    "to_device",
+    "training_batches",
+    "CHECKPOINT_PREFIX",
+    "trainable_state",
+    "Distiller",
+    "build_student",
+    "Dist",
+    "all_reduce",
+    "gather",
+    "setup_distributed",
+    "RunInputs",
+    "TrainingError",
+    "TrainJob",
+    "read_inputs",
+    "training_shards",
+    "lr_lambda",
+    "STOP_SIGNALS",
+    "Interrupted",
+    "Trainer",
+    "run_training",
+]

@@ -18,11 +18,14 @@ from kdflow.train.job import RunInputs, TrainingError, TrainJob
 class Batches:
     """Endless batches of ``batch_size`` documents from a CacheStream (epoch after epoch), resumable."""
 
-    def __init__(self, stream: CacheStream, batch_size: int, pad_id: int, student_tokenizer=None,
-                 max_length: int | None = None):
+    def __init__(
+        self, stream: CacheStream, batch_size: int, pad_id: int, student_tokenizer=None, max_length: int | None = None
+    ):
         if len(stream) == 0:
-            raise TrainingError(f"this rank has no training documents ({stream.num_documents} documents over "
-                                f"{stream.world_size} ranks); use fewer processes or more data")
+            raise TrainingError(
+                f"this rank has no training documents ({stream.num_documents} documents over "
+                f"{stream.world_size} ranks); use fewer processes or more data"
+            )
         self.stream, self.batch_size, self.pad_id = stream, batch_size, pad_id
         self.tokenizer, self.max_length = student_tokenizer, max_length
         self._it: Iterator[dict] | None = None
@@ -48,8 +51,9 @@ class Batches:
         if self.tokenizer is None:
             batch["student_ids"], batch["student_mask"] = batch["input_ids"], batch["mask"]
         else:  # the student's own tokens of the text the teacher saw (relation KD across vocabularies)
-            enc = self.tokenizer(batch["text"], truncation=True, max_length=self.max_length, padding=True,
-                                 return_tensors="pt")
+            enc = self.tokenizer(
+                batch["text"], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+            )
             batch["student_ids"], batch["student_mask"] = enc["input_ids"], enc["attention_mask"]
         return batch
 
@@ -70,11 +74,25 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def training_batches(job: TrainJob, inputs: RunInputs, ctx: Dist, tokenizer) -> Batches:
     """This rank's batches over the training shards' caches that the run's terms read."""
     spec = job.spec
-    shards = [ShardCaches(s["topk"], s.get("embed") if inputs.need["embed"] else None,
-                          s.get("hidden") if inputs.need["hidden"] else None) for s in job.shards]
-    stream = CacheStream(shards, expected=job.expected, seed=int(spec["seed"]), shuffle_buffer=spec["shuffle_buffer"],
-                         rank=ctx.rank, world_size=ctx.world, asked_by=f"run {spec['name']}",
-                         with_text=inputs.own_vocab)
+    shards = [
+        ShardCaches(
+            s["topk"],
+            s.get("embed") if inputs.need["embed"] else None,
+            s.get("hidden") if inputs.need["hidden"] else None,
+        )
+        for s in job.shards
+    ]
+    stream = CacheStream(
+        shards,
+        expected=job.expected,
+        seed=int(spec["seed"]),
+        shuffle_buffer=spec["shuffle_buffer"],
+        rank=ctx.rank,
+        world_size=ctx.world,
+        asked_by=f"run {spec['name']}",
+        with_text=inputs.own_vocab,
+    )
     pad = pad_id_of(tokenizer)
-    return Batches(stream, spec["batch_size"], pad, tokenizer if inputs.own_vocab else None,
-                   job.expected.get("max_length"))
+    return Batches(
+        stream, spec["batch_size"], pad, tokenizer if inputs.own_vocab else None, job.expected.get("max_length")
+    )

@@ -49,8 +49,9 @@ def load_trainable(module: nn.Module, trainable: dict[str, torch.Tensor], where:
     own = dict(module.named_parameters())
     missing = sorted(set(n for n, p in own.items() if p.requires_grad) - set(trainable))
     if missing:
-        raise TrainingError(f"{where}: checkpoint lacks trainable weights {missing[:3]}…; delete {where.parent} "
-                            f"to start over")
+        raise TrainingError(
+            f"{where}: checkpoint lacks trainable weights {missing[:3]}…; delete {where.parent} to start over"
+        )
     with torch.no_grad():
         for name, value in trainable.items():
             own[name].copy_(value.to(own[name].device))
@@ -65,8 +66,14 @@ def checkpoints(work: Path) -> list[Path]:
     root = work / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-                   and p.name[len(CHECKPOINT_PREFIX):].isdigit()), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(
+        (
+            p
+            for p in root.iterdir()
+            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        ),
+        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]),
+    )
 
 
 def write_checkpoint(target: Path, state: dict[str, Any], info: dict[str, Any], keep: int) -> None:
@@ -93,8 +100,12 @@ def move_aside(work: Path, latest: Path) -> None:
     """Checkpoints of another version of the run: kept (``stale-<time>``), never resumed."""
     aside = work / f"stale-{int(time.time())}"
     (work / "checkpoints").rename(aside)
-    log.warning("%s was written by another version of this run (other settings, shards, student or "
-                "world size); moved the checkpoints to %s and starting from step 0", latest, aside)
+    log.warning(
+        "%s was written by another version of this run (other settings, shards, student or "
+        "world size); moved the checkpoints to %s and starting from step 0",
+        latest,
+        aside,
+    )
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

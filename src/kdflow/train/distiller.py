@@ -41,22 +41,24 @@ class Distiller(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         ids, mask = batch["student_ids"], batch["student_mask"]
-        out = self.student(input_ids=ids, attention_mask=mask, output_hidden_states=self.want_hidden,
-                           use_cache=False)
+        out = self.student(input_ids=ids, attention_mask=mask, output_hidden_states=self.want_hidden, use_cache=False)
         logits = out.logits
         terms: dict[str, torch.Tensor] = {}
         if "ce" in self.terms and "rb" in self.terms:  # one pass over the vocabulary for both (where possible)
-            terms["ce"], terms["rb"] = self.rb.forward_with_ce(logits, ids, mask, batch["topk_ids"],
-                                                               batch["topk_logprobs"], batch["rest_logprob"],
-                                                               batch["mask"])
+            terms["ce"], terms["rb"] = self.rb.forward_with_ce(
+                logits, ids, mask, batch["topk_ids"], batch["topk_logprobs"], batch["rest_logprob"], batch["mask"]
+            )
         elif "ce" in self.terms:
             terms["ce"] = self.ce(logits, ids, mask)
         if "rb" in self.terms and "rb" not in terms:
-            terms["rb"] = self.rb(logits, batch["topk_ids"], batch["topk_logprobs"], batch["rest_logprob"],
-                                  batch["mask"])
+            terms["rb"] = self.rb(
+                logits, batch["topk_ids"], batch["topk_logprobs"], batch["rest_logprob"], batch["mask"]
+            )
         if "fb" in self.terms:
-            parts = [self.fb[f"s{s}_t{t}"](out.hidden_states[s], batch["hidden"][t], batch["hidden_positions"])
-                     for s, t in self.layer_map]
+            parts = [
+                self.fb[f"s{s}_t{t}"](out.hidden_states[s], batch["hidden"][t], batch["hidden_positions"])
+                for s, t in self.layer_map
+            ]
             terms["fb"] = torch.stack(parts).mean()
         if "relb" in self.terms:
             last = out.hidden_states[-1].float()
@@ -82,19 +84,29 @@ def build_student(info: dict, spec: dict, device: torch.device):
     n_layers = model.config.num_hidden_layers
     for j, pair in enumerate(spec["fb"]["layer_map"] if "fb" in spec["terms"] else []):
         if not 0 <= pair["student"] <= n_layers:
-            raise TrainingError(f"run {spec['name']}: fb.layer_map[{j}].student = {pair['student']}, but student "
-                                f"{info['name']!r} has hidden states 0..{n_layers} ({n_layers} layers)")
+            raise TrainingError(
+                f"run {spec['name']}: fb.layer_map[{j}].student = {pair['student']}, but student "
+                f"{info['name']!r} has hidden states 0..{n_layers} ({n_layers} layers)"
+            )
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [m for m in spec["lora"]["target_modules"] if m not in names]
     if missing:
-        raise TrainingError(f"run {spec['name']}: lora.target_modules {missing} match no module of student "
-                            f"{info['name']!r}; its linear layers are e.g. "
-                            f"{sorted(n for n in names if n.endswith('_proj'))[:8]}")
+        raise TrainingError(
+            f"run {spec['name']}: lora.target_modules {missing} match no module of student "
+            f"{info['name']!r}; its linear layers are e.g. "
+            f"{sorted(n for n in names if n.endswith('_proj'))[:8]}"
+        )
     if spec["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=spec["lora"]["r"], lora_alpha=spec["lora"]["alpha"], lora_dropout=spec["lora"]["dropout"],
-                      target_modules=list(spec["lora"]["target_modules"]), bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=spec["lora"]["r"],
+        lora_alpha=spec["lora"]["alpha"],
+        lora_dropout=spec["lora"]["dropout"],
+        target_modules=list(spec["lora"]["target_modules"]),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     model.peft_config["default"].base_model_name_or_path = info["load_path"]
     model.train()

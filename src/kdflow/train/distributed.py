@@ -37,8 +37,10 @@ def setup_distributed(device: str) -> Dist:
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise TrainingError(f"training device {device!r} asked for, but torch sees no GPU (torch "
-                                f"{torch.__version__}); set training.defaults.device: cpu or run on a GPU node")
+            raise TrainingError(
+                f"training device {device!r} asked for, but torch sees no GPU (torch "
+                f"{torch.__version__}); set training.defaults.device: cpu or run on a GPU node"
+            )
         dev = torch.device(f"cuda:{local}") if world > 1 or device == "cuda" else torch.device(device)
         torch.cuda.set_device(dev)
     else:

@@ -18,14 +18,14 @@ class TrainingError(RuntimeError):
 class TrainJob:
     """Everything one run needs; JSON-serialisable so that a launcher's processes can read it."""
 
-    spec: dict[str, Any]                 # one value of kdflow.runs.expand_runs (settings + name, terms, seed)
-    student_manifest: str                # the student's kdflow_model.json
+    spec: dict[str, Any]  # one value of kdflow.runs.expand_runs (settings + name, terms, seed)
+    student_manifest: str  # the student's kdflow_model.json
     shards: list[dict[str, str | None]]  # [{"topk": …, "embed": … | None, "hidden": … | None}] training shards
-    expected: dict[str, Any]             # cache metadata the files must carry (k, max_length, layers …)
-    output: str                          # the run directory (the rule's declared output)
-    work: str                            # checkpoints and metrics, outside the declared outputs
-    heldout: str | None = None           # held-out shard Parquet for the end-of-training perplexity
-    threads: int | None = None           # torch threads per process (None: leave torch's default)
+    expected: dict[str, Any]  # cache metadata the files must carry (k, max_length, layers …)
+    output: str  # the run directory (the rule's declared output)
+    work: str  # checkpoints and metrics, outside the declared outputs
+    heldout: str | None = None  # held-out shard Parquet for the end-of-training perplexity
+    threads: int | None = None  # torch threads per process (None: leave torch's default)
 
     def save(self, path: str | Path) -> None:
         write_json(path, asdict(self))
@@ -35,8 +35,9 @@ class TrainJob:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def training_shards(topk_index: str | Path, embed_index: str | Path | None = None,
-                    hidden_index: str | Path | None = None) -> list[dict[str, str | None]]:
+def training_shards(
+    topk_index: str | Path, embed_index: str | Path | None = None, hidden_index: str | Path | None = None
+) -> list[dict[str, str | None]]:
     """Per training shard, its file of each cache the run reads (from the caches' index files, kdflow.cache_index);
     ``None`` for a cache the run does not read."""
     from kdflow.cache_index import index_files
@@ -51,11 +52,11 @@ def training_shards(topk_index: str | Path, embed_index: str | Path | None = Non
 class RunInputs:
     """What the run's input files say, read and checked before anything is loaded."""
 
-    student_info: dict[str, Any]         # the student's manifest
-    metas: list[dict[str, Any]]          # each training shard's top-k cache metadata
-    own_vocab: bool                      # the student's tokenizer is not the teacher's (relation KD only)
-    need: dict[str, bool]                # {"embed": …, "hidden": …}: the caches the run reads
-    teacher_hidden: int | None           # the teacher's width (fb), from the hidden cache
+    student_info: dict[str, Any]  # the student's manifest
+    metas: list[dict[str, Any]]  # each training shard's top-k cache metadata
+    own_vocab: bool  # the student's tokenizer is not the teacher's (relation KD only)
+    need: dict[str, bool]  # {"embed": …, "hidden": …}: the caches the run reads
+    teacher_hidden: int | None  # the teacher's width (fb), from the hidden cache
 
 
 def read_inputs(job: TrainJob) -> RunInputs:
@@ -77,8 +78,10 @@ def read_inputs(job: TrainJob) -> RunInputs:
     need = caches_read(spec["terms"], own_vocab)
     for kind, wanted in need.items():
         if wanted and any(not s.get(kind) for s in job.shards):
-            raise TrainingError(f"run {spec['name']}: the {kind} cache of every shard is needed for terms "
-                                f"{sorted(spec['terms'])}, but some shard has none")
+            raise TrainingError(
+                f"run {spec['name']}: the {kind} cache of every shard is needed for terms "
+                f"{sorted(spec['terms'])}, but some shard has none"
+            )
     teacher_hidden = int(read_meta(job.shards[0]["hidden"])["hidden_size"]) if need["hidden"] else None
     return RunInputs(student_info, metas, own_vocab, need, teacher_hidden)
 
@@ -88,6 +91,13 @@ def resume_key(job: TrainJob, inputs: RunInputs, world: int) -> str:
     from kdflow.config import config_hash
 
     caches = [(m.get("shard"), m.get("shard_sha256"), m.get("settings_hash")) for m in inputs.metas]
-    return config_hash({"spec": job.spec, "expected": job.expected, "caches": caches,
-                        "student": inputs.student_info.get("config_hash"), "world": world,
-                        "own_vocab": inputs.own_vocab})
+    return config_hash(
+        {
+            "spec": job.spec,
+            "expected": job.expected,
+            "caches": caches,
+            "student": inputs.student_info.get("config_hash"),
+            "world": world,
+            "own_vocab": inputs.own_vocab,
+        }
+    )

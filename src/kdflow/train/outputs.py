@@ -46,15 +46,31 @@ def trim_metrics(path: Path, step: int) -> None:
         tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
 
 
-def run_summary(spec: dict, metrics: Path, *, steps: int, tokens: int, elapsed: float, world: int,
-                resumes: list[int], student_info: dict) -> dict[str, Any]:
+def run_summary(
+    spec: dict,
+    metrics: Path,
+    *,
+    steps: int,
+    tokens: int,
+    elapsed: float,
+    world: int,
+    resumes: list[int],
+    student_info: dict,
+) -> dict[str, Any]:
     """``summary.json`` without its ``heldout`` entry: totals, throughput, the mean of the last 5 steps' terms."""
     rows = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
-    last = rows[-min(len(rows), 5):]
+    last = rows[-min(len(rows), 5) :]
     return {
-        "run": spec["name"], "student": spec["student"], "mode": spec["mode"], "seed": spec["seed"],
-        "terms": spec["terms"], "steps": steps, "tokens": tokens, "train_seconds": elapsed,
-        "tokens_per_s": tokens / elapsed if elapsed else None, "world_size": world,
+        "run": spec["name"],
+        "student": spec["student"],
+        "mode": spec["mode"],
+        "seed": spec["seed"],
+        "terms": spec["terms"],
+        "steps": steps,
+        "tokens": tokens,
+        "train_seconds": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed else None,
+        "world_size": world,
         "resumed_from_steps": resumes,
         "final": {k: float(np.mean([r[k] for r in last])) for k in ("loss", *spec["terms"])} if last else {},
         "student_heldout_ppl_init": (student_info.get("heldout") or {}).get("ppl"),
@@ -64,14 +80,22 @@ def run_summary(spec: dict, metrics: Path, *, steps: int, tokens: int, elapsed: 
 def run_provenance(job: TrainJob, resume_key: str, student_info: dict, metas: list[dict]) -> dict[str, Any]:
     spec = job.spec
     return {
-        **provenance(), "run": spec["name"], "seed": spec["seed"], "run_hash": config_hash(spec),
+        **provenance(),
+        "run": spec["name"],
+        "seed": spec["seed"],
+        "run_hash": config_hash(spec),
         "resume_key": resume_key,
-        "student": {k: student_info.get(k) for k in ("name", "source", "source_hash", "revision",
-                                                     "tokenizer_fingerprint", "config_hash", "load_path")},
-        "teacher_caches": {k: metas[0].get(k) for k in ("teacher", "teacher_source_hash", "teacher_revision",
-                                                        "tokenizer_fingerprint", "k", "max_length")},
-        "shards": [{"topk": s["topk"], "shard_sha256": m.get("shard_sha256")}
-                   for s, m in zip(job.shards, metas, strict=True)],
+        "student": {
+            k: student_info.get(k)
+            for k in ("name", "source", "source_hash", "revision", "tokenizer_fingerprint", "config_hash", "load_path")
+        },
+        "teacher_caches": {
+            k: metas[0].get(k)
+            for k in ("teacher", "teacher_source_hash", "teacher_revision", "tokenizer_fingerprint", "k", "max_length")
+        },
+        "shards": [
+            {"topk": s["topk"], "shard_sha256": m.get("shard_sha256")} for s, m in zip(job.shards, metas, strict=True)
+        ],
     }
 
 
@@ -86,24 +110,44 @@ def heldout_perplexity(model: nn.Module, tokenizer, job: TrainJob) -> dict | Non
     texts = read_texts(job.heldout, n)
     if not texts:
         return None
-    result = perplexity(model, tokenizer, texts, max_length=job.expected.get("max_length", 256),
-                        batch_size=8, desc=f"held-out ppl {job.spec['name']}")
+    result = perplexity(
+        model,
+        tokenizer,
+        texts,
+        max_length=job.expected.get("max_length", 256),
+        batch_size=8,
+        desc=f"held-out ppl {job.spec['name']}",
+    )
     return {**result, "heldout_file": job.heldout}
 
 
-def write_run_dir(job: TrainJob, model: nn.Module, projectors: nn.ModuleDict, metrics: Path,
-                  summary: dict[str, Any], provenance_info: dict[str, Any]) -> None:
+def write_run_dir(
+    job: TrainJob,
+    model: nn.Module,
+    projectors: nn.ModuleDict,
+    metrics: Path,
+    summary: dict[str, Any],
+    provenance_info: dict[str, Any],
+) -> None:
     """The run directory ``job.output``, atomically: adapter, projectors, run config, provenance, metrics, summary."""
     from safetensors.torch import save_file
 
     with atomic_path(Path(job.output)) as tmp:
         model.save_pretrained(tmp)
         if len(projectors):
-            save_file({k: v.contiguous() for k, v in projectors.state_dict().items()},
-                      str(tmp / "projector.safetensors"))
-        write_json(tmp / "run_config.json", {"spec": job.spec, "expected": job.expected,
-                                             "student_manifest": job.student_manifest,
-                                             "shards": job.shards, "heldout": job.heldout})
+            save_file(
+                {k: v.contiguous() for k, v in projectors.state_dict().items()}, str(tmp / "projector.safetensors")
+            )
+        write_json(
+            tmp / "run_config.json",
+            {
+                "spec": job.spec,
+                "expected": job.expected,
+                "student_manifest": job.student_manifest,
+                "shards": job.shards,
+                "heldout": job.heldout,
+            },
+        )
         write_json(tmp / "provenance.json", provenance_info)
         shutil.copyfile(metrics, tmp / "metrics.jsonl")
         write_json(tmp / "summary.json", summary)

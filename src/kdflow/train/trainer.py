@@ -63,10 +63,12 @@ class Trainer:
         self.engine: nn.Module = self.distiller
         if ctx.active:
             self.engine = nn.parallel.DistributedDataParallel(
-                self.distiller, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+                self.distiller, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
         opt = spec["optimizer"]
-        self.optimizer = torch.optim.AdamW(self.params, lr=opt["lr"], betas=tuple(opt["betas"]),
-                                           weight_decay=opt["weight_decay"])
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"]
+        )
         self.tokenizer = load_tokenizer(self.inputs.student_info)
         self.batches = training_batches(self.job, self.inputs, ctx, self.tokenizer)
         per_step = spec["batch_size"] * spec["grad_accum"] * ctx.world
@@ -84,11 +86,22 @@ class Trainer:
         rng = gather(ckpt.rng_state(ctx.device), ctx)
         target = ckpt.checkpoint_dir(self.work, self.step)
         if ctx.main:
-            state = {"trainable": ckpt.trainable_state(self.distiller), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "rng": rng}
-            info = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "data": data,
-                    "resume_key": self.resume_key(), "run": self.spec["name"], "world_size": ctx.world,
-                    "resumes": self.resumes}
+            state = {
+                "trainable": ckpt.trainable_state(self.distiller),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng,
+            }
+            info = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "elapsed_s": self.elapsed,
+                "data": data,
+                "resume_key": self.resume_key(),
+                "run": self.spec["name"],
+                "world_size": ctx.world,
+                "resumes": self.resumes,
+            }
             ckpt.write_checkpoint(target, state, info, self.spec["keep_checkpoints"])
         barrier(ctx)
         return target
@@ -134,7 +147,7 @@ class Trainer:
         for micro in range(accum):
             batch = to_device(self.batches.next(), ctx.device)
             sync = micro == accum - 1 or not ctx.active  # DDP reduces gradients on the last micro-batch only
-            with (contextlib.nullcontext() if sync else self.engine.no_sync()), self._autocast():
+            with contextlib.nullcontext() if sync else self.engine.no_sync(), self._autocast():
                 terms = self.engine(batch)
                 values = torch.stack([terms[n].detach().float() for n in names])
                 # every rank stops at the same step, or the others would hang in the next collective
@@ -151,8 +164,10 @@ class Trainer:
         max_norm = spec["optimizer"]["max_grad_norm"]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm is not None else float("inf"))
         if not bool(torch.isfinite(grad_norm)):
-            raise TrainingError(f"run {spec['name']}: step {self.step + 1}: gradient norm is {float(grad_norm)}; "
-                                f"lower optimizer.lr or set optimizer.max_grad_norm")
+            raise TrainingError(
+                f"run {spec['name']}: step {self.step + 1}: gradient norm is {float(grad_norm)}; "
+                f"lower optimizer.lr or set optimizer.max_grad_norm"
+            )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -167,11 +182,16 @@ class Trainer:
     def _diverged(self, terms: dict, batch: dict) -> None:
         bad = {n: float(v.detach()) for n, v in terms.items() if not bool(torch.isfinite(v.detach()))}
         docs = list(zip(batch["shard"], batch["doc_index"].tolist(), strict=True))
-        where = (f"term {', '.join(f'{n} = {v}' for n, v in bad.items())} on documents (shard, doc_index) {docs}"
-                 if bad else "a term is not finite on another rank")
-        raise FloatingPointError(f"run {self.spec['name']}: step {self.step + 1} (rank {self.ctx.rank}): {where}; "
-                                 f"training diverged or the cache holds NaN/inf; lower optimizer.lr or check the "
-                                 f"cache files of those shards")
+        where = (
+            f"term {', '.join(f'{n} = {v}' for n, v in bad.items())} on documents (shard, doc_index) {docs}"
+            if bad
+            else "a term is not finite on another rank"
+        )
+        raise FloatingPointError(
+            f"run {self.spec['name']}: step {self.step + 1} (rank {self.ctx.rank}): {where}; "
+            f"training diverged or the cache holds NaN/inf; lower optimizer.lr or check the "
+            f"cache files of those shards"
+        )
 
     def run(self) -> dict[str, Any]:
         """Set up, resume if a checkpoint of this run exists, train to ``total_steps``, write the output."""
@@ -184,12 +204,28 @@ class Trainer:
         metrics_path = outputs.metrics_file(self.work)
         if ctx.main:
             outputs.trim_metrics(metrics_path, self.step)
-            log.info("run %s: terms %s, %d steps of %d x %d docs x %d ranks, student %s, device %s%s",
-                     spec["name"], spec["terms"], self.total_steps, spec["batch_size"], spec["grad_accum"],
-                     ctx.world, self.inputs.student_info["name"], ctx.device, ", resumed" if resumed else "")
+            log.info(
+                "run %s: terms %s, %d steps of %d x %d docs x %d ranks, student %s, device %s%s",
+                spec["name"],
+                spec["terms"],
+                self.total_steps,
+                spec["batch_size"],
+                spec["grad_accum"],
+                ctx.world,
+                self.inputs.student_info["name"],
+                ctx.device,
+                ", resumed" if resumed else "",
+            )
         metrics = open(metrics_path, "a", encoding="utf-8") if ctx.main else None
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=spec["name"], unit="step", disable=not ctx.main,
-                   dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=spec["name"],
+            unit="step",
+            disable=not ctx.main,
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
         try:
             with self.signals:
                 while self.step < self.total_steps:
@@ -199,9 +235,14 @@ class Trainer:
                     self.step += 1
                     self.tokens += row["tokens"]
                     self.elapsed += dt
-                    row = {"step": self.step, "epoch": self.batches.stream.epoch, **row,
-                           "step_s": dt, "tokens_per_s": row["tokens"] / dt if dt > 0 else None,
-                           "elapsed_s": self.elapsed}
+                    row = {
+                        "step": self.step,
+                        "epoch": self.batches.stream.epoch,
+                        **row,
+                        "step_s": dt,
+                        "tokens_per_s": row["tokens"] / dt if dt > 0 else None,
+                        "elapsed_s": self.elapsed,
+                    }
                     if metrics is not None:
                         metrics.write(json.dumps(row, sort_keys=True) + "\n")
                         metrics.flush()
@@ -233,14 +274,29 @@ class Trainer:
     def _write_output(self) -> dict[str, Any]:
         spec, metrics = self.spec, outputs.metrics_file(self.work)
         self.distiller.eval()
-        summary = outputs.run_summary(spec, metrics, steps=self.step, tokens=self.tokens, elapsed=self.elapsed,
-                                      world=self.ctx.world, resumes=self.resumes, student_info=self.inputs.student_info)
+        summary = outputs.run_summary(
+            spec,
+            metrics,
+            steps=self.step,
+            tokens=self.tokens,
+            elapsed=self.elapsed,
+            world=self.ctx.world,
+            resumes=self.resumes,
+            student_info=self.inputs.student_info,
+        )
         summary["heldout"] = outputs.heldout_perplexity(self.model, self.tokenizer, self.job)
         prov = outputs.run_provenance(self.job, self.resume_key(), self.inputs.student_info, self.inputs.metas)
         outputs.write_run_dir(self.job, self.model, self.distiller.fb, metrics, summary, prov)
-        log.info("run %s done: %d steps, %d tokens in %.0f s; held-out ppl %s (student init %s) -> %s", spec["name"],
-                 self.step, self.tokens, self.elapsed, (summary["heldout"] or {}).get("ppl"),
-                 summary["student_heldout_ppl_init"], self.output)
+        log.info(
+            "run %s done: %d steps, %d tokens in %.0f s; held-out ppl %s (student init %s) -> %s",
+            spec["name"],
+            self.step,
+            self.tokens,
+            self.elapsed,
+            (summary["heldout"] or {}).get("ppl"),
+            summary["student_heldout_ppl_init"],
+            self.output,
+        )
         return summary
 
 
