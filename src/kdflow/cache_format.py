@@ -138,6 +138,20 @@ def list_values(column: pa.ChunkedArray | pa.Array, width: int | None = None) ->
 # --------------------------------------------------------------------------- metadata
 
 
+def split_expected(expected: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``expected`` split per kind: each kind gets the keys its files carry (``KIND_META_KEYS``); a key of
+    ``expected`` is checked against every file whose kind carries it and ignored for the others; a key no
+    kind carries (a typo, or ``cache``, which the kind decides) is refused."""
+    expected = dict(expected or {})
+    unknown = sorted(set(expected) - set().union(*KIND_META_KEYS.values()))
+    if unknown:
+        raise ValueError(
+            f"CacheStream(expected=…): {unknown} is not a metadata key of any cache; known keys: "
+            f"{sorted(set().union(*KIND_META_KEYS.values()))} (the kind, `cache`, is implied by the file)"
+        )
+    return {kind: {k: v for k, v in expected.items() if k in keys} for kind, keys in KIND_META_KEYS.items()}
+
+
 def cache_meta(base: dict[str, Any], kind: str, **extra: Any) -> dict[str, Any]:
     """The metadata of a ``kind`` file: ``base`` (the common keys), the kind, and the kind's own keys.
     Refuses any key set other than ``KIND_META_KEYS[kind]``: what is written is what the loader checks."""

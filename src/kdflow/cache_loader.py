@@ -21,30 +21,7 @@ What it relies on, and checks (``CacheMismatch`` naming both files otherwise):
 Nothing reads a whole file: the stream reads one row group at a time (only the columns it needs) and
 keeps at most about ``shuffle_buffer`` documents plus one row group in memory.
 
-**Order.** The order of an epoch depends only on ``seed``, the epoch, ``shuffle_buffer``, and the shards'
-row-group sizes (from the Parquet footers, not the data): the (shard, row group) units are permuted by
-``numpy.random.default_rng([seed, epoch, 0])``, their documents are read in that order, and a shuffle
-buffer of ``shuffle_buffer`` documents (fill it, then for each further document emit a random element of
-the buffer and put the new one in its place; at the end emit the rest in random order), driven by
-``default_rng([seed, epoch, 1])``, gives the global sequence of the epoch. ``shuffle_buffer=1`` keeps the
-documents of a unit together in file order.
-
-**Ranks.** Rank ``r`` of ``world_size`` gets items ``r, r + W, r + 2W …`` of that global sequence: over
-all ranks every document of the epoch appears exactly once. Ranks may get counts that differ by one
-(``len(stream)`` is this rank's count); a distributed trainer that needs equal step counts must stop
-at the smallest (e.g. ``drop_last``, or ``min`` over ranks). Every rank reads every row group (the
-round-robin split mixes each row group's documents over the ranks) but decodes only its own documents.
-
-**Resume.** ``state_dict()`` is ``{"epoch", "position", …}``: ``position`` counts the examples this rank
-has yielded in the epoch. A new stream with the same shards and settings, after ``load_state_dict``,
-yields exactly the rest of that epoch (the plan is recomputed from the footers, so row groups holding
-only already consumed documents are not read again). ``set_epoch(e)`` with another epoch starts that
-epoch at position 0; with the current epoch it changes nothing (so the usual ``for epoch in …:
-stream.set_epoch(epoch)`` loop keeps a loaded position). A new ``iter()`` without ``load_state_dict``
-starts the current epoch from the beginning.
-
-Only ``DataLoader(num_workers=0)`` is supported: worker processes would each need a share of the
-sequence and their own resume position; the stream raises in a worker rather than duplicate data.
+How an epoch is ordered, split over ranks and resumed: docs/cache_format.md, "The training stream".
 """
 
 from __future__ import annotations
@@ -54,7 +31,6 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kdflow.cache_batch import collate  # noqa: F401  (re-exported: batches of this stream's items)
-from kdflow.cache_format import KIND_META_KEYS, CacheError, CacheMismatch, CacheReader, list_values
+from kdflow.cache_format import CacheError, CacheMismatch, CacheReader, list_values, split_expected
 
 # Must be equal in the files of one shard: same shard file, same teacher and tokenisation.
 SAME_SHARD_KEYS = ("shard", "shard_sha256")
@@ -93,20 +69,6 @@ class _Shard:
     name: str
     readers: dict[str, CacheReader]  # kind -> reader; "topk" always, "embed"/"hidden" if given
     row_groups: list[int] = field(default_factory=list)  # rows per row group (equal in every file)
-
-
-def split_expected(expected: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """``expected`` split per kind: each kind gets the keys its files carry (``KIND_META_KEYS``); a key of
-    ``expected`` is checked against every file whose kind carries it and ignored for the others; a key no
-    kind carries (a typo, or ``cache``, which the kind decides) is refused."""
-    expected = dict(expected or {})
-    unknown = sorted(set(expected) - set().union(*KIND_META_KEYS.values()))
-    if unknown:
-        raise ValueError(
-            f"CacheStream(expected=…): {unknown} is not a metadata key of any cache; known keys: "
-            f"{sorted(set().union(*KIND_META_KEYS.values()))} (the kind, `cache`, is implied by the file)"
-        )
-    return {kind: {k: v for k, v in expected.items() if k in keys} for kind, keys in KIND_META_KEYS.items()}
 
 
 def _row_group_sizes(path: Path) -> list[int]:
