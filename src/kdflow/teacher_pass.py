@@ -14,6 +14,7 @@ killed job reuses; the declared output is assembled from them at the end, atomic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -292,11 +293,15 @@ def run_cache_rule(
     partial_dir: str | Path,
     teacher_manifest: str | Path,
     settings: dict[str, Any],
+    threads: int | None = None,
     telemetry: Any = None,
 ) -> dict[str, Any]:
-    """One topk_cache (``kind="topk"``) or hidden_cache (``"hidden"``) job: capture the shard, count this
-    attempt's tokens into the job's telemetry (parts resumed from a killed attempt cost nothing now), log the
-    summary and return it."""
+    """One topk_cache (``kind="topk"``) or hidden_cache (``"hidden"``) job: capture the shard on ``threads``
+    CPU threads inside ``telemetry`` (a :func:`kdflow.telemetry.job_telemetry` not yet entered), count this
+    attempt's tokens into it (parts resumed from a killed attempt cost nothing now), log the summary and
+    return it."""
+    if threads:
+        torch.set_num_threads(threads)
     job = CacheJob(
         kind=kind,
         shard=Path(shard),
@@ -305,8 +310,9 @@ def run_cache_rule(
         teacher_manifest=Path(teacher_manifest),
         settings=dict(settings),
     )
-    summary = capture_topk(job) if kind == "topk" else capture_hidden(job)
-    if telemetry is not None:
-        telemetry.tokens = summary["tokens_computed"]
+    with telemetry if telemetry is not None else contextlib.nullcontext() as tel:
+        summary = capture_topk(job) if kind == "topk" else capture_hidden(job)
+        if tel is not None:
+            tel.tokens = summary["tokens_computed"]
     log.info("summary %s", json.dumps(summary, sort_keys=True))
     return summary
