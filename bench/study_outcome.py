@@ -53,7 +53,7 @@ def main() -> int:
         summary = json.loads(path.read_text())
         if not summary.get("heldout"):
             sys.exit(f"{path}: no held-out perplexity (heldout_docs is 0 for run {name}); nothing to compare")
-        rows.setdefault((spec["student"], spec["mode"]), []).append(summary)
+        rows.setdefault((spec.student, spec.mode), []).append(summary)
     if missing:
         sys.exit(
             f"{len(missing)} runs of {args.configfile} have no summary yet, e.g. {missing[0]}; run "

@@ -39,6 +39,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # cache jobs' progress bars in --qui
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -57,7 +58,7 @@ from kdflow.cache_loader import CacheStream, ShardCaches, collate
 from kdflow.config import load_config, validate_config
 from kdflow.corpus import shard_name
 from kdflow.models import pad_id_of
-from kdflow.runs import expand_runs
+from kdflow.runs import RunSpec, expand_runs, run_name
 from kdflow.train import Trainer, TrainJob
 
 MODES = ("ce", "rb", "fb", "relb")
@@ -78,7 +79,7 @@ class Study:
     """What the measurement needs: the base run spec, the student, the training shards' caches."""
 
     config: dict
-    spec: dict  # one run of the study (terms, mode and name are replaced per mode)
+    spec: RunSpec  # one run of the study (terms, mode, tag and name are replaced per mode)
     student_manifest: Path
     shards: list[dict[str, str]]  # [{"topk", "embed", "hidden"}] per training shard
     quick: bool
@@ -87,14 +88,14 @@ class Study:
 # --------------------------------------------------------------------------- inputs
 
 
-def base_spec(config: dict, student: str) -> dict:
+def base_spec(config: dict, student: str) -> RunSpec:
     runs, problems = expand_runs(config)
     if problems:
         sys.exit(f"{ME}: the config's training section has problems: {'; '.join(problems)}")
-    mine = [s for s in runs.values() if s["student"] == student]
+    mine = [s for s in runs.values() if s.student == student]
     if not mine:
         sys.exit(f"{ME}: the config has no training run of student {student!r}; add an experiment for it")
-    return copy.deepcopy(next((s for s in mine if s["mode"] == "ce"), mine[0]))
+    return next((s for s in mine if s.mode == "ce"), mine[0])
 
 
 def default_study(config_path: str) -> Study:
@@ -267,18 +268,16 @@ def make_trainers(study: Study, args, tmp: Path) -> dict[str, Trainer]:
     trainers = {}
     for mode in MODES:
         terms = mode_terms(study.config, mode)
-        spec = {
-            **copy.deepcopy(study.spec),
-            "terms": terms,
-            "mode": mode,
-            "name": f"{study.spec['student']}.{mode}.bench",
-        }
+        base = study.spec
+        spec = dataclasses.replace(
+            base, terms=terms, mode=mode, tag="bench", name=run_name(base.student, mode, base.seed, "bench")
+        )
         if args.batch_size:
-            spec["batch_size"] = int(args.batch_size)
+            spec = dataclasses.replace(spec, batch_size=int(args.batch_size))
         if args.device:
-            spec["device"] = args.device
+            spec = dataclasses.replace(spec, device=args.device)
         job = TrainJob(
-            spec=spec,
+            spec=spec.to_json(),
             student_manifest=str(study.student_manifest),
             shards=copy.deepcopy(study.shards),
             expected=expected_for(study.config, terms),
@@ -331,14 +330,14 @@ def time_steps(trainers: dict[str, Trainer], args) -> tuple[dict[str, list[list[
     return seconds, rows
 
 
-def loader_throughput(study: Study, spec: dict, batch_size: int, pad_id: int, min_docs: int) -> dict[str, Any]:
+def loader_throughput(study: Study, spec: RunSpec, batch_size: int, pad_id: int, min_docs: int) -> dict[str, Any]:
     """Documents/s of CacheStream (top-k + embed + hidden) + collate, over >= one epoch and >= min_docs."""
     shards = [ShardCaches(s["topk"], s["embed"], s["hidden"]) for s in study.shards]
     stream = CacheStream(
         shards,
         expected=expected_for(study.config, {"fb": 1.0}),
-        seed=int(spec["seed"]),
-        shuffle_buffer=int(spec["shuffle_buffer"]),
+        seed=spec.seed,
+        shuffle_buffer=spec.shuffle_buffer,
         asked_by=ME,
     )
     target = max(min_docs, stream.num_documents)
@@ -380,8 +379,8 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
     ce = trainers["ce"]
     spec = ce.spec
     print(
-        f"{ME}: student {ce.inputs.student_info['name']}, {len(study.shards)} shards, batch {spec['batch_size']} x "
-        f"accum {spec['grad_accum']}, device {ce.ctx.device}, {torch.get_num_threads()} torch threads; "
+        f"{ME}: student {ce.inputs.student_info['name']}, {len(study.shards)} shards, batch {spec.batch_size} x "
+        f"accum {spec.grad_accum}, device {ce.ctx.device}, {torch.get_num_threads()} torch threads; "
         f"{args.warmup} warm-up + {args.steps} timed steps per mode per round, {args.rounds} rounds",
         file=sys.stderr,
         flush=True,
@@ -393,13 +392,13 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
     same_documents = all(seen[m] == seen["ce"] for m in MODES)
 
     pad = pad_id_of(ce.tokenizer)
-    loader = loader_throughput(study, spec, int(spec["batch_size"]), pad, args.loader_docs)
+    loader = loader_throughput(study, spec, spec.batch_size, pad, args.loader_docs)
 
     med = statistics.median
     flat = {m: [s for r in seconds[m] for s in r] for m in MODES}
     step_s = {m: med(flat[m]) for m in MODES}
     round_s = {m: [med(r) for r in seconds[m]] for m in MODES}
-    docs_per_step = int(spec["batch_size"]) * int(spec["grad_accum"])
+    docs_per_step = spec.batch_size * spec.grad_accum
     train_docs_per_s = docs_per_step / step_s["ce"]
     result: dict[str, Any] = {}
     for m in MODES[1:]:
@@ -417,24 +416,24 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
             "train_tokens_per_step": round(statistics.mean(r["tokens"] for r in rows["ce"]), 1),
             "loader_docs_per_s": round(loader["loader_docs_per_s"], 2),
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in loader.items() if k != "loader_docs_per_s"},
-            "terms": {m: t.spec["terms"] for m, t in trainers.items()},
+            "terms": {m: t.spec.terms for m, t in trainers.items()},
             "same_documents": same_documents,
-            "batch_size": int(spec["batch_size"]),
-            "grad_accum": int(spec["grad_accum"]),
+            "batch_size": spec.batch_size,
+            "grad_accum": spec.grad_accum,
             "steps": args.steps,
             "warmup": args.warmup,
             "rounds": args.rounds,
             "timed_steps_per_mode": args.steps * args.rounds,
             "student": ce.inputs.student_info["name"],
             "device": str(ce.ctx.device),
-            "dtype": spec["dtype"],
+            "dtype": spec.dtype,
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "gradient_checkpointing": bool(spec["gradient_checkpointing"]),
-            "lora_r": spec["lora"]["r"],
+            "gradient_checkpointing": spec.gradient_checkpointing,
+            "lora_r": spec.lora.r,
             "k": study.config["teacher_cache"]["k"],
             "max_length": study.config["teacher_cache"]["max_length"],
-            "fb_layer_map": spec["fb"]["layer_map"],
+            "fb_layer_map": spec.fb.to_json()["layer_map"],
             "timing_s": round(timing_s, 1),
             "quick": study.quick,
         }

@@ -7,14 +7,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from kdflow.atomic import write_json
 from kdflow.cache_format import CacheReader
 from kdflow.evaluate import (
     HELDOUT_TASK,
     EvalError,
+    EvalRecord,
+    EvalRecordError,
+    Metric,
     evaluate_model,
     heldout_metrics,
     lm_eval_metrics,
@@ -233,6 +238,84 @@ def test_lm_eval_metrics_parses_values_stderr_and_directions():
     assert lm_eval_metrics({"results": {}}) == []
 
 
+# --------------------------------------------------------------------------- the record (kdflow.eval_record)
+
+
+def test_eval_record_to_json_is_the_file_format_and_reads_back():
+    record = EvalRecord(
+        model="stu.rb.s1.long",
+        kind="run",
+        student="stu",
+        mode="rb",
+        seed=1,
+        tag="long",
+        evaluation="heldout",
+        metrics=[Metric("heldout", "ppl", 12, None, False), Metric("heldout", "top1_agreement", None, None, True)],
+        details={"docs": 6},
+        provenance={"git_commit": "abc"},
+    )
+    data = record.to_json()
+    assert list(data) == [
+        "model",
+        "kind",
+        "student",
+        "mode",
+        "seed",
+        "tag",
+        "evaluation",
+        "metrics",
+        "details",
+        "provenance",
+    ]
+    assert data["metrics"][0] == {
+        "task": "heldout",
+        "metric": "ppl",
+        "value": 12.0,  # numbers are floats
+        "stderr": None,
+        "higher_is_better": False,
+    }
+    assert EvalRecord.from_json(json.loads(json.dumps(data))) == record
+    # lm-eval's mark for a standard error it did not compute is read as null
+    lm = {**data, "metrics": [{**data["metrics"][0], "stderr": "N/A"}]}
+    assert EvalRecord.from_json(lm).metrics[0].stderr is None
+
+
+def test_eval_record_refuses_what_is_not_one():
+    def faults(**changes) -> list[str]:
+        fields = dict(model="stu.ce.s0", kind="run", student="stu", mode="ce", seed=0, evaluation="heldout")
+        with pytest.raises(EvalRecordError) as e:
+            EvalRecord(**{**fields, **changes})
+        return e.value.problems
+
+    assert faults(kind="baseline") == ["model stu.ce.s0: kind 'baseline' is none of ['run', 'teacher', 'student_init']"]
+    assert faults(seed=1) == ["model stu.ce.s0: student/mode/seed/tag say the run is 'stu.ce.s1'"]
+    assert faults(seed=True)[0].startswith("model stu.ce.s0: a run needs student, mode and an integer seed")
+    assert faults(model="") == ["\"model\" is '', expected the model id"]
+    assert faults(evaluation="") == ["model stu.ce.s0: \"evaluation\" is '', expected its name"]
+    assert faults(metrics=[{"task": "heldout"}])[0].startswith("model stu.ce.s0: metrics[0] = {'task': 'heldout'}")
+    with pytest.raises(EvalRecordError) as e:
+        Metric("heldout", "ppl", "1.5", "x", 1)
+    assert e.value.problems == [
+        "task heldout, metric ppl: value '1.5' is not a number",
+        "task heldout, metric ppl: stderr 'x' is not a number",
+        "task heldout, metric ppl: higher_is_better 1 is not true/false/null",
+    ]
+    with pytest.raises(EvalRecordError, match="lacks a task or metric name"):
+        Metric("", "ppl", 1.0)
+    # from a file: every fault of the entries at once, and the record without them
+    data = EvalRecord(model="teach", kind="teacher", evaluation="lm_eval", metrics=[Metric("t", "acc", 0.5)]).to_json()
+    data["metrics"] += [{"task": "t", "metric": "f1", "value": "high"}, {"metric": "acc"}]
+    with pytest.raises(EvalRecordError) as e:
+        EvalRecord.from_json(data)
+    assert e.value.problems == [
+        "model teach, task t, metric f1: value 'high' is not a number",
+        "model teach: metrics[2] = {'metric': 'acc'} lacks a task or metric name",
+    ]
+    assert [m.metric for m in e.value.partial.metrics] == ["acc"]
+    with pytest.raises(EvalRecordError, match=r"missing key\(s\) \['evaluation'\]"):
+        EvalRecord.from_json({"model": "teach", "kind": "teacher", "metrics": []})
+
+
 def test_write_heldout_task_data(study, tmp_path):
     out = tmp_path / "d.jsonl"
     assert write_heldout_task_data(study["heldout"], out, max_docs=3) == 3
@@ -271,7 +354,7 @@ SETTINGS = {
 }
 
 
-def run_eval(study, tmp: Path, kind: str, adapter: Path | None = None, **settings) -> dict:
+def run_eval(study, tmp: Path, kind: str, adapter: Path | None = None, telemetry=None, **settings) -> dict:
     target = {
         "model": {"run": "student.ce.s0", "teacher": "teacher", "student_init": "student.init"}[kind],
         "kind": kind,
@@ -291,6 +374,7 @@ def run_eval(study, tmp: Path, kind: str, adapter: Path | None = None, **setting
         out / "heldout.json",
         out / "lm_eval.json",
         work_dir=tmp,
+        telemetry=telemetry,
     )
     return {name: json.loads((out / f"{name}.json").read_text()) for name in ("heldout", "lm_eval", "lm_eval_raw")}
 
@@ -339,9 +423,18 @@ def test_evaluate_model_runs_the_shipped_lm_eval_task_offline_with_and_without_a
 
 
 def test_evaluate_model_for_the_teacher_and_without_lm_eval_tasks(study, tmp_path):
-    out = run_eval(study, tmp_path, "teacher", lm_eval={"tasks": [], "include_path": None})
+    telemetry = SimpleNamespace(tokens=None)
+    out = run_eval(study, tmp_path, "teacher", telemetry=telemetry, lm_eval={"tasks": [], "include_path": None})
     assert metric(out["heldout"], "top1_agreement") == 1.0 and out["heldout"]["student"] is None
     assert out["lm_eval"]["metrics"] == [] and "empty" in out["lm_eval"]["details"]["skipped"]
+    assert telemetry.tokens == out["heldout"]["details"]["tokens"] > 0  # the job's telemetry counts held-out tokens
+    # the files are eval records: read back, they are written again byte for byte
+    for evaluation in ("heldout", "lm_eval"):
+        path = tmp_path / "eval" / "teacher" / f"{evaluation}.json"
+        record = EvalRecord.from_json(json.loads(path.read_text()))
+        assert record.evaluation == evaluation and record.kind == "teacher"
+        write_json(tmp_path / "again.json", record.to_json())
+        assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
     with pytest.raises(EvalError, match="adapter"):
         evaluate_model(
             {"model": "x", "kind": "run", "manifest": str(study["student"]), "adapter": None},

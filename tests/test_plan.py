@@ -10,7 +10,7 @@ import yaml
 
 from kdflow.config import ConfigError
 from kdflow.plan import PlanError, StudyPlan, study_plan
-from kdflow.runs import caches_read
+from kdflow.runs import RunSpec, caches_read
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "config/config.yaml").read_text())
@@ -106,10 +106,23 @@ def test_a_relative_lm_eval_include_path_is_resolved_against_the_workflow(plan):
     assert plan.config["eval"]["lm_eval"]["include_path"] == "resources/lm_eval_tasks"  # the config is untouched
 
 
+def test_the_train_job_gets_its_run_spec_as_a_plain_dict(plan):
+    """rules/train.smk's ``spec`` parameter: a dict (Snakemake's params trigger compares its repr), a fresh one on
+    every call, which the trainer reads back as the plan's RunSpec."""
+    run = "smollm2-pruned15.mix.s0"
+    spec = plan.run_spec(run)
+    assert type(spec) is dict and RunSpec.from_json(spec) == plan.run(run) == plan.runs[run]
+    assert spec["fb"]["layer_map"] == [{"student": 5, "teacher": 20}] and spec["terms"]["relb"] == 0.5
+    spec["steps"] = 1
+    assert plan.run_spec(run)["steps"] == 8 and repr(plan.run_spec(run)) == repr(plan.run_spec(run))
+    assert plan.train_gpus(run) == 0 and plan.train_tasks(run) is None
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
         (lambda p: p.run_spec("nope.ce.s0"), "run 'nope.ce.s0' is not in the config's training.experiments"),
+        (lambda p: p.run("nope.ce.s0"), "run 'nope.ce.s0' is not in the config's training.experiments"),
         (lambda p: p.eval_target("nope"), "'nope' is neither a training run nor a baseline"),
         (lambda p: p.model_config("nope"), "model 'nope' is not in the config"),
         (lambda p: p.cache_index_inputs("topk_k8"), "topk_k8: not a cache of this config"),

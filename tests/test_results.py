@@ -10,7 +10,9 @@ import csv
 import json
 import math
 import os
+import random
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from kdflow.atomic import write_json
+from kdflow.eval_record import EvalRecord, Metric
 from kdflow.results import TABLES, ResultsError, build_results, main, metric_class
+from kdflow.results.stats import cell_stats
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER, STUDENT = "teach", "stu"
@@ -69,25 +74,15 @@ def identity(model: str) -> dict:
     }
 
 
-def m(task, metric, value, hib, stderr=None):
-    return {"task": task, "metric": metric, "value": value, "stderr": stderr, "higher_is_better": hib}
+def m(task, metric, value, hib, stderr=None) -> Metric:
+    return Metric(task, metric, value, stderr, hib)
 
 
-def write_eval(root: Path, model: str, evaluation: str, metrics: list[dict]) -> Path:
+def write_eval(root: Path, model: str, evaluation: str, metrics: list[Metric]) -> Path:
+    """An eval file as the eval rule writes it: an EvalRecord through the same JSON writer."""
     path = root / "eval" / model / f"{evaluation}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps(
-            {
-                "model": model,
-                **identity(model),
-                "evaluation": evaluation,
-                "metrics": metrics,
-                "details": {},
-                "provenance": {},
-            }
-        )
-    )
+    record = EvalRecord(model=model, **identity(model), evaluation=evaluation, metrics=metrics)
+    write_json(path, record.to_json())
     return path
 
 
@@ -145,7 +140,7 @@ def make_study(root: Path, skip: tuple[str, ...] = ()) -> dict:
         ]
         lm = [
             m("kdflow_heldout", "word_perplexity", 2 * ppl, False, 0.1),
-            m("kdflow_heldout", "bits_per_byte", math.log2(ppl) / 4, False, "N/A"),
+            m("kdflow_heldout", "bits_per_byte", math.log2(ppl) / 4, False),
             m("arc_easy", "acc", ARC[model], True, 0.01),
         ]
         for evaluation, metrics in (("heldout", heldout), ("lm_eval", lm)):
@@ -340,7 +335,7 @@ def test_runs_metrics_steps_jobs_content(built):
     assert rows["teach"][1:3] == ("teacher", "teach") and rows["teach"][5] is None
     assert rows["stu.init"][1:3] == ("student_init", "stu.init")
     assert rows["stu.fb.s0"][1:3] == ("run", "stu.fb") and rows["stu.fb.s0"][-1] is False
-    # n/a and "N/A" stderr are NULL
+    # n/a values and stderr not computed are NULL
     assert sql(db, "select value from metrics where model = 'stu.init' and metric = 'kl_teacher_student'") == [(None,)]
     assert sql(db, "select count(*) from metrics where metric = 'bits_per_byte' and stderr is null") == [(10,)]
     # train steps: terms a run does not log are NULL
@@ -363,11 +358,11 @@ def test_mean_and_stderr_over_three_seeds_and_one(built):
     db = built[1]["database"]
     rb = summary_row(db, "stu.rb", "ppl")  # 10, 12, 14
     assert (rb["n"], rb["mean"]) == (3, 12.0)
-    assert rb["stderr"] == pytest.approx(2.0 / math.sqrt(3))  # sample std 2
+    assert rb["stderr"] == pytest.approx(2.0 / math.sqrt(3), rel=1e-12)  # sample std 2
     ce = summary_row(db, "stu.ce", "ppl")  # 15, 16, 20
-    assert ce["mean"] == 17.0 and ce["stderr"] == pytest.approx(math.sqrt(7.0) / math.sqrt(3))
+    assert ce["mean"] == 17.0 and ce["stderr"] == pytest.approx(math.sqrt(7.0) / math.sqrt(3), rel=1e-12)
     top1 = summary_row(db, "stu.rb", "top1_agreement")  # 0.5, 0.6, 0.7
-    assert top1["mean"] == pytest.approx(0.6) and top1["stderr"] == pytest.approx(0.1 / math.sqrt(3))
+    assert top1["mean"] == pytest.approx(0.6) and top1["stderr"] == pytest.approx(0.1 / math.sqrt(3), rel=1e-12)
     one = summary_row(db, "stu.rb.long", "ppl")  # one seed: no stderr
     assert (one["n"], one["mean"], one["stderr"]) == (1, 11.0, None)
     teacher = summary_row(db, "teach", "ppl")
@@ -391,9 +386,9 @@ def test_deltas_against_ce_and_teacher(built):
     db = built[1]["database"]
     rb = summary_row(db, "stu.rb", "ppl")
     assert rb["ce_group"] == "stu.ce" and rb["delta_ce"] == pytest.approx(-5.0)
-    assert rb["delta_ce_stderr"] == pytest.approx(math.sqrt(4 / 3 + 7 / 3))
+    assert rb["delta_ce_stderr"] == pytest.approx(math.sqrt(4 / 3 + 7 / 3), rel=1e-12)
     assert rb["teacher"] == "teach" and rb["delta_teacher"] == pytest.approx(4.0)
-    assert rb["delta_teacher_stderr"] == pytest.approx(2 / math.sqrt(3))
+    assert rb["delta_teacher_stderr"] == pytest.approx(2 / math.sqrt(3), rel=1e-12)
     long = summary_row(db, "stu.rb.long", "ppl")  # against the ce group of the same tag
     assert (long["ce_group"], long["delta_ce"], long["delta_ce_stderr"]) == ("stu.ce.long", -2.0, None)
     acc = summary_row(db, "stu.rb", "acc")
@@ -417,7 +412,8 @@ def test_summary_csv(built):
         "0;1;2",
         '{"ce": 0.5, "rb": 0.5}',
     )
-    assert float(rb["heldout/ppl"]) == 12.0 and float(rb["heldout/ppl.stderr"]) == pytest.approx(2 / math.sqrt(3))
+    assert float(rb["heldout/ppl"]) == 12.0
+    assert float(rb["heldout/ppl.stderr"]) == pytest.approx(2 / math.sqrt(3), rel=1e-12)
     assert rb["heldout/ppl.n"] == "3" and rb["heldout/ppl.best"] == "0"
     assert rows["stu.rb.long"]["heldout/ppl.best"] == "1"
     assert float(rb["heldout/ppl.delta_ce"]) == -5.0 and float(rb["heldout/ppl.delta_teacher"]) == 4.0
@@ -543,6 +539,79 @@ def test_malformed_files_and_inconsistent_ids(tmp_path):
     msg = fails(tmp_path, inputs)
     assert f"{tmp_path / 'eval' / 'teach' / 'heldout.json'}: not valid JSON" in msg
     assert f"{path}: model stu.ce.s1: student/mode/seed/tag say the run is 'stu.ce.s7'" in msg
+
+
+def test_malformed_records_list_every_fault(tmp_path):
+    inputs = make_study(tmp_path)
+    path = tmp_path / "eval" / "stu.rb.s1" / "heldout.json"
+    data = json.loads(path.read_text())
+    data["metrics"][0]["value"] = 0.5  # ppl below 1: still checked beside the entries that are not metrics
+    data["metrics"][1]["stderr"] = "x"
+    data["metrics"][2]["higher_is_better"] = "yes"
+    data["metrics"].append({"task": 3})
+    path.write_text(json.dumps(data))
+    init = tmp_path / "eval" / "stu.init" / "lm_eval.json"
+    data = json.loads(init.read_text())
+    data["kind"] = "nope"
+    init.write_text(json.dumps(data))
+    msg = fails(tmp_path, inputs)
+    assert msg.startswith("6 problem(s)")
+    hint = f"rerun `snakemake {path} --force`"
+    where = f"{path}: model stu.rb.s1, task heldout, metric"
+    assert f"{where} nll_per_token: stderr 'x' is not a number; {hint}" in msg
+    assert f"{where} top1_agreement: higher_is_better 'yes' is not true/false/null; {hint}" in msg
+    assert f"{path}: model stu.rb.s1: metrics[4] = {{'task': 3}} lacks a task or metric name; {hint}" in msg
+    assert f"{where} ppl: value = 0.5 is below 1 (a perplexity)" in msg
+    assert f"{init}: model stu.init: kind 'nope' is none of ['run', 'teacher', 'student_init']; " in msg
+    assert f"model stu.init: no lm_eval results ({init} is not among the inputs)" in msg
+
+
+def test_stderr_marks_of_lm_eval_read_as_null(tmp_path):
+    inputs = make_study(tmp_path)
+    path = tmp_path / "eval" / "teach" / "lm_eval.json"
+    data = json.loads(path.read_text())
+    for entry in data["metrics"]:
+        entry["stderr"] = "N/A"  # what lm-eval itself writes where it computed none
+    path.write_text(json.dumps(data))
+    db = build_results(**inputs, expected=EXPECTED, db_path=tmp_path / "x.duckdb")["database"]
+    query = "select count(*) from metrics where model = 'teach' and evaluation = 'lm_eval' and stderr is null"
+    assert sql(db, query) == [(3,)]
+
+
+def test_summary_statistics_in_sql_match_python_statistics():
+    """The cells' SQL (kdflow.results.stats.CELL_STATS) against the definitions: the mean is statistics.fmean to
+    the bit (so summary.csv keeps its digits), the standard error statistics.stdev / sqrt(n) to rounding, best the
+    non-teacher rows within rounding of the top mean."""
+    rng = random.Random(0)
+    entries, expected, direction = [], {}, {}
+    for k in range(12):
+        key = ("heldout", "heldout", f"m{k}")
+        direction[key] = [True, False, None][k % 3]
+        scale = rng.choice([1e-3, 0.5, 10.0, 3e4])
+        for g in range(15):
+            n = 1 + g % 5
+            values = [scale * (1 + rng.gauss(0, 0.01 if g % 2 else 0.3)) for _ in range(n)]
+            if g == 14:
+                values = [None] * n  # not applicable
+            kind = "teacher" if g == 0 else "run"
+            entries += [(f"g{g}", kind, key, v) for v in values]
+            present = [v for v in values if v is not None]
+            mean = statistics.fmean(present) if present else None
+            se = statistics.stdev(present) / math.sqrt(n) if len(present) > 1 else None
+            expected[(f"g{g}", key)] = (len(present), mean, se, kind)
+    got = cell_stats(entries, direction)
+    assert set(got) == set(expected)
+    for cell, (n, mean, se, _) in expected.items():
+        assert got[cell][:2] == (n, mean), cell
+        assert got[cell][2] == (None if se is None else pytest.approx(se, rel=1e-12)), cell
+    for key, hib in direction.items():
+        means = {g: v[1] for (g, k), v in expected.items() if k == key and v[3] != "teacher" and v[1] is not None}
+        top = (max if hib else min)(means.values())
+        for (g, k), (_, mean, _, kind) in expected.items():
+            if k != key:
+                continue
+            want = None if hib is None or kind == "teacher" or mean is None else math.isclose(mean, top, rel_tol=1e-12)
+            assert got[(g, key)][3] == want, (g, key)
 
 
 def test_metric_classes():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from conftest import stub_config
 from kdflow.config import ConfigError, load_schema, validate_config
-from kdflow.runs import caches_read, expand_runs, run_name
+from kdflow.runs import LayerPair, RunSpec, RunSpecError, caches_read, expand_runs, run_name
 from kdflow.schema import deep_merge
 
 SCHEMA = load_schema()
@@ -67,8 +68,8 @@ def test_names_and_count_are_students_x_modes_x_seeds():
     expected = {f"{s}.{m}.s{seed}" for s in ("a", "b") for m in ("ce", "rb") for seed in (0, 1, 7)}
     assert set(runs) == expected and len(runs) == 12
     spec = runs["b.rb.s7"]
-    assert (spec["name"], spec["student"], spec["mode"], spec["seed"], spec["tag"]) == ("b.rb.s7", "b", "rb", 7, None)
-    assert spec["terms"] == {"ce": 0.5, "rb": 0.5}
+    assert (spec.name, spec.student, spec.mode, spec.seed, spec.tag) == ("b.rb.s7", "b", "rb", 7, None)
+    assert spec.terms == {"ce": 0.5, "rb": 0.5}
 
 
 def test_students_default_to_all_and_seeds_to_zero():
@@ -86,14 +87,14 @@ def test_tag_is_appended_and_separates_experiments():
         }
     )
     assert set(runs) == {"a.ce.s0", "a.ce.s0.lowlr"}
-    assert runs["a.ce.s0.lowlr"]["tag"] == "lowlr"
-    assert runs["a.ce.s0.lowlr"]["optimizer"]["lr"] == 0.0001
-    assert runs["a.ce.s0"]["optimizer"]["lr"] == 0.001
+    assert runs["a.ce.s0.lowlr"].tag == "lowlr"
+    assert runs["a.ce.s0.lowlr"].optimizer.lr == 0.0001
+    assert runs["a.ce.s0"].optimizer.lr == 0.001
     assert run_name("x", "rb", 3, None) == "x.rb.s3" and run_name("x", "rb", 3, "t") == "x.rb.s3.t"
 
 
 def test_every_run_setting_is_in_the_spec_with_its_default():
-    spec = runs_of({"experiments": [{"students": ["a"], "modes": ["ce"]}]})["a.ce.s0"]
+    spec = runs_of({"experiments": [{"students": ["a"], "modes": ["ce"]}]})["a.ce.s0"].to_json()
     run_keys = set(SCHEMA["$defs"]["run"]["properties"])
     assert run_keys <= set(spec)
     assert set(spec) - run_keys == {"name", "student", "mode", "terms", "tag"}  # seed is a run key
@@ -113,11 +114,11 @@ def test_set_merges_nested_over_the_defaults():
         }
     )
     spec = runs["a.ce.s0"]
-    assert spec["lora"]["r"] == 4  # from set
-    assert spec["lora"]["alpha"] == 8  # from training.defaults, kept by the nested merge
-    assert spec["lora"]["dropout"] == 0.0  # schema default, kept
-    assert spec["lora"]["target_modules"][0] == "q_proj"
-    assert spec["batch_size"] == 2 and spec["temperature"] == 2.0
+    assert spec.lora.r == 4  # from set
+    assert spec.lora.alpha == 8  # from training.defaults, kept by the nested merge
+    assert spec.lora.dropout == 0.0  # schema default, kept
+    assert spec.lora.target_modules[0] == "q_proj"
+    assert spec.batch_size == 2 and spec.temperature == 2.0
 
 
 def test_set_replaces_lists_and_does_not_leak_between_experiments():
@@ -130,10 +131,12 @@ def test_set_replaces_lists_and_does_not_leak_between_experiments():
             ],
         }
     )
-    assert runs["a.fb.s0"]["fb"] == {"layer_map": [{"student": 1, "teacher": 20}], "loss": "cosine"}
-    assert runs["b.fb.s0"]["fb"]["layer_map"] == [{"student": 5, "teacher": 20}]
-    runs["a.fb.s0"]["lora"]["r"] = 99
-    assert runs["b.fb.s0"]["lora"]["r"] == 16  # specs are independent copies
+    assert runs["a.fb.s0"].fb.to_json() == {"layer_map": [{"student": 1, "teacher": 20}], "loss": "cosine"}
+    assert runs["b.fb.s0"].fb.layer_map == (LayerPair(student=5, teacher=20),)
+    runs["a.fb.s0"].terms["ce"] = 99.0
+    assert runs["b.fb.s0"].terms["ce"] == 1.0  # specs are independent copies
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        runs["a.fb.s0"].lora.r = 99  # type: ignore[misc]
 
 
 def test_deep_merge_does_not_touch_its_inputs():
@@ -153,8 +156,8 @@ def test_zero_weights_are_dropped_from_terms():
             "experiments": [{"students": ["a"], "modes": ["half"]}],
         }
     )
-    assert runs["a.half.s0"]["terms"] == {"ce": 1.0, "relb": 0.25}
-    assert caches_read(runs["a.half.s0"]["terms"], own_vocab=False) == {"embed": True, "hidden": False}
+    assert runs["a.half.s0"].terms == {"ce": 1.0, "relb": 0.25}
+    assert caches_read(runs["a.half.s0"].terms, own_vocab=False) == {"embed": True, "hidden": False}
     assert caches_read({"ce": 1.0, "fb": 1.0}, own_vocab=False) == {"embed": False, "hidden": True}
     assert caches_read({"ce": 1.0}, own_vocab=True) == {"embed": True, "hidden": False}
 
@@ -185,7 +188,7 @@ def test_fb_with_a_cached_layer_is_accepted():
 
 def test_epochs_instead_of_steps_is_accepted():
     runs = runs_of({"experiments": [{"students": ["a"], "modes": ["ce"], "set": {"steps": None, "epochs": 0.5}}]})
-    assert runs["a.ce.s0"]["steps"] is None and runs["a.ce.s0"]["epochs"] == 0.5
+    assert runs["a.ce.s0"].steps is None and runs["a.ce.s0"].epochs == 0.5
 
 
 def test_shipped_configs_expand():
@@ -200,7 +203,7 @@ def test_shipped_configs_expand():
         runs, problems = expand_runs(config)
         assert problems == [], (path, problems)
         for name, spec in runs.items():
-            assert name == run_name(spec["student"], spec["mode"], spec["seed"], spec["tag"])
+            assert name == run_name(spec.student, spec.mode, spec.seed, spec.tag)
 
 
 # --- refusals ----------------------------------------------------------------------------------------------
@@ -396,5 +399,102 @@ def test_study_cpu_is_the_default_teacher_and_student_on_more_data_with_three_se
     assert not set(study_runs) & set(default_runs)
     modes = {}
     for spec in study_runs.values():
-        modes.setdefault(spec["mode"], set()).add(spec["seed"])
+        modes.setdefault(spec.mode, set()).add(spec.seed)
     assert set(modes) >= {"ce", "rb", "fb", "relb"} and all(len(seeds) >= 3 for seeds in modes.values())
+
+
+# --- the run spec ------------------------------------------------------------------------------------------
+
+SHIPPED = ("config/config.yaml", "config/study_cpu.yaml", "config/llama70b.yaml")
+
+
+def dicts_of_before(config: dict) -> dict[str, dict]:
+    """The spec dicts expand_runs made before RunSpec, made again the way it made them: the merged settings in the
+    config's key order, then name, student, mode, terms, (seed in the settings' place) and tag."""
+    training, out = config["training"], {}
+    for exp in training["experiments"]:
+        settings = deep_merge(training["defaults"], exp["set"])
+        for student in exp.get("students") or [s["name"] for s in config["students"]]:
+            for mode in exp["modes"]:
+                terms = {t: float(w) for t, w in training["modes"][mode].items() if w > 0}
+                for seed in exp["seeds"]:
+                    name = run_name(student, mode, seed, exp["tag"])
+                    out[name] = {
+                        **copy.deepcopy(settings),
+                        **{"name": name, "student": student, "mode": mode, "terms": terms},
+                        **{"seed": int(seed), "tag": exp["tag"]},
+                    }
+    return out
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_the_spec_json_is_the_dict_of_before_key_order_included(path):
+    """The train job's spec parameter (Snakemake compares its repr), run_config.json and the resume key's hash
+    must not change: to_json gives the dict of before, and from_json(d).to_json() gives d back, in d's order."""
+    from kdflow.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / path)
+    runs, before = expand_runs(config)[0], dicts_of_before(config)
+    assert list(runs) == list(before)
+    for name, spec in runs.items():
+        d = spec.to_json()
+        assert d == before[name] and repr(d) == repr(before[name]), name
+        again = RunSpec.from_json(d)
+        assert again == spec and repr(again.to_json()) == repr(d), name
+
+
+def test_the_spec_keeps_the_configs_key_order_and_compares_without_it():
+    runs = runs_of({"defaults": {"lora": {"alpha": 8}, "batch_size": 2}, "experiments": [{"modes": ["ce"]}]})
+    d = runs["a.ce.s0"].to_json()
+    assert list(d)[:2] == ["lora", "batch_size"] and list(d["lora"]) == ["alpha", "r", "dropout", "target_modules"]
+    reordered = {k: d[k] for k in sorted(d)}
+    assert RunSpec.from_json(reordered) == runs["a.ce.s0"] and list(RunSpec.from_json(reordered).to_json()) == sorted(d)
+    assert isinstance(RunSpec.from_json(d).optimizer.betas, tuple) and d["optimizer"]["betas"] == [0.9, 0.999]
+
+
+def a_spec(**edits) -> dict:
+    fb = {"fb": {"layer_map": [{"student": 1, "teacher": 20}]}}
+    d = runs_of({"defaults": fb, "experiments": [{"students": ["a"], "modes": ["mix"]}]})["a.mix.s0"].to_json()
+    for key, value in edits.items():
+        section, _, inner = key.partition("__")
+        if inner:
+            d[section][inner] = value
+        else:
+            d[section] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    "edits, message",
+    [
+        ({"steps": None}, "set steps or epochs (both are null)"),
+        ({"terms": {"ce": 1.0, "fb": 1.0}, "fb__layer_map": []}, "terms has fb but fb.layer_map is empty"),
+        ({"terms": {}}, "terms is empty"),
+        ({"terms": {"ce": 1.0, "kd": 1.0}}, "terms.kd = 1.0: terms are ['ce', 'rb', 'fb', 'relb'] with weights > 0"),
+        ({"terms": {"ce": 0.0}}, "terms.ce = 0.0"),
+        ({"seed": 3}, "name 'a.mix.s0' is not 'a.mix.s3'"),
+        ({"steps": "24"}, "steps = '24' is not int or null"),
+        ({"lora__r": 4.0}, "lora.r = 4.0 is not int"),
+        ({"gpus": True}, "gpus = True is not int"),
+        ({"optimizer__betas": [0.9]}, "optimizer.betas = [0.9] does not have 2 items"),
+        ({"fb__layer_map": [{"student": "1", "teacher": 20}]}, "fb.layer_map[0].student = '1' is not int"),
+        ({"lora__rank": 4}, "lora: unknown keys ['rank']"),
+        ({"relb": {"angle_weight": 2.0}}, "relb: missing keys ['distance_weight']"),
+        ({"lora": 5}, "lora: expected a mapping, got 5"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_a_spec_read_back_or_built_by_hand_is_checked_naming_the_run_and_key(edits, message):
+    with pytest.raises(RunSpecError) as info:
+        RunSpec.from_json(a_spec(**edits))
+    assert str(info.value).startswith("run 'a.mix.s0': ") and message in str(info.value), str(info.value)
+
+
+def test_a_spec_changed_in_code_is_checked_too():
+    spec = RunSpec.from_json(a_spec())
+    with pytest.raises(RunSpecError, match="set steps or epochs"):
+        dataclasses.replace(spec, steps=None)
+    d = a_spec()
+    del d["steps"]
+    with pytest.raises(RunSpecError, match=r"^run 'a.mix.s0': missing keys \['steps'\]"):
+        RunSpec.from_json(d)

@@ -4,6 +4,7 @@ after a signal and after SIGKILL, DDP over two gloo processes, divergence and co
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from kdflow.cache_format import CacheMismatch
 from kdflow.config import validate_config
 from kdflow.launch import launch_command
 from kdflow.models import load_model, load_tokenizer
-from kdflow.runs import expand_runs
+from kdflow.runs import RunSpec, expand_runs, run_name
 from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
 from kdflow.train import Batches, Trainer, TrainingError, TrainJob, lr_lambda, run_training
 from tiny_models import one_thread, other_vocab_dir, prepare_tiny_models, tiny_teacher_dir, write_shard  # noqa: F401
@@ -76,7 +77,7 @@ def study(tmp_path_factory, tiny_teacher_dir, other_vocab_dir):  # noqa: F811
     }
 
 
-def spec_for(mode: str, **settings) -> dict:
+def spec_for(mode: str, **settings) -> RunSpec:
     """A run spec as the config expands it (schema defaults + ``settings``)."""
     config = validate_config(
         {
@@ -102,19 +103,24 @@ def spec_for(mode: str, **settings) -> dict:
     return spec
 
 
-def job_for(study, tmp: Path, spec: dict, student: str = "student", **kw) -> TrainJob:
+def job_for(study, tmp: Path, spec: RunSpec, **kw) -> TrainJob:
     expected = {"k": 4, "max_length": MAX_LENGTH, "teacher": "teacher"}
     return TrainJob(
-        spec=spec,
-        student_manifest=str(study[student]),
+        spec=spec.to_json(),
+        student_manifest=str(study[spec.student]),
         shards=copy.deepcopy(study["shards"]),
         expected=expected,
-        output=str(tmp / "out" / spec["name"]),
-        work=str(tmp / "work" / spec["name"]),
+        output=str(tmp / "out" / spec.name),
+        work=str(tmp / "work" / spec.name),
         heldout=study["heldout"],
         threads=1,
         **kw,
     )
+
+
+def of_student(spec: RunSpec, student: str) -> RunSpec:
+    """The same run for another student (named after it; the spec checks that name and student agree)."""
+    return dataclasses.replace(spec, student=student, name=run_name(student, spec.mode, spec.seed, spec.tag))
 
 
 def adapter(path: Path) -> dict[str, torch.Tensor]:
@@ -146,7 +152,7 @@ def test_each_mode_trains_and_leaves_a_loadable_peft_adapter(study, tmp_path, mo
 
     spec = spec_for(mode)
     summary = run_training(job_for(study, tmp_path, spec))
-    out = tmp_path / "out" / spec["name"]
+    out = tmp_path / "out" / spec.name
     assert {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -155,15 +161,15 @@ def test_each_mode_trains_and_leaves_a_loadable_peft_adapter(study, tmp_path, mo
         "metrics.jsonl",
         "summary.json",
     } <= {p.name for p in out.iterdir()}
-    assert (out / "projector.safetensors").exists() == ("fb" in spec["terms"])
+    assert (out / "projector.safetensors").exists() == ("fb" in spec.terms)
     rows = metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 7))
     for r in rows:
-        for key in (*spec["terms"], "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
+        for key in (*spec.terms, "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
             assert r[key] is not None and r[key] == r[key], (key, r)
         assert r["docs"] == 2 and r["tokens"] == 2 * MAX_LENGTH
-        assert r["loss"] == pytest.approx(sum(r[t] * w for t, w in spec["terms"].items()))
-    if "relb" in spec["terms"]:
+        assert r["loss"] == pytest.approx(sum(r[t] * w for t, w in spec.terms.items()))
+    if "relb" in spec.terms:
         assert {"relb_distance", "relb_angle"} <= set(rows[0])
     assert summary["heldout"]["ppl"] > 1 and summary["steps"] == 6
     prov = json.loads((out / "provenance.json").read_text())
@@ -176,25 +182,25 @@ def test_each_mode_trains_and_leaves_a_loadable_peft_adapter(study, tmp_path, mo
         peft = PeftModel.from_pretrained(base, str(out)).eval()
         after = peft(input_ids=ids).logits
     assert not torch.allclose(before, after)
-    assert not (tmp_path / "work" / spec["name"] / "checkpoints").exists()  # removed once the output exists
+    assert not (tmp_path / "work" / spec.name / "checkpoints").exists()  # removed once the output exists
 
 
 def test_ce_training_lowers_the_loss(study, tmp_path):
     spec = spec_for("ce", steps=30, optimizer={"lr": 0.02}, schedule={"kind": "constant"})
     run_training(job_for(study, tmp_path, spec))
-    rows = metrics(tmp_path / "out" / spec["name"] / "metrics.jsonl")
+    rows = metrics(tmp_path / "out" / spec.name / "metrics.jsonl")
     first, last = sum(r["ce"] for r in rows[:5]) / 5, sum(r["ce"] for r in rows[-5:]) / 5
     assert last < first - 0.1, (first, last)
 
 
 def test_learning_rate_schedules():
     spec = spec_for("ce", schedule={"kind": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1})
-    f = lr_lambda(spec, 12)
+    f = lr_lambda(spec.schedule, 12)
     assert [round(f(s), 4) for s in (0, 1)] == [round(1 / 3, 4), round(2 / 3, 4)]
     assert f(2) == pytest.approx(1.0) and f(12) == pytest.approx(0.1) and f(7) == pytest.approx(0.55)
-    lin = lr_lambda(spec_for("ce", schedule={"kind": "linear", "min_lr_ratio": 0.0}), 10)
+    lin = lr_lambda(spec_for("ce", schedule={"kind": "linear", "min_lr_ratio": 0.0}).schedule, 10)
     assert lin(0) == 1.0 and lin(5) == pytest.approx(0.5) and lin(10) == 0.0
-    assert lr_lambda(spec_for("ce", schedule={"kind": "constant"}), 10)(9) == 1.0
+    assert lr_lambda(spec_for("ce", schedule={"kind": "constant"}).schedule, 10)(9) == 1.0
 
 
 # --------------------------------------------------------------------------- resume
@@ -203,7 +209,7 @@ def test_learning_rate_schedules():
 def test_sigterm_checkpoints_and_rerun_ends_bitwise_equal(study, tmp_path, monkeypatch):
     spec = spec_for("mix", steps=7, checkpoint_every=3, lora={"r": 4, "alpha": 8, "dropout": 0.1})
     run_training(job_for(study, tmp_path / "ref", spec))
-    reference = tmp_path / "ref" / "out" / spec["name"]
+    reference = tmp_path / "ref" / "out" / spec.name
 
     job = job_for(study, tmp_path / "cut", spec)
     real_step = Trainer.train_step
@@ -268,7 +274,7 @@ def test_checkpoint_of_other_settings_is_not_resumed(study, tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         run_training(job)
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    job.spec = spec_for("ce", steps=6, checkpoint_every=2, optimizer={"lr": 0.005})
+    job.spec = spec_for("ce", steps=6, checkpoint_every=2, optimizer={"lr": 0.005}).to_json()
     run_training(job)
     assert list(Path(job.work).glob("stale-*/step_00000004"))
     assert [r["step"] for r in metrics(Path(job.output) / "metrics.jsonl")] == list(range(1, 7))
@@ -292,10 +298,10 @@ def test_ddp_two_gloo_processes_equal_one_process_with_twice_the_batch(study, tm
     rows = metrics(Path(job.output) / "metrics.jsonl")
     assert [r["docs"] for r in rows] == [4] * 4
     assert json.loads((Path(job.output) / "summary.json").read_text())["world_size"] == 2
-    one = metrics(tmp_path / "one" / "out" / single["name"] / "metrics.jsonl")
+    one = metrics(tmp_path / "one" / "out" / single.name / "metrics.jsonl")
     for a, b in zip(rows, one, strict=False):
         assert a["rb"] == pytest.approx(b["rb"], rel=1e-5, abs=1e-7) and a["ce"] == pytest.approx(b["ce"], rel=1e-5)
-    assert_same_weights(adapter(job.output), adapter(tmp_path / "one" / "out" / single["name"]), atol=1e-6)
+    assert_same_weights(adapter(job.output), adapter(tmp_path / "one" / "out" / single.name), atol=1e-6)
 
 
 def test_the_per_node_launcher_of_a_multi_node_job_trains_through_a_c10d_rendezvous(study, tmp_path):
@@ -353,15 +359,15 @@ def test_nan_loss_stops_naming_step_batch_and_term(study, tmp_path, monkeypatch)
 
 
 def test_foreign_vocabulary_student_refused_for_logit_kd(study, tmp_path):
-    spec = dict(spec_for("rb"), student="foreign")
+    spec = of_student(spec_for("rb"), "foreign")
     with pytest.raises(CacheMismatch, match="differs from student 'foreign'.*rb KD needs the same token ids"):
-        Trainer(job_for(study, tmp_path, spec, student="foreign"))
+        Trainer(job_for(study, tmp_path, spec))
 
 
 def test_foreign_vocabulary_student_trains_relation_kd_on_its_own_tokens(study, tmp_path):
-    spec = dict(spec_for("relb", steps=3), student="foreign")
-    summary = run_training(job_for(study, tmp_path, spec, student="foreign"))
-    rows = metrics(tmp_path / "out" / spec["name"] / "metrics.jsonl")
+    spec = of_student(spec_for("relb", steps=3), "foreign")
+    summary = run_training(job_for(study, tmp_path, spec))
+    rows = metrics(tmp_path / "out" / spec.name / "metrics.jsonl")
     foreign_tok = load_tokenizer(study["foreign"])
     assert summary["steps"] == 3 and all(r["relb"] >= 0 for r in rows)
     # its tokens are its own tokenizer's, not the teacher's cached ids
@@ -396,7 +402,7 @@ def test_gradient_checkpointing_gives_the_same_adapter(study, tmp_path):
     ckpt = spec_for("mix", steps=3, gradient_checkpointing=True)
     run_training(job_for(study, tmp_path / "ckpt", ckpt))
     assert_same_weights(
-        adapter(tmp_path / "plain" / "out" / plain["name"]),
-        adapter(tmp_path / "ckpt" / "out" / ckpt["name"]),
+        adapter(tmp_path / "plain" / "out" / plain.name),
+        adapter(tmp_path / "ckpt" / "out" / ckpt.name),
         atol=1e-6,
     )

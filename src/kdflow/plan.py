@@ -18,7 +18,7 @@ from typing import Any
 
 from kdflow.config import load_schema, validate_config
 from kdflow.corpus import shard_name
-from kdflow.runs import caches_read, expand_runs
+from kdflow.runs import RunSpec, caches_read, expand_runs
 
 CACHE_ROOT = "results/cache"
 SHARDS_DIR = "results/shards"
@@ -180,25 +180,30 @@ class StudyPlan:
 
     # -- training --------------------------------------------------------------------------------------------
     @cached_property
-    def runs(self) -> dict[str, dict]:
+    def runs(self) -> dict[str, RunSpec]:
         """Training runs by name (kdflow.runs; the config is already validated)."""
         return expand_runs(self.config)[0]
 
-    def run_spec(self, run: str) -> dict:
+    def run(self, run: str) -> RunSpec:
         if run not in self.runs:
             raise PlanError(f"run {run!r} is not in the config's training.experiments; known runs: {sorted(self.runs)}")
         return self.runs[run]
 
+    def run_spec(self, run: str) -> dict[str, Any]:
+        """The train job's ``spec`` parameter: a plain dict (:meth:`RunSpec.to_json`), which Snakemake's params
+        trigger compares, read back by the trainer with :meth:`RunSpec.from_json`."""
+        return self.run(run).to_json()
+
     def train_inputs(self, run: str) -> dict[str, str]:
         """The student, the index of each cache this run reads (kdflow.cache_index), and the held-out shard."""
-        spec = self.run_spec(run)
-        own_vocab = self.students[spec["student"]].get("vocab") == "own"
+        spec = self.run(run)
+        own_vocab = self.students[spec.student].get("vocab") == "own"
         inputs = {
-            "student": model_manifest(spec["student"]),
+            "student": model_manifest(spec.student),
             "heldout": HELDOUT_SHARD,
             "topk": f"{self.cache_path(self.topk_name)}/index.json",
         }
-        need = caches_read(spec["terms"], own_vocab)
+        need = caches_read(spec.terms, own_vocab)
         if need["embed"]:
             inputs["embed"] = f"{self.cache_path('embed')}/index.json"
         if need["hidden"]:
@@ -207,11 +212,11 @@ class StudyPlan:
 
     def train_gpus(self, run: str) -> int:
         """GPUs of a run's job: per node x nodes (SLURM: --gpus=<model>:<total> with --nodes)."""
-        spec = self.run_spec(run)
-        return spec["gpus"] * spec["nodes"]
+        spec = self.run(run)
+        return spec.gpus * spec.nodes
 
     def train_nodes(self, run: str) -> int:
-        return self.run_spec(run)["nodes"]
+        return self.run(run).nodes
 
     def train_tasks(self, run: str) -> int | None:
         """Several nodes: one srun task per node, started by the job's script itself (kdflow.launch)."""
@@ -223,10 +228,10 @@ class StudyPlan:
 
     def train_expected(self, run: str) -> dict[str, Any]:
         """Cache metadata a run's files must carry (the loader refuses others, naming the file and key)."""
-        spec = self.run_spec(run)
+        spec = self.run(run)
         cfg = self.cache_cfg
         expected = {"teacher": self.teacher, "k": cfg["k"], "max_length": cfg["max_length"]}
-        if caches_read(spec["terms"], False)["hidden"]:
+        if caches_read(spec.terms, False)["hidden"]:
             expected["layers"] = sorted(set(cfg["hidden_layers"]))
             expected["token_ratio"] = cfg["hidden_token_ratio"]
         return expected
@@ -254,13 +259,13 @@ class StudyPlan:
         for run, spec in self.runs.items():
             targets[run] = EvalTarget(
                 kind="run",
-                student=spec["student"],
-                mode=spec["mode"],
-                seed=spec["seed"],
-                tag=spec["tag"],
-                manifest=model_manifest(spec["student"]),
+                student=spec.student,
+                mode=spec.mode,
+                seed=spec.seed,
+                tag=spec.tag,
+                manifest=model_manifest(spec.student),
                 adapter=f"results/train/{run}",
-                gpus=spec["gpus"],
+                gpus=spec.gpus,
                 model=run,
             )
         if "teacher" in baselines:

@@ -1,4 +1,4 @@
-"""Training runs: the compact ``training`` section of a config expanded into one spec per run.
+"""Training runs: the compact ``training`` section of a config expanded into one :class:`RunSpec` per run.
 
 A run is one (student, mode, seed) of an experiment::
 
@@ -16,28 +16,46 @@ gives the runs ``<student>.ce.s0.lowlr``, ``<student>.rb.s0.lowlr`` … Each spe
 Everything a run needs that the schema cannot check alone is checked here, with the key path at fault:
 unknown students or modes, logit/feature KD for a student with its own vocabulary, a feature-KD layer that
 the hidden cache does not hold, duplicate run names.
+
+The spec's type, the contract between the plan and the training code: :mod:`kdflow.run_spec`.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
+from kdflow.run_spec import (
+    KD_TERMS,
+    RUN_NAME_PATTERN,
+    SHARED_VOCAB_TERMS,
+    FeatureKD,
+    LayerPair,
+    LoRA,
+    Optimizer,
+    RelationKD,
+    RunSpec,
+    RunSpecError,
+    Schedule,
+    run_group,
+    run_name,
+)
 from kdflow.schema import deep_merge, describe, key_path, load_schema, validator_class
 
-RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-KD_TERMS = ("ce", "rb", "fb", "relb")
-SHARED_VOCAB_TERMS = ("rb", "fb")  # need the teacher's token ids
-
-
-def run_group(student: str, mode: str, tag: str | None) -> str:
-    """The runs that differ only by seed: ``<student>.<mode>[.<tag>]`` (one row of the study's summary)."""
-    return f"{student}.{mode}" + (f".{tag}" if tag else "")
-
-
-def run_name(student: str, mode: str, seed: int, tag: str | None) -> str:
-    """``<student>.<mode>.s<seed>[.<tag>]``."""
-    return f"{student}.{mode}.s{seed}" + (f".{tag}" if tag else "")
+__all__ = [
+    "RUN_NAME_PATTERN",
+    "KD_TERMS",
+    "SHARED_VOCAB_TERMS",
+    "RunSpecError",
+    "LayerPair",
+    "FeatureKD",
+    "RelationKD",
+    "LoRA",
+    "Optimizer",
+    "Schedule",
+    "RunSpec",
+    "run_group",
+    "run_name",
+    "caches_read",
+    "expand_runs",
+]
 
 
 def _check_settings(settings: dict, schema: dict, where: str) -> list[str]:
@@ -60,15 +78,16 @@ def _check_settings(settings: dict, schema: dict, where: str) -> list[str]:
     return problems
 
 
-def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """``({run name: spec}, problems)`` for a validated config (defaults filled); problems name key paths."""
+def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, RunSpec], list[str]]:
+    """``({run name: spec}, problems)`` for a validated config (defaults filled); problems name key paths. A run
+    with a problem of its own has no spec."""
     schema = load_schema() if schema is None else schema
     training = config.get("training") or {}
     defaults = training.get("defaults") or {}
     modes = training.get("modes") or {}
     students = {s["name"]: s for s in config["students"]}
     hidden_layers = set((config.get("teacher_cache") or {}).get("hidden_layers") or [])
-    runs: dict[str, dict[str, Any]] = {}
+    runs: dict[str, RunSpec] = {}
     made_by: dict[str, int] = {}  # run name -> index of the experiment that made it
     problems: list[str] = []
     for name, terms in modes.items():
@@ -92,10 +111,11 @@ def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, dic
                 if mode not in modes:
                     continue
                 terms = {t: float(w) for t, w in modes[mode].items() if w > 0}
-                problems += _check_run(where, student, students[student], mode, terms, settings, hidden_layers)
+                bad = _check_run(where, student, students[student], mode, terms, settings, hidden_layers)
+                problems += bad
                 for seed in exp["seeds"]:
                     name = run_name(student, mode, seed, exp.get("tag"))
-                    if name in runs:
+                    if name in made_by:
                         if made_by[name] == i:
                             problems.append(
                                 f"{where}.students: student {student!r} is listed twice (run "
@@ -108,8 +128,10 @@ def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, dic
                             )
                         continue
                     made_by[name] = i
-                    runs[name] = {
-                        **copy.deepcopy(settings),
+                    if bad:
+                        continue
+                    spec = {
+                        **settings,
                         "name": name,
                         "student": student,
                         "mode": mode,
@@ -117,6 +139,7 @@ def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, dic
                         "seed": int(seed),
                         "tag": exp.get("tag"),
                     }
+                    runs[name] = RunSpec.from_json(spec)
     return runs, list(dict.fromkeys(problems))
 
 

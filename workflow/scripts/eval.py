@@ -17,7 +17,7 @@ torch.set_num_threads(sm.threads)
 
 def main():
     with job_telemetry(sm) as tel:
-        records = evaluate_model(
+        evaluate_model(
             dict(sm.params.target),
             sm.params.settings,
             sm.input.heldout,
@@ -25,8 +25,8 @@ def main():
             sm.output.heldout,
             sm.output.lm_eval,
             out_raw=sm.output.raw,
+            telemetry=tel,  # counts the held-out tokens scored (not lm-eval's)
         )
-        tel.tokens = records["heldout"]["details"].get("tokens")  # held-out tokens scored (not lm-eval's)
 
 
 run_logged(sm.log[0], main)

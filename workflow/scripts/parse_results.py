@@ -6,8 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821  (this checkout's package)
 
-import logging
-
 from kdflow.logs import run_logged
 from kdflow.results import build_results
 
@@ -15,21 +13,16 @@ sm = snakemake  # noqa: F821
 
 
 def main():
-    benchmarks = sorted(Path(sm.params.benchmarks).rglob("*.tsv"))
-    telemetry = sorted(Path(sm.params.telemetry).rglob("*.jsonl"))
-    out = build_results(
+    build_results(
         list(sm.input.evals),
         list(sm.input.runs),
-        benchmarks,
-        dict(sm.params.expected),
-        sm.output.db,
-        sm.output.csv,
-        sm.output.md,
-        sm.output.plots,
-        telemetry_files=telemetry,
-    )
-    logging.getLogger("kdflow.results").info(
-        "wrote %s, %s, %s and %d plots", out["database"], out["csv"], out["markdown"], len(out["plots"])
+        expected=dict(sm.params.expected),
+        db_path=sm.output.db,
+        csv_path=sm.output.csv,
+        md_path=sm.output.md,
+        plots_dir=sm.output.plots,
+        benchmarks_dir=sm.params.benchmarks,
+        telemetry_dir=sm.params.telemetry,
     )
 
 

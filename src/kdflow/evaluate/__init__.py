@@ -31,12 +31,14 @@ its output directory (a PEFT adapter, kdflow.train). :func:`evaluate_model` writ
   ``byte_perplexity``, ``bits_per_byte``, comparable across tokenizers. lm-eval's whole result dict is
   kept beside it as ``lm_eval_raw.json``.
 
-Both files: ``{"model", "kind" ("run" | "teacher" | "student_init"), "student", "mode", "seed", "tag",
-"evaluation" ("heldout" | "lm_eval"), "metrics": [{"task", "metric", "value", "stderr",
-"higher_is_better"}, …], "details": {…}, "provenance": {git commit, package versions, "model": the
-weights' and adapter's identity}}``.
+Both files are one :class:`~kdflow.eval_record.EvalRecord` each (``kdflow.eval_record``, torch-free, the
+contract kdflow.results reads them by): ``{"model", "kind" ("run" | "teacher" | "student_init"), "student",
+"mode", "seed", "tag", "evaluation" ("heldout" | "lm_eval"), "metrics": [{"task", "metric", "value", "stderr",
+"higher_is_better"}, …] (:class:`~kdflow.eval_record.Metric`), "details": {…}, "provenance": {git commit,
+package versions, "model": the weights' and adapter's identity}}``.
 """
 
+from kdflow.eval_record import EvalRecord, EvalRecordError, Metric
 from kdflow.evaluate.harness import (
     HELDOUT_TASK,
     TASK_TEMPLATE,
@@ -58,6 +60,9 @@ __all__ = [
     "ROW_CHUNK",
     "TASK_TEMPLATE",
     "EvalError",
+    "EvalRecord",
+    "EvalRecordError",
+    "Metric",
     "evaluate_model",
     "heldout_docs",
     "heldout_metrics",

@@ -1,5 +1,6 @@
 """The eval rule itself: :func:`evaluate_model` evaluates one target (a run, the teacher or a student's init)
-and writes its ``heldout.json``, ``lm_eval.json`` and ``lm_eval_raw.json`` records."""
+and writes its ``heldout.json`` and ``lm_eval.json`` records (:class:`kdflow.eval_record.EvalRecord`, the
+contract kdflow.results reads) and lm-eval's own ``lm_eval_raw.json``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kdflow.atomic import write_json
+from kdflow.eval_record import EvalRecord, Metric
 from kdflow.evaluate.harness import HELDOUT_TASK, lm_eval_metrics, lm_eval_version, run_lm_eval, write_heldout_task_data
 from kdflow.evaluate.heldout import HELDOUT_METRICS, heldout_metrics
 from kdflow.evaluate.loading import EvalError, load_eval_model, model_identity, release_memory
@@ -32,19 +34,19 @@ def _settings(settings: dict | None) -> dict:
     return deep_merge(section_defaults("eval"), settings or {})
 
 
-def _record(target: EvalTarget, evaluation: str, metrics: list[dict], details: dict, prov: dict) -> dict:
-    return {
-        "model": target.model,
-        "kind": target.kind,
-        "student": target.student,
-        "mode": target.mode,
-        "seed": target.seed,
-        "tag": target.tag,
-        "evaluation": evaluation,
-        "metrics": metrics,
-        "details": details,
-        "provenance": prov,
-    }
+def _record(target: EvalTarget, evaluation: str, metrics: list[Metric], details: dict, prov: dict) -> EvalRecord:
+    return EvalRecord(
+        model=target.model,
+        kind=target.kind,
+        student=target.student,
+        mode=target.mode,
+        seed=target.seed,
+        tag=target.tag,
+        evaluation=evaluation,
+        metrics=metrics,
+        details=details,
+        provenance=prov,
+    )
 
 
 def evaluate_model(
@@ -56,9 +58,12 @@ def evaluate_model(
     out_lm_eval: str | Path,
     out_raw: str | Path | None = None,
     work_dir: str | Path | None = None,
+    telemetry: Any = None,
 ) -> dict[str, dict]:
     """Evaluate one model and write ``heldout.json``, ``lm_eval.json`` and ``lm_eval_raw.json`` (default:
-    beside ``lm_eval.json``). Returns ``{"heldout": record, "lm_eval": record}``.
+    beside ``lm_eval.json``). Returns ``{"heldout": record, "lm_eval": record}``, each the file's object
+    (:meth:`EvalRecord.to_json`). ``telemetry`` (the job's :class:`kdflow.telemetry.Telemetry`, if any) is given
+    the held-out tokens scored (lm-eval's are not counted) once both records are written.
 
     ``target``: ``{"model": id, "kind": "run" | "teacher" | "student_init", "student", "mode", "seed",
     "tag", "manifest": kdflow_model.json, "adapter": run directory | None}`` (the eval rule's
@@ -92,10 +97,7 @@ def evaluate_model(
     )
     del model, tokenizer
     release_memory()
-    metrics = [
-        {"task": "heldout", "metric": name, "value": held[name], "stderr": None, "higher_is_better": hib}
-        for name, hib in HELDOUT_METRICS.items()
-    ]
+    metrics = [Metric("heldout", name, held[name], None, hib) for name, hib in HELDOUT_METRICS.items()]
     details = {
         **{k: v for k, v in held.items() if k not in HELDOUT_METRICS},
         "device": s["device"],
@@ -103,7 +105,7 @@ def evaluate_model(
         "batch_size": s["heldout"]["batch_size"],
         "seconds": time.time() - started,
     }
-    records = {"heldout": _record(target, "heldout", metrics, details, {**provenance(), "model": identity})}
+    records = {"heldout": _record(target, "heldout", metrics, details, {**provenance(), "model": identity}).to_json()}
     write_json(out_heldout, records["heldout"])
     log.info(
         "%s: held-out ppl %.3f, top-1 agreement %s, KL %s (%d docs, %d tokens)",
@@ -134,7 +136,7 @@ def evaluate_model(
     started = time.time()
     if not le["tasks"]:
         raw: dict[str, Any] = {"skipped": "eval.lm_eval.tasks is empty"}
-        lm_metrics: list[dict] = []
+        lm_metrics: list[Metric] = []
         lm_details["skipped"] = raw["skipped"]
     else:
         with tempfile.TemporaryDirectory(prefix="kdflow_eval_", dir=work_dir) as tmp:
@@ -158,7 +160,7 @@ def evaluate_model(
                     work_dir=tmp,
                 )
             )
-        lm_metrics = lm_eval_metrics(raw)
+        lm_metrics = [Metric(**m) for m in lm_eval_metrics(raw)]
         lm_details["n_samples"] = raw.get("n-samples")
         lm_details["versions"] = raw.get("versions")
         lm_details["n_shot"] = raw.get("n-shot")
@@ -167,8 +169,10 @@ def evaluate_model(
     write_json(out_raw, raw)
     prov = {**provenance(), "model": identity}
     prov["versions"] = {**prov["versions"], "lm_eval": lm_eval_version()}
-    records["lm_eval"] = _record(target, "lm_eval", lm_metrics, lm_details, prov)
+    records["lm_eval"] = _record(target, "lm_eval", lm_metrics, lm_details, prov).to_json()
     write_json(out_lm_eval, records["lm_eval"])
     for m in lm_metrics:
-        log.info("%s: lm-eval %s %s = %s (stderr %s)", target.model, m["task"], m["metric"], m["value"], m["stderr"])
+        log.info("%s: lm-eval %s %s = %s (stderr %s)", target.model, m.task, m.metric, m.value, m.stderr)
+    if telemetry is not None:
+        telemetry.tokens = held["tokens"]
     return records

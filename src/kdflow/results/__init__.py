@@ -4,11 +4,12 @@ summary, plots.
 :func:`build_results` reads
 
 * the evaluation files ``results/eval/<model>/<evaluation>.json`` (``heldout``, ``lm_eval``; one per evaluated
-  model: the runs, the teacher, ``<student>.init``),
+  model: the runs, the teacher, ``<student>.init``), each a :class:`kdflow.eval_record.EvalRecord`,
 * the training run directories ``results/train/<run>/`` (``run_config.json``, ``metrics.jsonl``,
   ``summary.json``),
 * the Snakemake benchmark files ``results/benchmarks/<rule>/<name>.tsv``,
-* the telemetry files of the GPU rules ``results/telemetry/<rule>/<job>.jsonl`` (:mod:`kdflow.telemetry`),
+* the telemetry files of the GPU rules ``results/telemetry/<rule>/<job>.jsonl`` (:mod:`kdflow.telemetry`)
+  (given one by one, or as the folders ``--benchmarks-dir`` / ``--telemetry-dir`` to search),
 
 checks them (:func:`validate`: finite values, accuracies in [0, 1], perplexities >= 1, bits per byte and
 NLL >= 0, KL >= -1e-3, and that every expected model has every expected evaluation and task) and writes,
@@ -41,10 +42,35 @@ from kdflow.results.readers import (
     load_train_dir,
 )
 from kdflow.results.report import summary_markdown, write_summary_csv, write_summary_md
-from kdflow.results.stats import Cell, Key, Row, Summary, mean_stderr, summarize
+from kdflow.results.stats import Cell, Key, Row, Summary, cell_stats, mean_stderr, summarize
 from kdflow.results.tables import TABLES
 
-__all__ = ["TABLES", "Cell", "Collected", "EvalFile", "Key", "ResultsError", "Row", "Summary", "TrainRun",
-           "build_results", "collect", "group_of", "infer_higher_is_better", "load_benchmark", "load_eval",
-           "load_train_dir", "main", "make_plots", "mean_stderr", "metric_class", "summarize", "summary_markdown",
-           "validate", "write_database", "write_summary_csv", "write_summary_md"]
+__all__ = [
+    "TABLES",
+    "Cell",
+    "Collected",
+    "EvalFile",
+    "Key",
+    "ResultsError",
+    "Row",
+    "Summary",
+    "TrainRun",
+    "build_results",
+    "cell_stats",
+    "collect",
+    "group_of",
+    "infer_higher_is_better",
+    "load_benchmark",
+    "load_eval",
+    "load_train_dir",
+    "main",
+    "make_plots",
+    "mean_stderr",
+    "metric_class",
+    "summarize",
+    "summary_markdown",
+    "validate",
+    "write_database",
+    "write_summary_csv",
+    "write_summary_md",
+]

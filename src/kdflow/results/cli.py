@@ -13,15 +13,19 @@ from kdflow.results.checks import ResultsError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdflow import results  # the package's docstring is the --help text
-
-    ap = argparse.ArgumentParser(prog="python -m kdflow.results", description=results.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    package = sys.modules[__package__]  # kdflow.results, loaded before its submodules: its docstring is the --help
+    ap = argparse.ArgumentParser(
+        prog="python -m kdflow.results",
+        description=package.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--eval", nargs="*", default=[], help="evaluation JSON files")
     ap.add_argument("--train", nargs="*", default=[], help="training run directories")
     ap.add_argument("--benchmarks", nargs="*", default=[], help="Snakemake benchmark TSV files")
     ap.add_argument("--telemetry", nargs="*", default=[], help="telemetry JSON-lines files")
-    ap.add_argument("--expected", help="JSON file {\"models\": [...], \"evaluations\": {...}} for the coverage check")
+    ap.add_argument("--benchmarks-dir", help="read every *.tsv below this folder too (results/benchmarks)")
+    ap.add_argument("--telemetry-dir", help="read every *.jsonl below this folder too (results/telemetry)")
+    ap.add_argument("--expected", help='JSON file {"models": [...], "evaluations": {...}} for the coverage check')
     ap.add_argument("--db", default="results/kdflow.duckdb")
     ap.add_argument("--csv", default="results/summary.csv")
     ap.add_argument("--md", default="results/summary.md")
@@ -30,8 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     expected = json.loads(Path(args.expected).read_text(encoding="utf-8")) if args.expected else None
     try:
-        build_results(args.eval, args.train, args.benchmarks, expected, args.db, args.csv, args.md, args.plots,
-                      args.telemetry)
+        build_results(
+            args.eval,
+            args.train,
+            args.benchmarks,
+            expected,
+            args.db,
+            args.csv,
+            args.md,
+            args.plots,
+            args.telemetry,
+            benchmarks_dir=args.benchmarks_dir,
+            telemetry_dir=args.telemetry_dir,
+        )
     except ResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

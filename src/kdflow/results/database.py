@@ -25,8 +25,13 @@ def _create(con, name: str, comment: str, columns: list[tuple[str, str, str]], r
         con.execute(f'COMMENT ON COLUMN {name}."{col}" IS {_sql_str(text)}')
     if not rows:
         return
-    types = {"VARCHAR": pa.string(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(),
-             "BOOLEAN": pa.bool_()}
+    types = {
+        "VARCHAR": pa.string(),
+        "INTEGER": pa.int32(),
+        "BIGINT": pa.int64(),
+        "DOUBLE": pa.float64(),
+        "BOOLEAN": pa.bool_(),
+    }
     table = pa.table({c: pa.array([r.get(c) for r in rows], types[t]) for c, t, _ in columns})
     con.register("_kdflow_rows", table)
     try:

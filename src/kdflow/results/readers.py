@@ -15,30 +15,63 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdflow.plan import KINDS
+from kdflow.eval_record import EvalRecord, EvalRecordError, Metric
 from kdflow.results.tables import STEP_COLUMNS
-from kdflow.runs import run_group, run_name
+from kdflow.runs import run_group
 from kdflow.telemetry import load_telemetry
 
-BENCH_FIELDS = {"s": "seconds", "max_rss": "max_rss_mb", "max_vms": "max_vms_mb", "max_uss": "max_uss_mb",
-                "max_pss": "max_pss_mb", "io_in": "io_in", "io_out": "io_out", "mean_load": "mean_load",
-                "cpu_time": "cpu_time"}  # benchmark TSV column -> jobs column
+BENCH_FIELDS = {
+    "s": "seconds",
+    "max_rss": "max_rss_mb",
+    "max_vms": "max_vms_mb",
+    "max_uss": "max_uss_mb",
+    "max_pss": "max_pss_mb",
+    "io_in": "io_in",
+    "io_out": "io_out",
+    "mean_load": "mean_load",
+    "cpu_time": "cpu_time",
+}  # benchmark TSV column -> jobs column
 MISSING_MARKS = {"", "NA", "-", "N/A"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalFile:
-    """One evaluation file: the model's identity and its metrics."""
+    """One evaluation file: where it was read and its record (the model's identity and its metrics)."""
 
     path: str
-    model: str
-    kind: str
-    student: str | None
-    mode: str | None
-    seed: int | None
-    tag: str | None
-    evaluation: str
-    metrics: list[dict]  # {"task", "metric", "value", "stderr", "higher_is_better"}
+    record: EvalRecord
+
+    @property
+    def model(self) -> str:
+        return self.record.model
+
+    @property
+    def kind(self) -> str:
+        return self.record.kind
+
+    @property
+    def student(self) -> str | None:
+        return self.record.student
+
+    @property
+    def mode(self) -> str | None:
+        return self.record.mode
+
+    @property
+    def seed(self) -> int | None:
+        return self.record.seed
+
+    @property
+    def tag(self) -> str | None:
+        return self.record.tag
+
+    @property
+    def evaluation(self) -> str:
+        return self.record.evaluation
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        return self.record.metrics
 
 
 @dataclass
@@ -79,7 +112,9 @@ def group_of(model: str, kind: str, student: str | None, mode: str | None, tag: 
 
 
 def load_eval(path: str | Path, problems: list[str]) -> EvalFile | None:
-    """One evaluation file; structural problems are appended to ``problems`` (then None)."""
+    """One evaluation file (an :class:`~kdflow.eval_record.EvalRecord`); every fault is appended to ``problems``,
+    naming the file and what to do. None when the file is unusable; with faulty metric entries only, the rest of
+    the file (so that its other values are still checked)."""
     p = str(path)
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -89,56 +124,11 @@ def load_eval(path: str | Path, problems: list[str]) -> EvalFile | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         problems.append(f"{p}: not valid JSON ({e}); {rerun_hint(p)}")
         return None
-    if not isinstance(data, dict):
-        problems.append(f"{p}: expected a JSON object, found {type(data).__name__}; {rerun_hint(p)}")
-        return None
-    missing = [k for k in ("model", "kind", "evaluation", "metrics") if k not in data]
-    if missing:
-        problems.append(f"{p}: missing key(s) {missing}; {rerun_hint(p)}")
-        return None
-    model, kind = data["model"], data["kind"]
-    if not isinstance(model, str) or not model:
-        problems.append(f"{p}: \"model\" is {model!r}, expected the model id; {rerun_hint(p)}")
-        return None
-    if kind not in KINDS:
-        problems.append(f"{p}: model {model}: kind {kind!r} is none of {list(KINDS)}; {rerun_hint(p)}")
-        return None
-    ev = EvalFile(p, model, kind, data.get("student"), data.get("mode"), data.get("seed"), data.get("tag"),
-                  str(data["evaluation"]), [])
-    if kind == "run":
-        if not ev.student or not ev.mode or not isinstance(ev.seed, int) or isinstance(ev.seed, bool):
-            problems.append(f"{p}: model {model}: a run needs student, mode and an integer seed, found student="
-                            f"{ev.student!r} mode={ev.mode!r} seed={ev.seed!r}; {rerun_hint(p)}")
-            return None
-        expected_name = run_name(ev.student, ev.mode, ev.seed, ev.tag)
-        if expected_name != model:
-            problems.append(f"{p}: model {model}: student/mode/seed/tag say the run is {expected_name!r}; "
-                            f"{rerun_hint(p)}")
-            return None
-    if not isinstance(data["metrics"], list):
-        problems.append(f"{p}: model {model}: \"metrics\" is not a list; {rerun_hint(p)}")
-        return None
-    for i, m in enumerate(data["metrics"]):
-        if not isinstance(m, dict) or not isinstance(m.get("task"), str) or not isinstance(m.get("metric"), str):
-            problems.append(f"{p}: model {model}: metrics[{i}] = {m!r} lacks a task or metric name; {rerun_hint(p)}")
-            continue
-        value, stderr, hib = m.get("value"), m.get("stderr"), m.get("higher_is_better")
-        where = f"{p}: model {model}, task {m['task']}, metric {m['metric']}"
-        if value is not None and not _is_number(value):
-            problems.append(f"{where}: value {value!r} is not a number; {rerun_hint(p)}")
-            continue
-        if isinstance(stderr, str) and stderr.strip().upper() in MISSING_MARKS:
-            stderr = None  # lm-eval writes "N/A" where it computed none
-        if stderr is not None and not _is_number(stderr):
-            problems.append(f"{where}: stderr {stderr!r} is not a number; {rerun_hint(p)}")
-            continue
-        if hib is not None and not isinstance(hib, bool):
-            problems.append(f"{where}: higher_is_better {hib!r} is not true/false/null; {rerun_hint(p)}")
-            continue
-        ev.metrics.append({"task": m["task"], "metric": m["metric"],
-                           "value": None if value is None else float(value),
-                           "stderr": None if stderr is None else float(stderr), "higher_is_better": hib})
-    return ev
+    try:
+        return EvalFile(p, EvalRecord.from_json(data))
+    except EvalRecordError as e:
+        problems += [f"{p}: {problem}; {rerun_hint(p)}" for problem in e.problems]
+        return None if e.partial is None else EvalFile(p, e.partial)
 
 
 def load_train_dir(path: str | Path, problems: list[str]) -> TrainRun | None:
@@ -178,8 +168,10 @@ def load_train_dir(path: str | Path, problems: list[str]) -> TrainRun | None:
         for col in STEP_COLUMNS[1:]:
             v = row.get(col)
             if v is not None and (not _is_number(v) or not math.isfinite(float(v))):
-                problems.append(f"{metrics_file}:{n}: run {name}, step {row['step']}: {col} = {v!r} is not a finite "
-                                f"number; {rerun_hint(d)}")
+                problems.append(
+                    f"{metrics_file}:{n}: run {name}, step {row['step']}: {col} = {v!r} is not a finite "
+                    f"number; {rerun_hint(d)}"
+                )
                 v = None
             out[col] = v
         steps.append(out)
@@ -222,8 +214,13 @@ def load_benchmark(path: str | Path, problems: list[str]) -> list[dict]:
         out.append(rec)
     return out
 
-def collect(eval_files: Iterable[str | Path], train_dirs: Iterable[str | Path] = (),
-            benchmark_files: Iterable[str | Path] = (), telemetry_files: Iterable[str | Path] = ()) -> Collected:
+
+def collect(
+    eval_files: Iterable[str | Path],
+    train_dirs: Iterable[str | Path] = (),
+    benchmark_files: Iterable[str | Path] = (),
+    telemetry_files: Iterable[str | Path] = (),
+) -> Collected:
     """Read every input (sorted by path, so that the outputs do not depend on the order given)."""
     c = Collected()
     for f in sorted(map(str, eval_files)):
@@ -242,4 +239,3 @@ def collect(eval_files: Iterable[str | Path], train_dirs: Iterable[str | Path] =
         if job is not None:
             c.energy.append(job)
     return c
-

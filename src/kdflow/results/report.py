@@ -47,12 +47,26 @@ def write_summary_csv(s: Summary, path: str | Path, c: Collected | None = None) 
             w = csv.writer(f, lineterminator="\n")
             w.writerow(header)
             for r in s.rows:
-                line = [r.name, r.kind, r.student, r.mode, r.tag, terms.get(r.name), len(r.models),
-                        ";".join(map(str, r.seeds))]
+                line = [
+                    r.name,
+                    r.kind,
+                    r.student,
+                    r.mode,
+                    r.tag,
+                    terms.get(r.name),
+                    len(r.models),
+                    ";".join(map(str, r.seeds)),
+                ]
                 for key in s.keys:
                     cell = s.cell(r.name, key) or Cell()
-                    line += [cell.mean, cell.stderr, cell.n if (r.name, key) in s.cells else None, cell.best,
-                             cell.delta_ce, cell.delta_teacher]
+                    line += [
+                        cell.mean,
+                        cell.stderr,
+                        cell.n if (r.name, key) in s.cells else None,
+                        cell.best,
+                        cell.delta_ce,
+                        cell.delta_teacher,
+                    ]
                 w.writerow([_csv_value(x) for x in line])
     return path
 
@@ -80,21 +94,27 @@ def _arrow(hib: bool | None) -> str:
 
 def _md_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
     align = align or ["---"] + ["---:"] * (len(header) - 1)
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + \
-           ["| " + " | ".join(x.replace("|", "\\|") for x in r) + " |" for r in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + [
+        "| " + " | ".join(x.replace("|", "\\|") for x in r) + " |" for r in rows
+    ]
 
 
 def summary_markdown(s: Summary, c: Collected) -> str:
     """summary.md: runs overview, one values table and one deltas table per evaluation task, n/a list, jobs,
     energy and memory per stage."""
-    lines = ["# kdflow results", "",
-             f"{len({ev.model for ev in c.evals})} evaluated models ({len(c.evals)} evaluation files), "
-             f"{len(c.train)} training runs, {len(c.jobs)} job benchmarks.", "",
-             "Values are mean ± standard error over seeds (sample standard deviation / √n; none with one seed). "
-             "↑ higher is better, ↓ lower is better; **bold ★** marks the best student row per metric (the teacher "
-             "is not ranked). n/a: not applicable to that model; –: not evaluated. Δ ce: difference to the no-KD "
-             "(ce) group of the same student and tag; Δ teacher: difference to the teacher "
-             f"({s.teacher or 'none'}).", ""]
+    lines = [
+        "# kdflow results",
+        "",
+        f"{len({ev.model for ev in c.evals})} evaluated models ({len(c.evals)} evaluation files), "
+        f"{len(c.train)} training runs, {len(c.jobs)} job benchmarks.",
+        "",
+        "Values are mean ± standard error over seeds (sample standard deviation / √n; none with one seed). "
+        "↑ higher is better, ↓ lower is better; **bold ★** marks the best student row per metric (the teacher "
+        "is not ranked). n/a: not applicable to that model; –: not evaluated. Δ ce: difference to the no-KD "
+        "(ce) group of the same student and tag; Δ teacher: difference to the teacher "
+        f"({s.teacher or 'none'}).",
+        "",
+    ]
     runs = runs_rows(c)
     by_group: dict[str, list[dict]] = {}
     for r in runs:
@@ -106,12 +126,26 @@ def summary_markdown(s: Summary, c: Collected) -> str:
         secs = [m["train_seconds"] for m in members if m["train_seconds"] is not None]
         loss = [m["final_loss"] for m in members if m["final_loss"] is not None]
         lm, lse = mean_stderr(loss)
-        table.append([r.name, r.kind, next((m["terms"] for m in members if m["terms"]), "") or "",
-                      ", ".join(map(str, r.seeds)) or "–", _fmt(statistics.fmean(steps)) if steps else "",
-                      _fmt(statistics.fmean(secs)) if secs else "",
-                      (_fmt(lm) + (f" ± {_fmt(lse)}" if lse is not None else "")) if lm is not None else ""])
-    lines += ["## Runs", ""] + _md_table(["row", "kind", "terms", "seeds", "steps", "train s", "final loss"], table,
-                                         ["---", "---", "---", "---", "---:", "---:", "---:"]) + [""]
+        table.append(
+            [
+                r.name,
+                r.kind,
+                next((m["terms"] for m in members if m["terms"]), "") or "",
+                ", ".join(map(str, r.seeds)) or "–",
+                _fmt(statistics.fmean(steps)) if steps else "",
+                _fmt(statistics.fmean(secs)) if secs else "",
+                (_fmt(lm) + (f" ± {_fmt(lse)}" if lse is not None else "")) if lm is not None else "",
+            ]
+        )
+    lines += (
+        ["## Runs", ""]
+        + _md_table(
+            ["row", "kind", "terms", "seeds", "steps", "train s", "final loss"],
+            table,
+            ["---", "---", "---", "---", "---:", "---:", "---:"],
+        )
+        + [""]
+    )
     unevaluated = [r["model"] for r in runs if not r["evaluated"]]
     if unevaluated:
         lines += [f"Trained but not evaluated (in the database only): {', '.join(unevaluated)}.", ""]
@@ -121,9 +155,12 @@ def summary_markdown(s: Summary, c: Collected) -> str:
     for (evaluation, task), keys in tasks.items():
         title = task if task == evaluation else f"{task} ({evaluation})"
         lines += [f"## {title}", ""]
-        rows = [[r.name + (" (teacher)" if r.kind == "teacher" else ""), str(len(r.models))]
-                + [_md_cell(s.cell(r.name, k), len(r.models)) for k in keys]
-                for r in s.rows if any((r.name, k) in s.cells for k in keys)]
+        rows = [
+            [r.name + (" (teacher)" if r.kind == "teacher" else ""), str(len(r.models))]
+            + [_md_cell(s.cell(r.name, k), len(r.models)) for k in keys]
+            for r in s.rows
+            if any((r.name, k) in s.cells for k in keys)
+        ]
         lines += _md_table(["row", "n"] + [k[2] + _arrow(s.direction[k]) for k in keys], rows) + [""]
         deltas = []
         for r in s.rows:
@@ -132,8 +169,10 @@ def summary_markdown(s: Summary, c: Collected) -> str:
             line = [r.name]
             for k in keys:
                 cell = s.cell(r.name, k) or Cell()
-                line += [_md_delta(cell.delta_ce, cell.delta_ce_stderr),
-                         _md_delta(cell.delta_teacher, cell.delta_teacher_stderr)]
+                line += [
+                    _md_delta(cell.delta_ce, cell.delta_ce_stderr),
+                    _md_delta(cell.delta_teacher, cell.delta_teacher_stderr),
+                ]
             deltas.append(line)
         if deltas:
             lines += [f"Δ for {title}:", ""]
@@ -150,8 +189,15 @@ def summary_markdown(s: Summary, c: Collected) -> str:
             js = per_rule[rule]
             secs = [j["seconds"] for j in js if j["seconds"] is not None]
             rss = [j["max_rss_mb"] for j in js if j["max_rss_mb"] is not None]
-            table.append([rule, str(len(js)), _fmt(sum(secs)) if secs else "", _fmt(max(secs)) if secs else "",
-                          _fmt(max(rss)) if rss else ""])
+            table.append(
+                [
+                    rule,
+                    str(len(js)),
+                    _fmt(sum(secs)) if secs else "",
+                    _fmt(max(secs)) if secs else "",
+                    _fmt(max(rss)) if rss else "",
+                ]
+            )
         lines += ["## Jobs", ""] + _md_table(["rule", "jobs", "total s", "longest s", "peak RSS MB"], table) + [""]
     if c.energy:
         lines += _energy_markdown(c.energy)
@@ -179,20 +225,36 @@ def _energy_markdown(energy: list[dict]) -> list[str]:
         joules = [j["energy_j"] for j in js if j["energy_j"] is not None]
         both = [j for j in js if j["energy_j"] is not None and j["tokens"]]
         per_token = sum(j["energy_j"] for j in both) / sum(j["tokens"] for j in both) if both else None
-        table.append([rule, str(len(js)), f"{sum(j['nvml'] for j in js)}/{len(js)}",
-                      _fmt_amount(sum(tokens) if tokens else None), _fmt_amount(sum(joules) if joules else None),
-                      _fmt(per_token), _fmt_amount(_peak(js, "peak_gpu_mem_mb")),
-                      _fmt_amount(_peak(js, "peak_rss_mb"))])
-    lines = ["## Energy and memory per stage", "",
-             "From the GPU rules' telemetry (results/telemetry): tokens and GPU energy summed over a rule's jobs, "
-             "J/token over the jobs that have both, peaks over its jobs (GPU memory: the fullest single GPU).", ""]
-    lines += _md_table(["rule", "jobs", "NVML", "tokens", "energy J", "J/token", "peak GPU MB", "peak RSS MB"],
-                       table) + [""]
+        table.append(
+            [
+                rule,
+                str(len(js)),
+                f"{sum(j['nvml'] for j in js)}/{len(js)}",
+                _fmt_amount(sum(tokens) if tokens else None),
+                _fmt_amount(sum(joules) if joules else None),
+                _fmt(per_token),
+                _fmt_amount(_peak(js, "peak_gpu_mem_mb")),
+                _fmt_amount(_peak(js, "peak_rss_mb")),
+            ]
+        )
+    lines = [
+        "## Energy and memory per stage",
+        "",
+        "From the GPU rules' telemetry (results/telemetry): tokens and GPU energy summed over a rule's jobs, "
+        "J/token over the jobs that have both, peaks over its jobs (GPU memory: the fullest single GPU).",
+        "",
+    ]
+    lines += _md_table(
+        ["rule", "jobs", "NVML", "tokens", "energy J", "J/token", "peak GPU MB", "peak RSS MB"], table
+    ) + [""]
     reasons = sorted({j["nvml_error"] or "unknown" for j in energy if not j["nvml"]})
     if reasons:
         n = sum(not j["nvml"] for j in energy)
-        lines += [f"NVML unavailable in {n} of {len(energy)} jobs ({'; '.join(reasons)}): no energy or GPU memory "
-                  f"for those, CPU and RSS only.", ""]
+        lines += [
+            f"NVML unavailable in {n} of {len(energy)} jobs ({'; '.join(reasons)}): no energy or GPU memory "
+            f"for those, CPU and RSS only.",
+            "",
+        ]
     incomplete = [f"{j['rule']}/{j['job']}" for j in energy if not j["complete"]]
     if incomplete:
         lines += [f"Incomplete telemetry (killed or failed jobs): {', '.join(incomplete)}.", ""]

@@ -1,5 +1,6 @@
-"""The summary statistics: evaluation metrics aggregated over seeds per run group (mean, standard error), the
-best student row per metric, deltas against the no-KD group and the teacher."""
+"""The summary statistics: evaluation metrics aggregated over seeds per run group (n, mean, standard error) and
+the best student row per metric, in one DuckDB query (:data:`CELL_STATS`); deltas against the no-KD group and the
+teacher from those cells."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class Cell:
     n: int = 0
     mean: float | None = None
     stderr: float | None = None
-    na: bool = False                 # entries exist but every value is null (not applicable)
+    na: bool = False  # entries exist but every value is null (not applicable)
     best: bool | None = None
     delta_ce: float | None = None
     delta_ce_stderr: float | None = None
@@ -56,7 +57,7 @@ class Summary:
     labels: dict[Key, str]
     direction: dict[Key, bool | None]
     cells: dict[tuple[str, Key], Cell]
-    ce_group: dict[str, str]         # run group -> its no-KD group
+    ce_group: dict[str, str]  # run group -> its no-KD group
     teacher: str | None
     not_applicable: list[tuple[str, Key]]
 
@@ -65,13 +66,76 @@ class Summary:
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and standard error of the mean (sample std / sqrt(n)); stderr None with fewer than 2 values."""
-    # Python rather than DuckDB's avg/stddev_samp: statistics.stdev is exact (rational arithmetic, one rounding);
-    # stddev_samp differs in the last bits for about half of all 2-5 seed groups, which would change summary.csv.
+    """Mean and standard error of the mean (sample std / sqrt(n)); stderr None with fewer than 2 values. (The
+    summary's cells come from :data:`CELL_STATS` in DuckDB; this is for the runs overview's training numbers.)"""
     if not values:
         return None, None
     m = statistics.fmean(values)
     return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
+# Per (summary row, metric key): n, mean and standard error over the seeds, and whether the row is the best student
+# row. The mean is fsum / count (= Python's statistics.fmean, also in the last bit; avg() is not); the spread is
+# two-pass (stddev_samp's one-pass update drifts to ~1e-9 relative when the values are close; this stays within
+# ~2 ulp of the exact statistics.stdev). Best: within rounding (math.isclose, rel 1e-12, abs 1e-15) of the top mean
+# of the non-teacher rows, in the key's direction; NULL for the teacher, for n/a and for an unknown direction.
+# Deterministic (one thread).
+CELL_STATS = """
+with cells as (
+    select run_group, kind, evaluation, task, metric, count(value) as n,
+           case when count(value) > 0 then fsum(value) / count(value) end as mean
+    from entries group by all
+), spread as (
+    select run_group, evaluation, task, metric, c.kind, c.n, c.mean,
+           fsum((e.value - c.mean) * (e.value - c.mean)) as ss
+    from entries e join cells c using (run_group, evaluation, task, metric)
+    group by all
+), ranked as (
+    select s.*, d.higher_is_better as hib,
+           case when d.higher_is_better then max(s.mean) filter (where s.kind <> 'teacher') over key_rows
+                else min(s.mean) filter (where s.kind <> 'teacher') over key_rows end as top
+    from spread s left join directions d using (evaluation, task, metric)
+    window key_rows as (partition by evaluation, task, metric)
+)
+select run_group, evaluation, task, metric, n, mean,
+       case when n > 1 then sqrt(ss / (n - 1)) / sqrt(n) end as stderr,
+       case when hib is null or kind = 'teacher' or mean is null then null
+            else abs(mean - top) <= greatest(1e-12 * greatest(abs(mean), abs(top)), 1e-15) end as best
+from ranked
+"""
+
+
+def cell_stats(
+    entries: list[tuple[str, str, Key, float | None]], direction: dict[Key, bool | None]
+) -> dict[tuple[str, Key], tuple[int, float | None, float | None, bool | None]]:
+    """``{(row, key): (n, mean, stderr, best)}`` by :data:`CELL_STATS` from ``entries`` ``(row, row kind, key,
+    value)``, one per metric entry of each model of the row, and each key's direction."""
+    import duckdb
+    import pyarrow as pa
+
+    names = ("evaluation", "task", "metric")
+    entry_table = pa.table(
+        {
+            "run_group": pa.array([e[0] for e in entries], pa.string()),
+            "kind": pa.array([e[1] for e in entries], pa.string()),
+            **{n: pa.array([e[2][i] for e in entries], pa.string()) for i, n in enumerate(names)},
+            "value": pa.array([e[3] for e in entries], pa.float64()),
+        }
+    )
+    direction_table = pa.table(
+        {
+            **{n: pa.array([k[i] for k in direction], pa.string()) for i, n in enumerate(names)},
+            "higher_is_better": pa.array(list(direction.values()), pa.bool_()),
+        }
+    )
+    con = duckdb.connect(config={"threads": 1})
+    try:
+        con.register("entries", entry_table)
+        con.register("directions", direction_table)
+        rows = con.execute(CELL_STATS).fetchall()
+    finally:
+        con.close()
+    return {(g, (e, t, m)): (n, mean, se, best) for g, e, t, m, n, mean, se, best in rows}
 
 
 def _row_order(row: Row) -> tuple:
@@ -80,27 +144,28 @@ def _row_order(row: Row) -> tuple:
 
 
 def summarize(c: Collected) -> Summary:
-    """Aggregate the evaluation metrics over seeds per run group; best rows; deltas vs ce and vs the teacher."""
+    """Aggregate the evaluation metrics over seeds per run group (:func:`cell_stats`: n, mean, stderr, best);
+    deltas vs ce and vs the teacher."""
     rows: dict[str, Row] = {}
-    values: dict[tuple[str, Key], list[float | None]] = {}
+    entries: list[tuple[str, Key, float | None]] = []
     given_direction: dict[Key, bool] = {}
     order: dict[tuple[str, str], list[str]] = {}
     for ev in c.evals:
         g = group_of(ev.model, ev.kind, ev.student, ev.mode, ev.tag)
-        row = rows.setdefault(g, Row(g, ev.kind, ev.student, ev.mode if ev.kind == "run" else None,
-                                     ev.tag if ev.kind == "run" else None, [], []))
+        run = ev.kind == "run"
+        row = rows.setdefault(g, Row(g, ev.kind, ev.student, ev.mode if run else None, ev.tag if run else None, [], []))
         if ev.model not in row.models:
             row.models.append(ev.model)
-            if ev.seed is not None and ev.kind == "run":
+            if ev.seed is not None and run:
                 row.seeds.append(ev.seed)
         for m in ev.metrics:
-            key = (ev.evaluation, m["task"], m["metric"])
+            key = (ev.evaluation, m.task, m.metric)
             metrics = order.setdefault(key[:2], [])
             if key[2] not in metrics:
                 metrics.append(key[2])
-            values.setdefault((g, key), []).append(m["value"])
-            if m["higher_is_better"] is not None:
-                given_direction.setdefault(key, m["higher_is_better"])
+            entries.append((g, key, m.value))
+            if m.higher_is_better is not None:
+                given_direction.setdefault(key, m.higher_is_better)
     keys = [(e, t, m) for (e, t) in sorted(order) for m in order[(e, t)]]
     tasks_in = {}
     for e, t, _ in keys:
@@ -111,13 +176,15 @@ def summarize(c: Collected) -> Summary:
     for r in ordered:
         r.models.sort()
         r.seeds.sort()
+    stats = cell_stats([(g, rows[g].kind, key, v) for g, key, v in entries], direction)
     cells: dict[tuple[str, Key], Cell] = {}
     not_applicable = []
-    for (g, key), vals in values.items():
-        present = [v for v in vals if v is not None]
-        m, se = mean_stderr(present)
-        cells[(g, key)] = Cell(n=len(present), mean=m, stderr=se, na=not present)
-        if not present:
+    for g, key, _ in entries:
+        if (g, key) in cells:
+            continue
+        n, mean, stderr, best = stats[(g, key)]
+        cells[(g, key)] = Cell(n=n, mean=mean, stderr=stderr, na=n == 0, best=best)
+        if n == 0:
             not_applicable.append((g, key))
     teachers = [r.name for r in ordered if r.kind == "teacher"]
     if len(teachers) > 1:
@@ -130,13 +197,6 @@ def summarize(c: Collected) -> Summary:
             if ce in rows:
                 ce_group[r.name] = ce
     for key in keys:
-        hib = direction[key]
-        candidates = [(r.name, cells[(r.name, key)].mean) for r in ordered if r.kind != "teacher"
-                      and (r.name, key) in cells and cells[(r.name, key)].mean is not None]
-        if hib is not None and candidates:
-            top = (max if hib else min)(v for _, v in candidates)
-            for name, v in candidates:  # ties (up to float rounding of the means) are all best
-                cells[(name, key)].best = math.isclose(v, top, rel_tol=1e-12, abs_tol=1e-15)
         t_cell = cells.get((teacher, key)) if teacher else None
         for r in ordered:
             cell = cells.get((r.name, key))

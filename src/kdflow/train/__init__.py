@@ -7,8 +7,10 @@ and torchrun or srun + torchrun: :func:`kdflow.launch.launch_training`.
 
 One module a concern:
 
-* :mod:`.job` – :class:`TrainJob` (what a run is given) and the checks of its inputs before anything is loaded.
-* :mod:`.trainer` – the loop: :class:`Trainer` (``setup`` / ``train_step`` / ``run`` / ``finish``).
+* :mod:`.job` – :class:`TrainJob` (what a run is given: its :class:`kdflow.runs.RunSpec` as JSON, the files) and the
+  checks of its inputs before anything is loaded.
+* :mod:`.trainer` – the loop: :class:`Trainer` (``setup`` / ``train_step`` / ``run`` / ``finish``), which reads the
+  job's spec once (``RunSpec.from_json``) and hands the typed spec to everything below.
 * :mod:`.distiller` – the prepared student with peft LoRA adapters (base weights frozen) and its loss terms;
   ``loss = Σ w_t · term_t`` (:func:`kdflow.losses.combine`); every term is logged on its own. A NaN/inf term
   stops the run with the step, the batch's documents and the term named (on every rank). fp32 on CPU, bf16
@@ -16,10 +18,10 @@ One module a concern:
 * :mod:`.batches` – endless, resumable batches from :class:`kdflow.cache_loader.CacheStream`.
 * :mod:`.schedule` – the learning-rate factor per step (warm-up, cosine / linear / constant).
 * :mod:`.checkpoint` – checkpoints in ``work`` (outside the rule's declared output, which Snakemake deletes
-  when a job fails): every ``checkpoint_every`` steps and when SIGUSR1 or SIGTERM arrives (:mod:`.signals`).
-  A rerun with the same job resumes from the newest one; the result is the same as an uninterrupted run
-  (bitwise on CPU). A checkpoint of another job (other settings, shards, student or world size) is never
-  resumed: it is moved aside and the run starts from step 0 (logged).
+  when a job fails; ``save`` / ``resume``): every ``checkpoint_every`` steps and when SIGUSR1 or SIGTERM arrives
+  (:mod:`.signals`). A rerun with the same job resumes from the newest one; the result is the same as an
+  uninterrupted run (bitwise on CPU). A checkpoint of another job (other settings, shards, student or world
+  size) is never resumed: it is moved aside and the run starts from step 0 (logged).
 * :mod:`.distributed` – the process group (:class:`Dist`, :func:`setup_distributed`, :func:`all_reduce`,
   :func:`gather`).
 * :mod:`.outputs` – ``work/metrics.jsonl`` (one JSON line per optimiser step) and the run directory

@@ -6,6 +6,7 @@ re-tokenises the text the teacher saw (from the embed cache)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from kdflow.cache_loader import CacheStream, ShardCaches, collate
 from kdflow.models import pad_id_of
 from kdflow.train.distributed import Dist
 from kdflow.train.job import RunInputs, TrainingError, TrainJob
+
+if TYPE_CHECKING:
+    from kdflow.runs import RunSpec
 
 
 class Batches:
@@ -71,9 +75,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def training_batches(job: TrainJob, inputs: RunInputs, ctx: Dist, tokenizer) -> Batches:
+def training_batches(job: TrainJob, spec: RunSpec, inputs: RunInputs, ctx: Dist, tokenizer) -> Batches:
     """This rank's batches over the training shards' caches that the run's terms read."""
-    spec = job.spec
     shards = [
         ShardCaches(
             s["topk"],
@@ -85,14 +88,12 @@ def training_batches(job: TrainJob, inputs: RunInputs, ctx: Dist, tokenizer) -> 
     stream = CacheStream(
         shards,
         expected=job.expected,
-        seed=int(spec["seed"]),
-        shuffle_buffer=spec["shuffle_buffer"],
+        seed=spec.seed,
+        shuffle_buffer=spec.shuffle_buffer,
         rank=ctx.rank,
         world_size=ctx.world,
-        asked_by=f"run {spec['name']}",
+        asked_by=f"run {spec.name}",
         with_text=inputs.own_vocab,
     )
-    pad = pad_id_of(tokenizer)
-    return Batches(
-        stream, spec["batch_size"], pad, tokenizer if inputs.own_vocab else None, job.expected.get("max_length")
-    )
+    own = tokenizer if inputs.own_vocab else None
+    return Batches(stream, spec.batch_size, pad_id_of(tokenizer), own, job.expected.get("max_length"))

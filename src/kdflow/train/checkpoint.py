@@ -10,6 +10,7 @@ import logging
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from kdflow.atomic import atomic_path, write_json
+from kdflow.train.distributed import Dist, barrier, gather
 from kdflow.train.job import TrainingError
 
 log = logging.getLogger("kdflow.train")
@@ -110,3 +112,53 @@ def move_aside(work: Path, latest: Path) -> None:
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+
+
+@dataclass
+class Resumable:
+    """What a checkpoint restores besides the RNG states: the trainable weights of ``model``, the optimiser, the
+    scheduler, and the data position of ``batches`` (kdflow.train.batches.Batches)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: Any
+
+
+def save(work: Path, ctx: Dist, parts: Resumable, info: dict[str, Any], keep: int) -> Path:
+    """A checkpoint at ``info["step"]``, collectively: every rank's data position and RNG states are gathered
+    before rank 0 writes; ``info`` (JSON) gets the data positions."""
+    data = gather(parts.batches.state_dict(), ctx)
+    rng = gather(rng_state(ctx.device), ctx)
+    target = checkpoint_dir(work, info["step"])
+    if ctx.main:
+        state = {
+            "trainable": trainable_state(parts.model),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "rng": rng,
+        }
+        write_checkpoint(target, state, {**info, "data": data}, keep)
+    barrier(ctx)
+    return target
+
+
+def resume(work: Path, ctx: Dist, key: str, parts: Resumable) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint loaded into ``parts``, the RNGs and this rank's data position, with its
+    ``checkpoint.json``; None if there is none, or none made with this resume ``key`` (moved aside)."""
+    found = latest_checkpoint(work)
+    if found is None:
+        return None
+    latest, info = found
+    if info.get("resume_key") != key:
+        if ctx.main:
+            move_aside(work, latest)
+        barrier(ctx)
+        return None
+    state = read_state(latest)
+    load_trainable(parts.model, state["trainable"], latest)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][ctx.rank], ctx.device)
+    parts.batches.load_state_dict(info["data"][ctx.rank])
+    return latest, info

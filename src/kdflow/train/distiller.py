@@ -7,29 +7,34 @@ initialised to the identity when the widths are equal. The losses compute in fp3
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from kdflow.losses import CELoss, FeatureKDLoss, RelationKDLoss, TopKKDLoss, combine
 from kdflow.train.job import TrainingError
 
+if TYPE_CHECKING:
+    from kdflow.runs import RunSpec
+
 
 class Distiller(nn.Module):
     """The LoRA student with its loss modules: ``forward(batch) -> {term: scalar}`` (fp32 values)."""
 
-    def __init__(self, student: nn.Module, spec: dict, teacher_hidden_size: int | None):
+    def __init__(self, student: nn.Module, spec: RunSpec, teacher_hidden_size: int | None):
         super().__init__()
         self.student = student
-        self.terms = dict(spec["terms"])
+        self.terms = dict(spec.terms)
         self.ce = CELoss()
-        self.rb = TopKKDLoss(spec["temperature"], spec["divergence"], spec["missing_mass"], spec["jsd_beta"])
-        self.relb = RelationKDLoss(spec["relb"]["distance_weight"], spec["relb"]["angle_weight"])
-        self.layer_map = [(int(p["student"]), int(p["teacher"])) for p in spec["fb"]["layer_map"]]
+        self.rb = TopKKDLoss(spec.temperature, spec.divergence, spec.missing_mass, spec.jsd_beta)
+        self.relb = RelationKDLoss(spec.relb.distance_weight, spec.relb.angle_weight)
+        self.layer_map = [(p.student, p.teacher) for p in spec.fb.layer_map]
         self.fb = nn.ModuleDict()
         if "fb" in self.terms:
             width = student.config.hidden_size
             for s, t in self.layer_map:
-                loss = FeatureKDLoss(width, int(teacher_hidden_size), spec["fb"]["loss"])
+                loss = FeatureKDLoss(width, int(teacher_hidden_size), spec.fb.loss)
                 if width == int(teacher_hidden_size):
                     # Same width (a pruned or same-family student): start from the identity, so that the loss
                     # first measures the real gap and the student, not only the projector, has to close it.
@@ -74,7 +79,16 @@ class Distiller(nn.Module):
         return combine({n: terms[n] for n in self.terms}, self.terms)
 
 
-def build_student(info: dict, spec: dict, device: torch.device):
+def not_finite(terms: dict[str, torch.Tensor], batch: dict) -> str:
+    """Which terms are NaN/inf, and on which documents of the batch (for the error that stops the run)."""
+    bad = {n: float(v.detach()) for n, v in terms.items() if not bool(torch.isfinite(v.detach()))}
+    if not bad:
+        return "a term is not finite on another rank"
+    docs = list(zip(batch["shard"], batch["doc_index"].tolist(), strict=True))
+    return f"term {', '.join(f'{n} = {v}' for n, v in bad.items())} on documents (shard, doc_index) {docs}"
+
+
+def build_student(info: dict, spec: RunSpec, device: torch.device):
     """The prepared student with LoRA adapters (peft); the base weights frozen."""
     from peft import LoraConfig, get_peft_model
 
@@ -82,28 +96,28 @@ def build_student(info: dict, spec: dict, device: torch.device):
 
     model = load_model(info, "cpu", "float32")
     n_layers = model.config.num_hidden_layers
-    for j, pair in enumerate(spec["fb"]["layer_map"] if "fb" in spec["terms"] else []):
-        if not 0 <= pair["student"] <= n_layers:
+    for j, pair in enumerate(spec.fb.layer_map if "fb" in spec.terms else ()):
+        if not 0 <= pair.student <= n_layers:
             raise TrainingError(
-                f"run {spec['name']}: fb.layer_map[{j}].student = {pair['student']}, but student "
+                f"run {spec.name}: fb.layer_map[{j}].student = {pair.student}, but student "
                 f"{info['name']!r} has hidden states 0..{n_layers} ({n_layers} layers)"
             )
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [m for m in spec["lora"]["target_modules"] if m not in names]
+    missing = [m for m in spec.lora.target_modules if m not in names]
     if missing:
         raise TrainingError(
-            f"run {spec['name']}: lora.target_modules {missing} match no module of student "
+            f"run {spec.name}: lora.target_modules {missing} match no module of student "
             f"{info['name']!r}; its linear layers are e.g. "
             f"{sorted(n for n in names if n.endswith('_proj'))[:8]}"
         )
-    if spec["gradient_checkpointing"]:
+    if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(
-        r=spec["lora"]["r"],
-        lora_alpha=spec["lora"]["alpha"],
-        lora_dropout=spec["lora"]["dropout"],
-        target_modules=list(spec["lora"]["target_modules"]),
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules),  # a list, which peft keeps as a set (a tuple it keeps)
         bias="none",
         task_type="CAUSAL_LM",
     )

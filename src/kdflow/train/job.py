@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdflow.atomic import write_json
+
+if TYPE_CHECKING:
+    from kdflow.runs import RunSpec
 
 
 class TrainingError(RuntimeError):
@@ -18,7 +21,7 @@ class TrainingError(RuntimeError):
 class TrainJob:
     """Everything one run needs; JSON-serialisable so that a launcher's processes can read it."""
 
-    spec: dict[str, Any]  # one value of kdflow.runs.expand_runs (settings + name, terms, seed)
+    spec: dict[str, Any]  # the run's RunSpec.to_json() (kdflow.runs); the trainer reads it with RunSpec.from_json
     student_manifest: str  # the student's kdflow_model.json
     shards: list[dict[str, str | None]]  # [{"topk": …, "embed": … | None, "hidden": … | None}] training shards
     expected: dict[str, Any]  # cache metadata the files must carry (k, max_length, layers …)
@@ -59,35 +62,35 @@ class RunInputs:
     teacher_hidden: int | None  # the teacher's width (fb), from the hidden cache
 
 
-def read_inputs(job: TrainJob) -> RunInputs:
+def read_inputs(job: TrainJob, spec: RunSpec) -> RunInputs:
     """The student's manifest and the caches' metadata, checked against the run's terms: a student of another
     vocabulary is refused for rb/fb, a cache a term needs must exist for every shard."""
     from kdflow.cache_format import check_student_vocab, read_meta
     from kdflow.models import read_manifest
     from kdflow.runs import caches_read
 
-    spec = job.spec
     student_info = read_manifest(job.student_manifest)
     metas = [read_meta(s["topk"]) for s in job.shards]
     if not job.shards:
-        raise TrainingError(f"run {spec['name']}: no training shards given")
-    for term in spec["terms"]:
+        raise TrainingError(f"run {spec.name}: no training shards given")
+    for term in spec.terms:
         for s, meta in zip(job.shards, metas, strict=True):
             check_student_vocab(meta, student_info, term, s["topk"])
     own_vocab = student_info.get("tokenizer_fingerprint") != metas[0].get("tokenizer_fingerprint")
-    need = caches_read(spec["terms"], own_vocab)
+    need = caches_read(spec.terms, own_vocab)
     for kind, wanted in need.items():
         if wanted and any(not s.get(kind) for s in job.shards):
             raise TrainingError(
-                f"run {spec['name']}: the {kind} cache of every shard is needed for terms "
-                f"{sorted(spec['terms'])}, but some shard has none"
+                f"run {spec.name}: the {kind} cache of every shard is needed for terms "
+                f"{sorted(spec.terms)}, but some shard has none"
             )
     teacher_hidden = int(read_meta(job.shards[0]["hidden"])["hidden_size"]) if need["hidden"] else None
     return RunInputs(student_info, metas, own_vocab, need, teacher_hidden)
 
 
 def resume_key(job: TrainJob, inputs: RunInputs, world: int) -> str:
-    """What a checkpoint must have been made by to be resumed: the run, its inputs, the world size."""
+    """What a checkpoint must have been made by to be resumed: the run (its spec as the job carries it), its
+    inputs, the world size."""
     from kdflow.config import config_hash
 
     caches = [(m.get("shard"), m.get("shard_sha256"), m.get("settings_hash")) for m in inputs.metas]

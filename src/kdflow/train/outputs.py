@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -21,7 +21,10 @@ from torch import nn
 from kdflow.atomic import atomic_path, write_json
 from kdflow.config import config_hash
 from kdflow.provenance import provenance
-from kdflow.train.job import TrainJob
+from kdflow.train.job import RunInputs, TrainJob
+
+if TYPE_CHECKING:
+    from kdflow.runs import RunSpec
 
 log = logging.getLogger("kdflow.train")
 
@@ -46,8 +49,28 @@ def trim_metrics(path: Path, step: int) -> None:
         tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
 
 
+class MetricsLog:
+    """``work/metrics.jsonl``, written by rank 0 only (``enabled``): trimmed back to ``step`` (a resumed run
+    rewrites what came after), then one key-sorted JSON line per optimiser step, flushed at once."""
+
+    def __init__(self, work: Path, step: int, enabled: bool):
+        self.file = None
+        if enabled:
+            trim_metrics(metrics_file(work), step)
+            self.file = open(metrics_file(work), "a", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row, sort_keys=True) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def run_summary(
-    spec: dict,
+    spec: RunSpec,
     metrics: Path,
     *,
     steps: int,
@@ -61,29 +84,30 @@ def run_summary(
     rows = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
     last = rows[-min(len(rows), 5) :]
     return {
-        "run": spec["name"],
-        "student": spec["student"],
-        "mode": spec["mode"],
-        "seed": spec["seed"],
-        "terms": spec["terms"],
+        "run": spec.name,
+        "student": spec.student,
+        "mode": spec.mode,
+        "seed": spec.seed,
+        "terms": spec.terms,
         "steps": steps,
         "tokens": tokens,
         "train_seconds": elapsed,
         "tokens_per_s": tokens / elapsed if elapsed else None,
         "world_size": world,
         "resumed_from_steps": resumes,
-        "final": {k: float(np.mean([r[k] for r in last])) for k in ("loss", *spec["terms"])} if last else {},
+        "final": {k: float(np.mean([r[k] for r in last])) for k in ("loss", *spec.terms)} if last else {},
         "student_heldout_ppl_init": (student_info.get("heldout") or {}).get("ppl"),
     }
 
 
-def run_provenance(job: TrainJob, resume_key: str, student_info: dict, metas: list[dict]) -> dict[str, Any]:
-    spec = job.spec
+def run_provenance(
+    job: TrainJob, spec: RunSpec, resume_key: str, student_info: dict, metas: list[dict]
+) -> dict[str, Any]:
     return {
         **provenance(),
-        "run": spec["name"],
-        "seed": spec["seed"],
-        "run_hash": config_hash(spec),
+        "run": spec.name,
+        "seed": spec.seed,
+        "run_hash": config_hash(job.spec),
         "resume_key": resume_key,
         "student": {
             k: student_info.get(k)
@@ -99,9 +123,9 @@ def run_provenance(job: TrainJob, resume_key: str, student_info: dict, metas: li
     }
 
 
-def heldout_perplexity(model: nn.Module, tokenizer, job: TrainJob) -> dict | None:
+def heldout_perplexity(model: nn.Module, tokenizer, job: TrainJob, spec: RunSpec) -> dict | None:
     """The trained student's perplexity on the first ``heldout_docs`` held-out documents (None: none asked)."""
-    n = job.spec["heldout_docs"]
+    n = spec.heldout_docs
     if not job.heldout or n == 0:
         return None
     from kdflow.perplexity import perplexity
@@ -116,7 +140,7 @@ def heldout_perplexity(model: nn.Module, tokenizer, job: TrainJob) -> dict | Non
         texts,
         max_length=job.expected.get("max_length", 256),
         batch_size=8,
-        desc=f"held-out ppl {job.spec['name']}",
+        desc=f"held-out ppl {spec.name}",
     )
     return {**result, "heldout_file": job.heldout}
 
@@ -151,3 +175,47 @@ def write_run_dir(
         write_json(tmp / "provenance.json", provenance_info)
         shutil.copyfile(metrics, tmp / "metrics.jsonl")
         write_json(tmp / "summary.json", summary)
+
+
+def write_outputs(
+    job: TrainJob,
+    spec: RunSpec,
+    inputs: RunInputs,
+    model: nn.Module,
+    tokenizer,
+    projectors: nn.ModuleDict,
+    *,
+    steps: int,
+    tokens: int,
+    elapsed: float,
+    world: int,
+    resumes: list[int],
+    resume_key: str,
+) -> dict[str, Any]:
+    """The finished run's directory (rank 0): summary with the held-out perplexity, provenance, adapter; the
+    summary it wrote."""
+    metrics = metrics_file(Path(job.work))
+    summary = run_summary(
+        spec,
+        metrics,
+        steps=steps,
+        tokens=tokens,
+        elapsed=elapsed,
+        world=world,
+        resumes=resumes,
+        student_info=inputs.student_info,
+    )
+    summary["heldout"] = heldout_perplexity(model, tokenizer, job, spec)
+    prov = run_provenance(job, spec, resume_key, inputs.student_info, inputs.metas)
+    write_run_dir(job, model, projectors, metrics, summary, prov)
+    log.info(
+        "run %s done: %d steps, %d tokens in %.0f s; held-out ppl %s (student init %s) -> %s",
+        spec.name,
+        steps,
+        tokens,
+        elapsed,
+        (summary["heldout"] or {}).get("ppl"),
+        summary["student_heldout_ppl_init"],
+        job.output,
+    )
+    return summary

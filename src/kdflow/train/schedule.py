@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kdflow.runs import Schedule
 
 
-def lr_lambda(spec: dict, total_steps: int) -> Callable[[int], float]:
+def lr_lambda(schedule: Schedule, total_steps: int) -> Callable[[int], float]:
     """``factor(step)`` after ``step`` optimiser steps: linear warm-up from 1/(warmup+1), then cosine or linear decay
     to ``min_lr_ratio`` at ``total_steps``, or constant."""
-    sched = spec["schedule"]
-    warm, kind, floor = sched["warmup_steps"], sched["kind"], sched["min_lr_ratio"]
+    warm, kind, floor = schedule.warmup_steps, schedule.kind, schedule.min_lr_ratio
 
     def factor(step: int) -> float:  # step = optimiser steps already taken
         if step < warm:

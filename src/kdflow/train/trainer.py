@@ -1,14 +1,13 @@
 """The training loop of one run: :class:`Trainer` (``setup`` / ``train_step`` / ``run`` / ``finish``).
 
-Reads top to bottom: the inputs checked before anything is loaded, the set-up (seed, student, optimiser,
-data, schedule), resume, one optimiser step (micro-batches, loss, clipping), the loop (metrics, signals,
-checkpoints), the output.
+Reads top to bottom: the run spec read and the inputs checked before anything is loaded, the set-up (seed,
+student, optimiser, data, schedule), checkpoint and resume, one optimiser step (micro-batches, loss, clipping),
+the loop (metrics, signals, checkpoints), the output.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -22,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdflow.runs import RunSpec
 from kdflow.train import checkpoint as ckpt
 from kdflow.train import outputs
 from kdflow.train.batches import to_device, training_batches
-from kdflow.train.distiller import Distiller, build_student
-from kdflow.train.distributed import all_reduce, barrier, gather, setup_distributed, teardown
+from kdflow.train.distiller import Distiller, build_student, not_finite
+from kdflow.train.distributed import all_reduce, barrier, setup_distributed, teardown
 from kdflow.train.job import TrainingError, TrainJob, read_inputs, resume_key
 from kdflow.train.schedule import lr_lambda
 from kdflow.train.signals import Interrupted, StopSignals
@@ -37,13 +37,14 @@ log = logging.getLogger("kdflow.train")
 class Trainer:
     def __init__(self, job: TrainJob):
         self.job = job
-        self.spec = job.spec
+        self.spec = RunSpec.from_json(job.spec)  # the one place the job's spec dict is read
         self.work, self.output = Path(job.work), Path(job.output)
-        self.ctx = setup_distributed(self.spec["device"])
+        self.ctx = setup_distributed(self.spec.device)
         if job.threads:
             torch.set_num_threads(int(job.threads))
         self.signals = StopSignals()
-        self.inputs = read_inputs(job)  # before anything is loaded: a wrong student or a missing cache fails fast
+        # before anything is loaded: a wrong student or a missing cache fails fast
+        self.inputs = read_inputs(job, self.spec)
 
     def resume_key(self) -> str:
         return resume_key(self.job, self.inputs, self.ctx.world)
@@ -53,10 +54,9 @@ class Trainer:
         from kdflow.models import load_tokenizer
 
         spec, ctx = self.spec, self.ctx
-        seed = int(spec["seed"])
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        random.seed(spec.seed)
+        np.random.seed(spec.seed)
+        torch.manual_seed(spec.seed)
         self.model = build_student(self.inputs.student_info, spec, ctx.device)
         self.distiller = Distiller(self.model, spec, self.inputs.teacher_hidden).to(ctx.device)
         self.params = [p for p in self.distiller.parameters() if p.requires_grad]
@@ -65,63 +65,30 @@ class Trainer:
             self.engine = nn.parallel.DistributedDataParallel(
                 self.distiller, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
             )
-        opt = spec["optimizer"]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"]
-        )
+        opt = spec.optimizer
+        self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
         self.tokenizer = load_tokenizer(self.inputs.student_info)
-        self.batches = training_batches(self.job, self.inputs, ctx, self.tokenizer)
-        per_step = spec["batch_size"] * spec["grad_accum"] * ctx.world
-        if spec["steps"] is not None:
-            self.total_steps = int(spec["steps"])
-        else:
-            self.total_steps = max(1, math.ceil(spec["epochs"] * self.batches.stream.num_documents / per_step))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, self.total_steps))
+        self.batches = training_batches(self.job, spec, self.inputs, ctx, self.tokenizer)
+        if spec.steps is not None:
+            self.total_steps = spec.steps
+        else:  # RunSpec guarantees epochs when steps is None
+            per_step = spec.batch_size * spec.grad_accum * ctx.world
+            self.total_steps = max(1, math.ceil(spec.epochs * self.batches.stream.num_documents / per_step))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec.schedule, self.total_steps))
+        self.resumable = ckpt.Resumable(self.distiller, self.optimizer, self.scheduler, self.batches)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.resumes: list[int] = []  # the steps this run was resumed from (a preempted run may be resumed often)
 
     def save_checkpoint(self) -> Path:
-        ctx = self.ctx
-        data = gather(self.batches.state_dict(), ctx)  # every rank's, collectively: before rank 0 writes
-        rng = gather(ckpt.rng_state(ctx.device), ctx)
-        target = ckpt.checkpoint_dir(self.work, self.step)
-        if ctx.main:
-            state = {
-                "trainable": ckpt.trainable_state(self.distiller),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": rng,
-            }
-            info = {
-                "step": self.step,
-                "tokens": self.tokens,
-                "elapsed_s": self.elapsed,
-                "data": data,
-                "resume_key": self.resume_key(),
-                "run": self.spec["name"],
-                "world_size": ctx.world,
-                "resumes": self.resumes,
-            }
-            ckpt.write_checkpoint(target, state, info, self.spec["keep_checkpoints"])
-        barrier(ctx)
-        return target
+        info = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "resumes": self.resumes}
+        info.update(resume_key=self.resume_key(), run=self.spec.name, world_size=self.ctx.world)
+        return ckpt.save(self.work, self.ctx, self.resumable, info, self.spec.keep_checkpoints)
 
     def try_resume(self) -> bool:
-        found = ckpt.latest_checkpoint(self.work)
+        found = ckpt.resume(self.work, self.ctx, self.resume_key(), self.resumable)
         if found is None:
             return False
         latest, info = found
-        if info.get("resume_key") != self.resume_key():
-            if self.ctx.main:
-                ckpt.move_aside(self.work, latest)
-            barrier(self.ctx)
-            return False
-        state = ckpt.read_state(latest)
-        ckpt.load_trainable(self.distiller, state["trainable"], latest)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"][self.ctx.rank], self.ctx.device)
-        self.batches.load_state_dict(info["data"][self.ctx.rank])
         self.step, self.tokens, self.elapsed = int(info["step"]), int(info["tokens"]), float(info["elapsed_s"])
         self.resumes = [*info.get("resumes", []), self.step]
         log.info("resumed from %s (step %d of %d)", latest, self.step, self.total_steps)
@@ -133,17 +100,17 @@ class Trainer:
         return int(all_reduce(flag, self.ctx, "max").item())
 
     def _autocast(self):
-        if self.ctx.device.type == "cuda" and self.spec["dtype"] == "bfloat16":
+        if self.ctx.device.type == "cuda" and self.spec.dtype == "bfloat16":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step over ``grad_accum`` micro-batches; the row of metrics it logs (without step times)."""
         spec, ctx = self.spec, self.ctx
-        names = list(spec["terms"])
+        names = list(spec.terms)
         sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # terms…, tokens, docs
         parts: dict[str, float] = {}
-        accum = spec["grad_accum"]
+        accum = spec.grad_accum
         for micro in range(accum):
             batch = to_device(self.batches.next(), ctx.device)
             sync = micro == accum - 1 or not ctx.active  # DDP reduces gradients on the last micro-batch only
@@ -153,7 +120,11 @@ class Trainer:
                 # every rank stops at the same step, or the others would hang in the next collective
                 ok = torch.tensor([1.0 if bool(torch.isfinite(values).all()) else 0.0], device=ctx.device)
                 if int(all_reduce(ok, ctx, "min").item()) == 0:
-                    self._diverged(terms, batch)
+                    raise FloatingPointError(
+                        f"run {spec.name}: step {self.step + 1} (rank {ctx.rank}): {not_finite(terms, batch)}; "
+                        f"training diverged or the cache holds NaN/inf; lower optimizer.lr or check the cache files "
+                        f"of those shards"
+                    )
                 loss = self.distiller.loss(terms) / accum
             loss.backward()
             sums[: len(names)] += values.double().cpu()
@@ -161,11 +132,11 @@ class Trainer:
             sums[-1] += len(batch["doc_index"])
             for key, value in self.distiller.last_parts.items():
                 parts[key] = parts.get(key, 0.0) + value / accum
-        max_norm = spec["optimizer"]["max_grad_norm"]
+        max_norm = spec.optimizer.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm is not None else float("inf"))
         if not bool(torch.isfinite(grad_norm)):
             raise TrainingError(
-                f"run {spec['name']}: step {self.step + 1}: gradient norm is {float(grad_norm)}; "
+                f"run {spec.name}: step {self.step + 1}: gradient norm is {float(grad_norm)}; "
                 f"lower optimizer.lr or set optimizer.max_grad_norm"
             )
         lr = self.scheduler.get_last_lr()[0]
@@ -179,20 +150,6 @@ class Trainer:
         out.update(lr=lr, grad_norm=float(grad_norm), tokens=int(totals[-2]), docs=int(totals[-1]))
         return out
 
-    def _diverged(self, terms: dict, batch: dict) -> None:
-        bad = {n: float(v.detach()) for n, v in terms.items() if not bool(torch.isfinite(v.detach()))}
-        docs = list(zip(batch["shard"], batch["doc_index"].tolist(), strict=True))
-        where = (
-            f"term {', '.join(f'{n} = {v}' for n, v in bad.items())} on documents (shard, doc_index) {docs}"
-            if bad
-            else "a term is not finite on another rank"
-        )
-        raise FloatingPointError(
-            f"run {self.spec['name']}: step {self.step + 1} (rank {self.ctx.rank}): {where}; "
-            f"training diverged or the cache holds NaN/inf; lower optimizer.lr or check the "
-            f"cache files of those shards"
-        )
-
     def run(self) -> dict[str, Any]:
         """Set up, resume if a checkpoint of this run exists, train to ``total_steps``, write the output."""
         from tqdm.auto import tqdm
@@ -201,26 +158,24 @@ class Trainer:
         self.setup()
         self.work.mkdir(parents=True, exist_ok=True)
         resumed = self.try_resume()
-        metrics_path = outputs.metrics_file(self.work)
+        metrics = outputs.MetricsLog(self.work, self.step, enabled=ctx.main)
         if ctx.main:
-            outputs.trim_metrics(metrics_path, self.step)
             log.info(
                 "run %s: terms %s, %d steps of %d x %d docs x %d ranks, student %s, device %s%s",
-                spec["name"],
-                spec["terms"],
+                spec.name,
+                spec.terms,
                 self.total_steps,
-                spec["batch_size"],
-                spec["grad_accum"],
+                spec.batch_size,
+                spec.grad_accum,
                 ctx.world,
                 self.inputs.student_info["name"],
                 ctx.device,
                 ", resumed" if resumed else "",
             )
-        metrics = open(metrics_path, "a", encoding="utf-8") if ctx.main else None
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
-            desc=spec["name"],
+            desc=spec.name,
             unit="step",
             disable=not ctx.main,
             dynamic_ncols=True,
@@ -235,21 +190,13 @@ class Trainer:
                     self.step += 1
                     self.tokens += row["tokens"]
                     self.elapsed += dt
-                    row = {
-                        "step": self.step,
-                        "epoch": self.batches.stream.epoch,
-                        **row,
-                        "step_s": dt,
-                        "tokens_per_s": row["tokens"] / dt if dt > 0 else None,
-                        "elapsed_s": self.elapsed,
-                    }
-                    if metrics is not None:
-                        metrics.write(json.dumps(row, sort_keys=True) + "\n")
-                        metrics.flush()
+                    row.update(step=self.step, epoch=self.batches.stream.epoch, step_s=dt, elapsed_s=self.elapsed)
+                    row["tokens_per_s"] = row["tokens"] / dt if dt > 0 else None
+                    metrics.write(row)
                     bar.update(1)
-                    bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", *spec["terms"])}, refresh=False)
+                    bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", *spec.terms)}, refresh=False)
                     signum = self._pending_signal()
-                    if signum or self.step % spec["checkpoint_every"] == 0 and self.step < self.total_steps:
+                    if signum or self.step % spec.checkpoint_every == 0 and self.step < self.total_steps:
                         self.save_checkpoint()
                     if signum == signal.SIGTERM:
                         log.warning("stopping after the checkpoint of step %d (SIGTERM); rerun to resume", self.step)
@@ -258,45 +205,30 @@ class Trainer:
                         self.signals.received = None
         finally:
             bar.close()
-            if metrics is not None:
-                metrics.close()
+            metrics.close()
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
         """Rank 0 writes the run directory (held-out perplexity included) and drops the checkpoints."""
         summary: dict[str, Any] = {}
         if self.ctx.main:
-            summary = self._write_output()
+            self.distiller.eval()
+            summary = outputs.write_outputs(
+                self.job,
+                self.spec,
+                self.inputs,
+                self.model,
+                self.tokenizer,
+                self.distiller.fb,
+                steps=self.step,
+                tokens=self.tokens,
+                elapsed=self.elapsed,
+                world=self.ctx.world,
+                resumes=self.resumes,
+                resume_key=self.resume_key(),
+            )
             shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
         barrier(self.ctx)
-        return summary
-
-    def _write_output(self) -> dict[str, Any]:
-        spec, metrics = self.spec, outputs.metrics_file(self.work)
-        self.distiller.eval()
-        summary = outputs.run_summary(
-            spec,
-            metrics,
-            steps=self.step,
-            tokens=self.tokens,
-            elapsed=self.elapsed,
-            world=self.ctx.world,
-            resumes=self.resumes,
-            student_info=self.inputs.student_info,
-        )
-        summary["heldout"] = outputs.heldout_perplexity(self.model, self.tokenizer, self.job)
-        prov = outputs.run_provenance(self.job, self.resume_key(), self.inputs.student_info, self.inputs.metas)
-        outputs.write_run_dir(self.job, self.model, self.distiller.fb, metrics, summary, prov)
-        log.info(
-            "run %s done: %d steps, %d tokens in %.0f s; held-out ppl %s (student init %s) -> %s",
-            spec["name"],
-            self.step,
-            self.tokens,
-            self.elapsed,
-            (summary["heldout"] or {}).get("ppl"),
-            summary["student_heldout_ppl_init"],
-            self.output,
-        )
         return summary
 
 
