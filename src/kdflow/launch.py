@@ -2,7 +2,7 @@
 
 :func:`launch_training` is what the train rule calls: with one GPU or none (or inside a launcher, ``WORLD_SIZE``
 set) it trains in this process; otherwise it writes the job file and runs :func:`launch_command`.
-:func:`train_main` is the entry point every launched process runs (``python -m kdflow.train JOB.json``).
+Every launched process runs ``python -m kdflow.train JOB.json`` (:mod:`kdflow.train.__main__`).
 
 One node: the train rule runs ``torchrun --standalone --nproc_per_node=G -m kdflow.train JOB.json`` itself.
 Several nodes: the rule runs ``srun --nodes=N --ntasks=N --ntasks-per-node=1 python -m kdflow.launch JOB.json G``,
@@ -130,25 +130,6 @@ def launch_training(job: TrainJob, gpus_per_node: int = 0, nodes: int = 1) -> di
     summary = run_training(job)
     print(json.dumps(summary, sort_keys=True, default=str))
     return summary
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    """``python -m kdflow.train JOB.json``: one process of a run (rank ``RANK`` of a launcher, or alone)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m kdflow.train JOB.json   (a TrainJob written by the train rule)", file=sys.stderr)
-        return 2
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(
-        level=logging.INFO if rank == "0" else logging.WARNING,
-        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
-    )
-    from kdflow.train import TrainJob, run_training
-
-    summary = run_training(TrainJob.load(argv[0]))
-    if rank == "0":
-        print(json.dumps(summary, sort_keys=True, default=str))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
