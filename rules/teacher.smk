@@ -10,7 +10,7 @@ rule topk_cache:
         embed=f"{CACHE}/embed/{{shard}}.parquet",
     params:
         settings=PLAN.cache_settings("topk"),
-        partial=PLAN.partial_dir(TOPK_NAME) + "/{shard}",
+        partial=PLAN.partial_dir(TOPK_NAME, "{shard}"),
     threads: JOB_THREADS
     log:
         "results/logs/topk_cache/{shard}.log",
@@ -30,7 +30,7 @@ rule hidden_cache:
         hidden=f"{CACHE}/{HIDDEN_NAME}/{{shard}}.parquet",
     params:
         settings=PLAN.cache_settings("hidden"),
-        partial=PLAN.partial_dir(HIDDEN_NAME) + "/{shard}",
+        partial=PLAN.partial_dir(HIDDEN_NAME, "{shard}"),
     threads: JOB_THREADS
     log:
         "results/logs/hidden_cache/{shard}.log",

@@ -136,3 +136,7 @@ def test_a_target_outside_the_study_is_refused_naming_what_exists(plan, call, me
 def test_the_plan_validates_its_config_first():
     with pytest.raises(ConfigError, match="unknown key teacher_cache.kk"):
         default_plan(teacher_cache={**DEFAULT["teacher_cache"], "kk": 1})
+
+
+def test_a_cache_jobs_finished_parts_live_outside_its_outputs(plan):
+    assert plan.partial_dir("topk_k16", "{shard}") == "results/cache/.partial/smollm2-135m-instruct/topk_k16/{shard}"

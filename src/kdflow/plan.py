@@ -116,10 +116,10 @@ class StudyPlan:
     def cache_path(self, cache: str) -> str:
         return f"{self.cache_dir}/{cache}"
 
-    def partial_dir(self, cache: str) -> str:
-        """Finished parts of unfinished cache jobs: outside the declared outputs, which Snakemake deletes on
-        failure."""
-        return f"{CACHE_ROOT}/.partial/{self.teacher}/{cache}"
+    def partial_dir(self, cache: str, shard: str) -> str:
+        """Finished parts of one unfinished cache job (``shard`` may be the rule's ``{shard}`` wildcard):
+        outside the declared outputs, which Snakemake deletes on failure."""
+        return f"{CACHE_ROOT}/.partial/{self.teacher}/{cache}/{shard}"
 
     @property
     def cache_names(self) -> tuple[str, str, str]:
