@@ -22,21 +22,27 @@ from tiny_models import tiny_teacher_dir, write_code_docs  # noqa: F401 (fixture
 REPO = Path(__file__).resolve().parents[1]
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
+def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
+    """This checkout's workflow run in ``workdir`` with its config.yaml, on 2 cores."""
+    snakefile, config = str(REPO / "Snakefile"), str(workdir / "config.yaml")
+    cores = ["--cores", "2"]
+    return [
         sys.executable,
         "-m",
         "snakemake",
         "-s",
-        str(REPO / "Snakefile"),
+        snakefile,
         "-d",
         str(workdir),
         "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
+        config,
+        *cores,
         *args,
     ]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = snakemake_cmd(workdir, *args)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
@@ -328,21 +334,7 @@ def test_killed_training_resumes_from_its_checkpoint_on_rerun(study):
     workdir, _, _, _ = study
     run = "tiny-student.rb.s0.long"
     ckpts = workdir / "results/checkpoints" / run / "checkpoints"
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-        "--force",
-        f"results/train/{run}",
-    ]
+    cmd = snakemake_cmd(workdir, "--force", f"results/train/{run}")
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.DEVNULL,
