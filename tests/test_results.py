@@ -20,10 +20,15 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from conftest import stub_config
 from kdflow.atomic import write_json
+from kdflow.config import validate_config
 from kdflow.eval_record import EvalRecord, Metric
 from kdflow.results import TABLES, ResultsError, build_results, main, metric_class
 from kdflow.results.stats import cell_stats
+from kdflow.runs import RunSpec, expand_runs
+from kdflow.train.job import TrainJob
+from kdflow.train.outputs import write_run_record
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER, STUDENT = "teach", "stu"
@@ -86,16 +91,27 @@ def write_eval(root: Path, model: str, evaluation: str, metrics: list[Metric]) -
     return path
 
 
-def write_run(root: Path, name: str, steps: int = 3) -> Path:
+def run_spec(name: str) -> RunSpec:
+    """A full run spec as the plan makes it (kdflow.runs), renamed to ``name``; modes ce and rb."""
     ident = identity(name)
-    terms = {"ce": 1.0} if ident["mode"] == "ce" else {"ce": 0.5, ident["mode"]: 0.5}
+    config = stub_config([{"name": "stdlib", "kind": "python_stdlib"}])
+    config["students"][0]["name"] = ident["student"]
+    config["teacher_cache"] = {"hidden_layers": [1]}
+    config["training"] = {
+        "defaults": {"fb": {"layer_map": [{"student": 1, "teacher": 1}]}},
+        "experiments": [{"modes": [ident["mode"]], "seeds": [ident["seed"]], "tag": ident["tag"]}],
+    }
+    (spec,) = expand_runs(validate_config(config))[0].values()
+    assert spec.name == name
+    return spec
+
+
+def write_run(root: Path, name: str, steps: int = 3) -> Path:
+    """A run directory as the train rule writes it (kdflow.train.outputs.write_run_record), without weights."""
+    spec = run_spec(name)
+    terms = dict(spec.terms)
     d = root / "train" / name
     d.mkdir(parents=True)
-    (d / "run_config.json").write_text(
-        json.dumps(
-            {"spec": {"name": name, **{k: ident[k] for k in ("student", "mode", "seed", "tag")}, "terms": terms}}
-        )
-    )
     lines = []
     for i in range(1, steps + 1):
         row = {
@@ -112,12 +128,12 @@ def write_run(root: Path, name: str, steps: int = 3) -> Path:
         }
         row["loss"] = sum(row[t] * w for t, w in terms.items())
         lines.append(json.dumps(row, sort_keys=True))
-    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (d / "summary.json").write_text(
-        json.dumps(
-            {"run": name, "steps": steps, "tokens": 100 * steps, "train_seconds": 2.0 * steps, "final": {"loss": 2.5}}
-        )
-    )
+    metrics = root / "work" / name / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("\n".join(lines) + "\n")
+    job = TrainJob(spec=spec.to_json(), student_manifest="m.json", shards=[], expected={}, output=str(d), work="w")
+    summary = {"run": name, "steps": steps, "tokens": 100 * steps, "train_seconds": 2.0 * steps, "final": {"loss": 2.5}}
+    write_run_record(d, job, metrics, summary, {})
     return d
 
 

@@ -162,19 +162,27 @@ def write_run_dir(
             save_file(
                 {k: v.contiguous() for k, v in projectors.state_dict().items()}, str(tmp / "projector.safetensors")
             )
-        write_json(
-            tmp / "run_config.json",
-            {
-                "spec": job.spec,
-                "expected": job.expected,
-                "student_manifest": job.student_manifest,
-                "shards": job.shards,
-                "heldout": job.heldout,
-            },
-        )
-        write_json(tmp / "provenance.json", provenance_info)
-        shutil.copyfile(metrics, tmp / "metrics.jsonl")
-        write_json(tmp / "summary.json", summary)
+        write_run_record(tmp, job, metrics, summary, provenance_info)
+
+
+def write_run_record(
+    directory: Path, job: TrainJob, metrics: Path, summary: dict[str, Any], provenance_info: dict[str, Any]
+) -> None:
+    """The records of a run directory beside its weights, what kdflow.results reads: ``run_config.json`` (the
+    spec and the inputs), ``provenance.json``, ``metrics.jsonl`` (a copy of ``metrics``) and ``summary.json``."""
+    write_json(
+        directory / "run_config.json",
+        {
+            "spec": job.spec,
+            "expected": job.expected,
+            "student_manifest": job.student_manifest,
+            "shards": job.shards,
+            "heldout": job.heldout,
+        },
+    )
+    write_json(directory / "provenance.json", provenance_info)
+    shutil.copyfile(metrics, directory / "metrics.jsonl")
+    write_json(directory / "summary.json", summary)
 
 
 def write_outputs(
