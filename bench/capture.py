@@ -256,7 +256,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
 
     for stale in (out / "cache", out / "naive", out / "timing"):  # a reused --out-dir: no resumed parts
         shutil.rmtree(stale, ignore_errors=True)
-    cache_dir = out / "cache" / info["name"]
+    cache_dir = out / "cache" / info.name
 
     # ------------------------------------------------------------------ timing: bare / capture / naive
     plan = tp.topk_pass(
@@ -400,7 +400,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         "torch_threads": torch.get_num_threads(),
         "dtype": settings["dtype"],
         "shard": str(shard),
-        "teacher": info["name"],
+        "teacher": info.name,
         "quick": bool(args.quick),
         "timing_s": round(timing_s, 1),
         "file_bytes": {

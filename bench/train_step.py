@@ -379,7 +379,7 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
     ce = trainers["ce"]
     spec = ce.spec
     print(
-        f"{ME}: student {ce.inputs.student_info['name']}, {len(study.shards)} shards, batch {spec.batch_size} x "
+        f"{ME}: student {ce.inputs.student.name}, {len(study.shards)} shards, batch {spec.batch_size} x "
         f"accum {spec.grad_accum}, device {ce.ctx.device}, {torch.get_num_threads()} torch threads; "
         f"{args.warmup} warm-up + {args.steps} timed steps per mode per round, {args.rounds} rounds",
         file=sys.stderr,
@@ -424,7 +424,7 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
             "warmup": args.warmup,
             "rounds": args.rounds,
             "timed_steps_per_mode": args.steps * args.rounds,
-            "student": ce.inputs.student_info["name"],
+            "student": ce.inputs.student.name,
             "device": str(ce.ctx.device),
             "dtype": spec.dtype,
             "torch_threads": torch.get_num_threads(),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,11 +13,12 @@ import pytest
 from kdflow.cache_format import (
     KIND_META_KEYS,
     CacheError,
+    CacheMeta,
+    CacheMetaError,
     CacheMismatch,
     CacheReader,
     PartWriter,
     assemble,
-    cache_meta,
     check_compatible,
     check_student_vocab,
     embed_schema,
@@ -25,19 +29,28 @@ from kdflow.cache_format import (
     read_meta,
     topk_schema,
 )
+from kdflow.manifest import ModelManifest, StudentOrigin
 
 K = 4
-META = {
-    "cache": "topk",
-    "k": K,
-    "layers": [2, 4],
-    "tokenizer_fingerprint": "abc123",
-    "shard": "shard_003",
-    "teacher": "teacher",
-    "teacher_revision": None,
-    "ratio": 0.5,
-    "nested": {"a": [1, "x"]},
-}
+COMMON = dict(
+    format_version=1,
+    kdflow_version="0.1.0",
+    git_commit="abc",
+    teacher="teacher",
+    teacher_source_hash="src0",
+    teacher_revision=None,
+    teacher_layers=4,
+    tokenizer_fingerprint="abc123",
+    vocab_size=1000,
+    max_length=16,
+    dtype="float32",
+    value_dtype="float16",
+    shard="shard_003",
+    shard_sha256="sha",
+    settings_hash="s",
+    resume_key="r",
+)
+META = CacheMeta(**COMMON, cache="topk", k=K)
 
 
 def _f16(rng: np.random.Generator, shape) -> np.ndarray:
@@ -99,7 +112,7 @@ def topk_file(tmp_path_factory):
     for part, (doc_index, lengths) in enumerate([([7, 2, 9], [5, 0, 11]), ([4, 0], [3, 8])]):
         columns, docs = _topk_part(rng, doc_index, lengths)
         path = tmp / f"topk_part{part:05d}.parquet"
-        size = writer.write(path, columns, {**META, "part": part})
+        size = writer.write(path, columns, replace(META, resume_key=f"part{part}"))
         assert size == path.stat().st_size > 0
         parts.append(path)
         originals += docs
@@ -188,7 +201,7 @@ def test_topk_write_assemble_read_is_bit_exact(topk_file):
 
 def test_assembled_file_keeps_metadata_schema_and_one_row_group_per_part(topk_file):
     out, _ = topk_file
-    assert read_meta(out) == META  # JSON values round-trip (None, floats, nested lists/dicts)
+    assert read_meta(out) == META  # the assembled file carries the given metadata, not its parts' (resume keys)
     assert CacheReader.open(out, "topk").meta == META
     pf = pq.ParquetFile(out)
     assert pf.num_row_groups == 2
@@ -224,7 +237,7 @@ def test_embed_and_hidden_round_trip(tmp_path):
             "text": ["xy", "", "hello"],
             "embedding": fixed(emb),
         },
-        {"cache": "embed"},
+        CacheMeta(**COMMON, cache="embed", hidden_size=6),
     )
     docs = list(CacheReader.open(path, "embed").iter_docs())
     assert [d["text"] for d in docs] == ["xy", "", "hello"]
@@ -242,7 +255,9 @@ def test_embed_and_hidden_round_trip(tmp_path):
         **{f"hidden_l{layer}": ragged(hid[layer], lengths) for layer in layers},
     }
     path = tmp_path / "hidden.parquet"
-    PartWriter(hidden_schema(6, layers)).write(path, cols, {"cache": "hidden", "layers": layers})
+    meta = CacheMeta(**COMMON, cache="hidden", layers=tuple(layers), hidden_size=6, token_ratio=1, token_seed=0)
+    PartWriter(hidden_schema(6, layers)).write(path, cols, meta)
+    assert read_meta(path) == meta and read_meta(path).to_json()["layers"] == layers
     docs = list(CacheReader.open(path, "hidden", expected={"layers": layers}).iter_docs())
     starts = [0, 2, 2]
     for d, s, n in zip(docs, starts, lengths, strict=False):
@@ -269,7 +284,7 @@ def test_open_refuses_other_settings_naming_file_key_and_both_values(topk_file, 
         CacheReader.open(out, "topk", expected={key: want}, asked_by="student s1")
     text = str(err.value)
     assert str(out) in text and key in text
-    assert repr(META[key]) in text and repr(want) in text
+    assert repr(META.to_json().get(key)) in text and repr(want) in text
     assert "student s1" in text
 
 
@@ -282,14 +297,42 @@ def test_open_refuses_another_cache_kind(topk_file):
 
 
 def test_check_compatible_accepts_matching_and_reports_missing_key(tmp_path):
-    check_compatible(tmp_path / "x.parquet", META, {"k": K, "layers": [2, 4], "cache": "topk"}, "me")
-    with pytest.raises(CacheMismatch, match=r"max_length=None.*max_length=256"):
-        check_compatible(tmp_path / "x.parquet", META, {"max_length": 256}, "me")
+    check_compatible(tmp_path / "x.parquet", META, {"k": K, "teacher_revision": None, "cache": "topk"}, "me")
+    with pytest.raises(CacheMismatch, match=r"layers=None.*layers=\[2, 4\]"):
+        check_compatible(tmp_path / "x.parquet", META, {"layers": [2, 4]}, "me")  # a key of another kind
+    with pytest.raises(ValueError, match=r"me: \['kk'\] is not a cache metadata key"):
+        check_compatible(tmp_path / "x.parquet", META, {"kk": 1}, "me")
     assert issubclass(CacheMismatch, ValueError)
 
 
-STUDENT_OTHER = {"name": "qwenish", "tokenizer_fingerprint": "zzz"}
-STUDENT_SAME = {"name": "pruned", "tokenizer_fingerprint": META["tokenizer_fingerprint"]}
+def _student(name: str, fingerprint: str) -> ModelManifest:
+    shares = fingerprint == META.tokenizer_fingerprint
+    return ModelManifest(
+        name=name,
+        role="student",
+        source={"kind": "hf", "path": f"/models/{name}"},
+        student_of=StudentOrigin(
+            teacher="teacher",
+            teacher_manifest="models/teacher/kdflow_model.json",
+            teacher_heldout=None,
+            shares_teacher_vocab=shares,
+            vocab_mismatch=None if shares else "the tokenizers differ",
+        ),
+        origin="local_dir",
+        load_path=f"/models/{name}",
+        revision=None,
+        source_hash="h",
+        source_hash_of="config.json + file names, sizes and mtimes",
+        tokenizer_fingerprint=fingerprint,
+        tokenizer_size=1000,
+        heldout=None,
+        config_hash="c",
+        provenance={},
+    )
+
+
+STUDENT_OTHER = _student("qwenish", "zzz")
+STUDENT_SAME = _student("pruned", META.tokenizer_fingerprint)
 
 
 @pytest.mark.parametrize("mode", ["rb", "fb"])
@@ -343,11 +386,36 @@ def test_a_shard_file_is_not_a_cache(tmp_path):
         read_meta(shard)
 
 
-def test_cache_meta_takes_exactly_the_keys_of_its_kind():
-    base = {key: None for key in KIND_META_KEYS["embed"] - {"hidden_size"}}
-    meta = cache_meta(base, "embed", hidden_size=8)
-    assert meta["cache"] == "embed" and meta["hidden_size"] == 8 and list(meta)[-2:] == ["cache", "hidden_size"]
-    with pytest.raises(ValueError, match=r"KIND_META_KEYS\['topk'\]"):
-        cache_meta(base, "topk", hidden_size=8)  # a top-k file carries k, not hidden_size
-    with pytest.raises(ValueError, match="embed cache metadata"):
-        cache_meta({**base, "extra": 1}, "embed", hidden_size=8)
+def test_cache_meta_takes_exactly_the_fields_of_its_kind():
+    from kdflow.cache_format import KIND_KEYS, META_FIELDS
+
+    assert set(META_FIELDS[META_FIELDS.index("cache") + 1 :]) == {k for keys in KIND_KEYS.values() for k in keys}
+    meta = CacheMeta(**COMMON, cache="embed", hidden_size=8)
+    assert (
+        list(meta.to_json())[-2:] == ["cache", "hidden_size"]
+        and set(meta.to_json()) - {"cache"} == KIND_META_KEYS["embed"]
+    )
+    with pytest.raises(CacheMetaError, match=r"a topk cache needs \['k'\]; a topk cache has no \['hidden_size'\]"):
+        CacheMeta(**COMMON, cache="topk", hidden_size=8)  # a top-k file carries k, not hidden_size
+    with pytest.raises(CacheMetaError, match="k = '4' is not int"):
+        CacheMeta(**COMMON, cache="topk", k="4")
+    with pytest.raises(CacheMetaError, match="format_version 2: this kdflow reads format 1 only"):
+        CacheMeta(**dict(COMMON, format_version=2), cache="topk", k=4)
+    with pytest.raises(CacheMetaError, match="cache = 'logits' is none of"):
+        CacheMeta(**COMMON, cache="logits")
+
+
+def test_metadata_with_missing_or_unknown_keys_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "odd.parquet"
+    written = {**META.to_json(), "extra": 1}
+    del written["shard_sha256"]
+    table = pa.table({"a": [1]}).replace_schema_metadata(
+        {f"kdflow.{k}".encode(): json.dumps(v).encode() for k, v in written.items()}
+    )
+    pq.write_table(table, path)
+    with pytest.raises(CacheError) as err:
+        read_meta(path)
+    text = str(err.value)
+    assert str(path) in text and "unknown keys ['extra']" in text and "missing keys ['shard_sha256']" in text
+    assert "snakemake --force" in text
+    assert CacheMeta.from_json(META.to_json()) == META

@@ -8,23 +8,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdflow.cache_format import CacheError, CacheMismatch, encode_meta
+from kdflow.cache_format import CacheError, CacheMeta, CacheMismatch, encode_meta
 from kdflow.cache_index import index_files, write_index
 
-META = {
-    "cache": "topk",
-    "teacher": "t",
-    "teacher_source_hash": "abc",
-    "tokenizer_fingerprint": "fp1",
-    "k": 4,
-    "max_length": 32,
-    "vocab_size": 100,
-}
+META = dict(
+    format_version=1,
+    kdflow_version="0.1.0",
+    git_commit="abc",
+    teacher="t",
+    teacher_source_hash="abc",
+    teacher_revision=None,
+    teacher_layers=4,
+    tokenizer_fingerprint="fp1",
+    vocab_size=100,
+    max_length=32,
+    dtype="float32",
+    value_dtype="float16",
+    settings_hash="s",
+    resume_key="r",
+    cache="topk",
+    k=4,
+)
 
 
 def cache_file(path, rows: int, **meta):
     table = pa.table({"doc_id": pa.array(range(rows), pa.int64())})
-    table = table.replace_schema_metadata(encode_meta({**META, "shard": path.stem, "shard_sha256": path.stem, **meta}))
+    meta = CacheMeta(**{**META, "shard": path.stem, "shard_sha256": path.stem, **meta})
+    table = table.replace_schema_metadata(encode_meta(meta))
     pq.write_table(table, path)
     return path
 

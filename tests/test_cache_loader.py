@@ -22,6 +22,7 @@ import torch
 from kdflow.cache_format import (
     COMMON_META_KEYS,
     KIND_META_KEYS,
+    CacheMeta,
     CacheMismatch,
     PartWriter,
     assemble,
@@ -77,7 +78,7 @@ def make_docs(rng: np.random.Generator, n_docs: int, ratio: float = 1.0, k: int 
 
 
 def base_meta(shard: str, **over) -> dict:
-    """The keys CacheJob.base_meta / with_resume_key set (test_the_loaders_key_sets_are_the_keys_written)."""
+    """The common fields CacheJob.base_meta sets (test_the_loaders_key_sets_are_the_keys_written)."""
     meta = {
         "format_version": 1,
         "kdflow_version": "0.1.0",
@@ -142,9 +143,9 @@ def write_cache(
     extra = {
         "topk": {"k": k},
         "embed": {"hidden_size": D},
-        "hidden": {"layers": LAYERS, "hidden_size": D, "token_ratio": 1.0, "token_seed": 0},
+        "hidden": {"layers": tuple(LAYERS), "hidden_size": D, "token_ratio": 1.0, "token_seed": 0},
     }[kind]
-    meta = {**base_meta(shard, **meta_over), "cache": kind, **extra}
+    meta = CacheMeta(**base_meta(shard, **meta_over), cache=kind, **extra)
     if order is None:
         order = np.argsort([len(d["input_ids"]) for d in docs], kind="stable")
     parts = []
@@ -585,9 +586,9 @@ def test_the_loaders_key_sets_are_the_keys_written(captured, caches):
     files, _ = captured
     shards, _, _ = caches
     for kind in ("topk", "embed", "hidden"):
-        written = read_meta(getattr(files, kind))
+        written = read_meta(getattr(files, kind)).to_json()
         assert written["cache"] == kind
         assert set(written) - {"cache"} == KIND_META_KEYS[kind], kind
-        assert set(read_meta(getattr(shards[0], kind))) == set(written), kind
+        assert set(read_meta(getattr(shards[0], kind)).to_json()) == set(written), kind
     # what the stream compares between the files of one shard is in every kind's files
     assert set(SAME_SHARD_KEYS + SAME_TEACHER_KEYS) <= COMMON_META_KEYS

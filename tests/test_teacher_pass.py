@@ -13,6 +13,7 @@ import torch
 
 from kdflow import cache_format, teacher_pass
 from kdflow.cache_format import CacheReader, PartWriter
+from kdflow.manifest import Weights
 from kdflow.models import load_model, load_tokenizer, read_manifest
 from kdflow.prepare import prepare_teacher
 from kdflow.teacher_pass import CacheJob, capture_hidden, capture_topk
@@ -66,7 +67,7 @@ def make_teacher(out: Path, model, tokenizer, note: str | None = None) -> Path:
 @pytest.fixture(scope="module")
 def teacher_manifest(tmp_path_factory, tiny_teacher_dir):
     """The tiny teacher with a sharpened LM head: peaked distributions (top-k mass well between 0 and 1)."""
-    ref = {"load_path": str(tiny_teacher_dir), "origin": "local_dir"}
+    ref = Weights(str(tiny_teacher_dir))
     model = load_model(ref)
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)
@@ -316,8 +317,8 @@ def test_every_document_once_and_one_row_group_per_part(topk_run, shard):
         assert ids == {i: f"doc-{i:02d}" for i in range(n_docs)}
         assert pq.ParquetFile(path).num_row_groups == math.ceil(n_docs / SETTINGS["rows_per_part"]) == 3
     meta = CacheReader.open(job.outputs["topk"], "topk", expected={"k": 4, "max_length": 24}).meta
-    assert meta["shard"] == "shard_000" and meta["teacher"] == "teacher" and meta["teacher_layers"] == 4
-    assert CacheReader.open(job.outputs["embed"], "embed", expected={"hidden_size": 32}).meta["vocab_size"] > 0
+    assert meta.shard == "shard_000" and meta.teacher == "teacher" and meta.teacher_layers == 4
+    assert CacheReader.open(job.outputs["embed"], "embed", expected={"hidden_size": 32}).meta.vocab_size > 0
     assert not job.partial_dir.exists()
 
 
@@ -520,11 +521,11 @@ def test_partial_part_from_other_teacher_weights_is_recomputed(
 ):
     """The teacher's weights change (same name, e.g. another teacher.source.path), after a killed job."""
     clean_job, _, _, _ = topk_run
-    ref = {"load_path": str(tiny_teacher_dir), "origin": "local_dir"}
+    ref = Weights(str(tiny_teacher_dir))
     other_manifest = make_teacher(
         tmp_path / "other_teacher", load_model(ref), load_tokenizer(ref), note="the unsharpened tiny teacher"
     )
-    assert read_manifest(other_manifest)["source_hash"] != read_manifest(teacher_manifest)["source_hash"]
+    assert read_manifest(other_manifest).source_hash != read_manifest(teacher_manifest).source_hash
     _kill_after_first_part(topk_job(tmp_path / "out", shard, other_manifest), monkeypatch)
     job = topk_job(tmp_path / "out", shard, teacher_manifest)
     summary = capture_topk(job)

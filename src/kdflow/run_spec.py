@@ -9,10 +9,11 @@ back with :meth:`RunSpec.from_json`. Defaults live in the schema only (``$defs.r
 from __future__ import annotations
 
 import copy
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
+
+from kdflow.json_types import dataclass_problems
 
 RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 KD_TERMS = ("ce", "rb", "fb", "relb")
@@ -75,48 +76,6 @@ def _write(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_write(v) for v in value]
     return copy.deepcopy(value)
-
-
-def _type_problems(value: Any, hint: Any, where: str) -> list[str]:
-    """Where ``value`` is not of the type ``hint`` (an int is a float, as JSON and YAML write 32 for 32.0; a bool
-    is no number), recursively through sections, tuples and dicts."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if any(not _type_problems(value, a, where) for a in args):
-            return []
-        return [f"{where} = {value!r} is not {' or '.join(_type_name(a) for a in args)}"]
-    if origin is tuple:
-        if not isinstance(value, tuple):
-            return [f"{where} = {value!r} is not a list"]
-        if args[-1] is not Ellipsis and len(args) != len(value):
-            return [f"{where} = {list(value)!r} does not have {len(args)} items"]
-        items = args[:1] * len(value) if args[-1] is Ellipsis else args
-        pairs = enumerate(zip(value, items, strict=True))
-        return [p for i, (v, a) in pairs for p in _type_problems(v, a, f"{where}[{i}]")]
-    if origin is dict:
-        if not isinstance(value, dict):
-            return [f"{where} = {value!r} is not a mapping"]
-        return [p for k, v in value.items() for p in _type_problems(v, args[1], f"{where}.{k}")]
-    if isinstance(hint, type) and issubclass(hint, _Section):
-        if not isinstance(value, hint):
-            return [f"{where} = {value!r} is not a {hint.__name__}"]
-        inner = typing.get_type_hints(hint)
-        return [
-            p
-            for f in fields(value)
-            if f.name != "key_order"
-            for p in _type_problems(getattr(value, f.name), inner[f.name], f"{where}.{f.name}")
-        ]
-    ok = {
-        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        type(None): lambda v: v is None,
-    }.get(hint, lambda v: isinstance(v, hint))
-    return [] if ok(value) else [f"{where} = {value!r} is not {_type_name(hint)}"]
-
-
-def _type_name(hint: Any) -> str:
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,13 +176,7 @@ class RunSpec(_Section):
         return cls(**values, key_order=tuple(record))
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        problems = [
-            p
-            for f in fields(self)
-            if f.name != "key_order"
-            for p in _type_problems(getattr(self, f.name), hints[f.name], f.name)
-        ]
+        problems = dataclass_problems(self)
         if not problems:  # the cross-checks read the values: only once their types are right
             problems = self._conflicts()
         if problems:

@@ -25,8 +25,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kdflow.cache_format import LOGPROB_FLOOR, cache_meta, embed_schema, fixed, hidden_schema, ragged, topk_schema
+from kdflow.cache_format import LOGPROB_FLOOR, CacheMeta, embed_schema, fixed, hidden_schema, ragged, topk_schema
 from kdflow.cache_job import CacheJob, Tokenised, pad_batch, run_cache_job, tokenise_shard
+from kdflow.manifest import ModelManifest
 from kdflow.models import input_device, load_model, load_tokenizer, pad_id_of, read_manifest
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class TeacherSetup(NamedTuple):
     """What a cache job runs on: the teacher (manifest, tokenizer, model), the shard as it sees it, and the
     pad id of its batches."""
 
-    info: dict
+    info: ModelManifest
     tokenizer: Any
     model: torch.nn.Module
     tok: Tokenised
@@ -101,7 +102,7 @@ class TopkPass:
     """The top-k job before it runs: its files' metadata and schemas, and ``make_part(index)``, which runs
     the teacher on those documents (shard rows, in length order) and returns both files' part columns."""
 
-    metas: dict[str, dict]
+    metas: dict[str, CacheMeta]
     schemas: dict[str, Any]
     make_part: Callable[[np.ndarray], dict[str, dict]]
     clamped: dict[str, int]  # values clamped to fp16's range so far, per column
@@ -128,8 +129,10 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
     info, tokenizer, model, tok, pad_id = setup
     base = job.base_meta(info, tokenizer, model.config.num_hidden_layers, ["k"])
     hidden_size = model.config.hidden_size
-    base = job.with_resume_key(base)
-    metas = {"topk": cache_meta(base, "topk", k=k), "embed": cache_meta(base, "embed", hidden_size=hidden_size)}
+    metas = {
+        "topk": CacheMeta(**base, cache="topk", k=k),
+        "embed": CacheMeta(**base, cache="embed", hidden_size=hidden_size),
+    }
     schemas = {"topk": topk_schema(k), "embed": embed_schema(hidden_size)}
     device = input_device(model)
     clamped = {"rest_logprob": 0, "embedding": 0}
@@ -223,13 +226,11 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
     if bad:
         raise ValueError(f"teacher_cache.hidden_layers: {bad} out of range; the teacher has hidden states 0..{n}")
     hidden_size = model.config.hidden_size
-    base = job.with_resume_key(
-        job.base_meta(info, tokenizer, n, ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"])
-    )
-    meta = cache_meta(
-        base,
-        "hidden",
-        layers=layers,
+    base = job.base_meta(info, tokenizer, n, ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"])
+    meta = CacheMeta(
+        **base,
+        cache="hidden",
+        layers=tuple(layers),
         hidden_size=hidden_size,
         token_ratio=s["hidden_token_ratio"],
         token_seed=s["hidden_token_seed"],

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from kdflow.cache_batch import collate
-from kdflow.cache_format import CacheReader
+from kdflow.cache_format import CacheMeta, CacheReader
 from kdflow.evaluate.loading import EvalError
 from kdflow.losses import TopKKDLoss, ce_targets
+from kdflow.manifest import ModelManifest
 from kdflow.models import input_device, pad_id_of, tokenizer_fingerprint
 
 log = logging.getLogger("kdflow.evaluate")
@@ -29,7 +30,7 @@ def heldout_docs(topk_file: str | Path, max_docs: int | None = None) -> Iterator
     """The held-out cache's documents whose shard row is below ``max_docs`` (all when None), in file order
     (length-sorted), as :class:`kdflow.cache_loader.CacheStream` items (``collate`` batches them)."""
     reader = CacheReader.open(topk_file, "topk", asked_by="the eval rule")
-    name = str(reader.meta.get("shard"))
+    name = reader.meta.shard
     columns = ["doc_index", "input_ids", "topk_ids", "topk_logprobs", "rest_logprob"]
     for doc in reader.iter_docs(columns):
         if max_docs is None or doc["doc_index"] < max_docs:
@@ -51,7 +52,7 @@ def _batches(docs: Iterator[dict], size: int) -> Iterator[list[dict]]:
 def heldout_metrics(
     model,
     tokenizer,
-    info: dict,
+    info: ModelManifest,
     topk_file: str | Path,
     max_docs: int | None = None,
     batch_size: int = 8,
@@ -71,14 +72,14 @@ def heldout_metrics(
     meta = reader.meta
     fingerprint = tokenizer_fingerprint(tokenizer)
     common = {
-        "k": meta.get("k"),
-        "max_length": meta.get("max_length"),
-        "teacher": meta.get("teacher"),
-        "cache_tokenizer_fingerprint": meta.get("tokenizer_fingerprint"),
+        "k": meta.k,
+        "max_length": meta.max_length,
+        "teacher": meta.teacher,
+        "cache_tokenizer_fingerprint": meta.tokenizer_fingerprint,
         "model_tokenizer_fingerprint": fingerprint,
         "max_docs": max_docs,
     }
-    if fingerprint != meta.get("tokenizer_fingerprint"):
+    if fingerprint != meta.tokenizer_fingerprint:
         return _own_vocab_metrics(model, tokenizer, info, meta, heldout_shard, max_docs, batch_size, common)
 
     device = torch.device(device) if device is not None else input_device(model)
@@ -99,7 +100,7 @@ def heldout_metrics(
         rest = batch["rest_logprob"].reshape(-1).to(flat.device)
         if bool((topk_ids[rows] >= vocab).any()):
             raise EvalError(
-                f"{topk_file}: a cached teacher id is beyond {info.get('name')!r}'s {vocab} logits; "
+                f"{topk_file}: a cached teacher id is beyond {info.name!r}'s {vocab} logits; "
                 "the cache was not made with this model's tokenizer"
             )
         for chunk in rows.split(ROW_CHUNK):
@@ -137,20 +138,22 @@ def heldout_metrics(
     }
 
 
-def _own_vocab_metrics(model, tokenizer, info, meta, heldout_shard, max_docs, batch_size, common) -> dict:
+def _own_vocab_metrics(
+    model, tokenizer, info: ModelManifest, meta: CacheMeta, heldout_shard, max_docs, batch_size, common
+) -> dict:
     """Perplexity on the model's own tokenisation of the held-out texts; no teacher comparison."""
     from kdflow.perplexity import perplexity
     from kdflow.shards import read_texts
 
     reason = (
-        f"the tokenizer of {info.get('name')!r} (fingerprint {common['model_tokenizer_fingerprint']}) is not "
-        f"the teacher's (cache fingerprint {meta.get('tokenizer_fingerprint')}): its logits do not index the "
+        f"the tokenizer of {info.name!r} (fingerprint {common['model_tokenizer_fingerprint']}) is not "
+        f"the teacher's (cache fingerprint {meta.tokenizer_fingerprint}): its logits do not index the "
         "teacher's token ids, so top-1 agreement and KL to the teacher are undefined; ppl is per token of the "
         "model's own tokenizer"
     )
     if heldout_shard is None:
         raise EvalError(
-            f"{info.get('name')!r} does not share the teacher's tokenizer: its held-out perplexity needs "
+            f"{info.name!r} does not share the teacher's tokenizer: its held-out perplexity needs "
             "the held-out shard's texts (heldout_shard=…)"
         )
     texts = read_texts(heldout_shard, max_docs)
@@ -160,11 +163,11 @@ def _own_vocab_metrics(model, tokenizer, info, meta, heldout_shard, max_docs, ba
         model,
         tokenizer,
         texts,
-        max_length=int(meta.get("max_length") or 256),
+        max_length=meta.max_length,
         batch_size=batch_size,
-        desc=f"held-out ppl {info.get('name')}",
+        desc=f"held-out ppl {info.name}",
     )
-    log.warning("%s: %s", info.get("name"), reason)
+    log.warning("%s: %s", info.name, reason)
     return {
         "ppl": result["ppl"],
         "nll_per_token": result["nll_per_token"],

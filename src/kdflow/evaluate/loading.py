@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from kdflow.config import config_hash
+from kdflow.manifest import ModelManifest
 from kdflow.models import load_model, load_tokenizer, read_manifest
 from kdflow.provenance import file_sha256
 
@@ -20,13 +21,16 @@ class EvalError(RuntimeError):
 
 
 def load_eval_model(
-    manifest: str | Path | dict, adapter_dir: str | Path | None = None, device: str = "cpu", dtype: str = "float32"
+    manifest: str | Path | ModelManifest,
+    adapter_dir: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ):
-    """``(model, tokenizer, info)``: a prepared model (its manifest path or resolved manifest dict) in eval
+    """``(model, tokenizer, info)``: a prepared model (its manifest path or resolved manifest) in eval
     mode, with a trained run's PEFT adapter on top when ``adapter_dir`` is given (not merged).
 
     Refuses an adapter whose ``run_config.json`` names another student than the manifest."""
-    info = manifest if isinstance(manifest, dict) else read_manifest(manifest)
+    info = manifest if isinstance(manifest, ModelManifest) else read_manifest(manifest)
     tokenizer = load_tokenizer(info)
     model = load_model(info, device, dtype)
     if adapter_dir is not None:
@@ -38,10 +42,10 @@ def load_eval_model(
                 f"{adapter_dir}: no adapter_config.json; not a finished training run (rerun `snakemake {adapter_dir}`)"
             )
         trained_on = _run_config(adapter_dir).get("spec", {}).get("student")
-        if trained_on is not None and trained_on != info.get("name"):
+        if trained_on is not None and trained_on != info.name:
             raise EvalError(
                 f"{adapter_dir}: the adapter was trained on student {trained_on!r}, but the base "
-                f"model given is {info.get('name')!r}"
+                f"model given is {info.name!r}"
             )
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model.eval(), tokenizer, info
@@ -52,22 +56,19 @@ def _run_config(adapter_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def model_identity(info: dict, adapter_dir: str | Path | None = None) -> dict[str, Any]:
+def model_identity(info: ModelManifest, adapter_dir: str | Path | None = None) -> dict[str, Any]:
     """What identifies the evaluated weights: the manifest's name, source and hashes, and for a run its
     adapter directory, the hash of its run config and of its adapter weights."""
     ident: dict[str, Any] = {
-        k: info.get(k)
-        for k in (
-            "name",
-            "role",
-            "origin",
-            "load_path",
-            "revision",
-            "source_hash",
-            "source_hash_of",
-            "tokenizer_fingerprint",
-            "config_hash",
-        )
+        "name": info.name,
+        "role": info.role,
+        "origin": info.origin,
+        "load_path": info.load_path,
+        "revision": info.revision,
+        "source_hash": info.source_hash,
+        "source_hash_of": info.source_hash_of,
+        "tokenizer_fingerprint": info.tokenizer_fingerprint,
+        "config_hash": info.config_hash,
     }
     ident["adapter"] = None
     if adapter_dir is not None:

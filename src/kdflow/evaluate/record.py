@@ -146,7 +146,7 @@ def evaluate_model(
                 lm_details["heldout_task_docs"] = write_heldout_task_data(heldout_shard, data, s["heldout"]["max_docs"])
             raw = _sanitised(
                 run_lm_eval(
-                    info["load_path"],
+                    info.load_path,
                     adapter,
                     le["tasks"],
                     include,
@@ -155,7 +155,7 @@ def evaluate_model(
                     s["device"],
                     le["num_fewshot"],
                     dtype=s["dtype"],
-                    revision=info.get("revision"),
+                    revision=info.revision,
                     heldout_data=data,
                     work_dir=tmp,
                 )

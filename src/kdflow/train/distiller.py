@@ -16,6 +16,7 @@ from kdflow.losses import CELoss, FeatureKDLoss, RelationKDLoss, TopKKDLoss, com
 from kdflow.train.job import TrainingError
 
 if TYPE_CHECKING:
+    from kdflow.manifest import ModelManifest
     from kdflow.runs import RunSpec
 
 
@@ -88,7 +89,7 @@ def not_finite(terms: dict[str, torch.Tensor], batch: dict) -> str:
     return f"term {', '.join(f'{n} = {v}' for n, v in bad.items())} on documents (shard, doc_index) {docs}"
 
 
-def build_student(info: dict, spec: RunSpec, device: torch.device):
+def build_student(info: ModelManifest, spec: RunSpec, device: torch.device):
     """The prepared student with LoRA adapters (peft); the base weights frozen."""
     from peft import LoraConfig, get_peft_model
 
@@ -100,14 +101,14 @@ def build_student(info: dict, spec: RunSpec, device: torch.device):
         if not 0 <= pair.student <= n_layers:
             raise TrainingError(
                 f"run {spec.name}: fb.layer_map[{j}].student = {pair.student}, but student "
-                f"{info['name']!r} has hidden states 0..{n_layers} ({n_layers} layers)"
+                f"{info.name!r} has hidden states 0..{n_layers} ({n_layers} layers)"
             )
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [m for m in spec.lora.target_modules if m not in names]
     if missing:
         raise TrainingError(
             f"run {spec.name}: lora.target_modules {missing} match no module of student "
-            f"{info['name']!r}; its linear layers are e.g. "
+            f"{info.name!r}; its linear layers are e.g. "
             f"{sorted(n for n in names if n.endswith('_proj'))[:8]}"
         )
     if spec.gradient_checkpointing:
@@ -122,6 +123,6 @@ def build_student(info: dict, spec: RunSpec, device: torch.device):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    model.peft_config["default"].base_model_name_or_path = info["load_path"]
+    model.peft_config["default"].base_model_name_or_path = info.load_path
     model.train()
     return model.to(device)

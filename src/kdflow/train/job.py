@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from kdflow.atomic import write_json
 
 if TYPE_CHECKING:
+    from kdflow.cache_format import CacheMeta
+    from kdflow.manifest import ModelManifest
     from kdflow.runs import RunSpec
 
 
@@ -55,8 +57,8 @@ def training_shards(
 class RunInputs:
     """What the run's input files say, read and checked before anything is loaded."""
 
-    student_info: dict[str, Any]  # the student's manifest
-    metas: list[dict[str, Any]]  # each training shard's top-k cache metadata
+    student: ModelManifest  # the student's manifest
+    metas: list[CacheMeta]  # each training shard's top-k cache metadata
     own_vocab: bool  # the student's tokenizer is not the teacher's (relation KD only)
     need: dict[str, bool]  # {"embed": …, "hidden": …}: the caches the run reads
     teacher_hidden: int | None  # the teacher's width (fb), from the hidden cache
@@ -69,14 +71,14 @@ def read_inputs(job: TrainJob, spec: RunSpec) -> RunInputs:
     from kdflow.models import read_manifest
     from kdflow.runs import caches_read
 
-    student_info = read_manifest(job.student_manifest)
+    student = read_manifest(job.student_manifest)
     metas = [read_meta(s["topk"]) for s in job.shards]
     if not job.shards:
         raise TrainingError(f"run {spec.name}: no training shards given")
     for term in spec.terms:
         for s, meta in zip(job.shards, metas, strict=True):
-            check_student_vocab(meta, student_info, term, s["topk"])
-    own_vocab = student_info.get("tokenizer_fingerprint") != metas[0].get("tokenizer_fingerprint")
+            check_student_vocab(meta, student, term, s["topk"])
+    own_vocab = student.tokenizer_fingerprint != metas[0].tokenizer_fingerprint
     need = caches_read(spec.terms, own_vocab)
     for kind, wanted in need.items():
         if wanted and any(not s.get(kind) for s in job.shards):
@@ -84,8 +86,8 @@ def read_inputs(job: TrainJob, spec: RunSpec) -> RunInputs:
                 f"run {spec.name}: the {kind} cache of every shard is needed for terms "
                 f"{sorted(spec.terms)}, but some shard has none"
             )
-    teacher_hidden = int(read_meta(job.shards[0]["hidden"])["hidden_size"]) if need["hidden"] else None
-    return RunInputs(student_info, metas, own_vocab, need, teacher_hidden)
+    teacher_hidden = read_meta(job.shards[0]["hidden"]).hidden_size if need["hidden"] else None
+    return RunInputs(student, metas, own_vocab, need, teacher_hidden)
 
 
 def resume_key(job: TrainJob, inputs: RunInputs, world: int) -> str:
@@ -93,13 +95,13 @@ def resume_key(job: TrainJob, inputs: RunInputs, world: int) -> str:
     inputs, the world size."""
     from kdflow.config import config_hash
 
-    caches = [(m.get("shard"), m.get("shard_sha256"), m.get("settings_hash")) for m in inputs.metas]
+    caches = [(m.shard, m.shard_sha256, m.settings_hash) for m in inputs.metas]
     return config_hash(
         {
             "spec": job.spec,
             "expected": job.expected,
             "caches": caches,
-            "student": inputs.student_info.get("config_hash"),
+            "student": inputs.student.config_hash,
             "world": world,
             "own_vocab": inputs.own_vocab,
         }

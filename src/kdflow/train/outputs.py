@@ -24,6 +24,8 @@ from kdflow.provenance import provenance
 from kdflow.train.job import RunInputs, TrainJob
 
 if TYPE_CHECKING:
+    from kdflow.cache_format import CacheMeta
+    from kdflow.manifest import ModelManifest
     from kdflow.runs import RunSpec
 
 log = logging.getLogger("kdflow.train")
@@ -78,7 +80,7 @@ def run_summary(
     elapsed: float,
     world: int,
     resumes: list[int],
-    student_info: dict,
+    student: ModelManifest,
 ) -> dict[str, Any]:
     """``summary.json`` without its ``heldout`` entry: totals, throughput, the mean of the last 5 steps' terms."""
     rows = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -96,13 +98,14 @@ def run_summary(
         "world_size": world,
         "resumed_from_steps": resumes,
         "final": {k: float(np.mean([r[k] for r in last])) for k in ("loss", *spec.terms)} if last else {},
-        "student_heldout_ppl_init": (student_info.get("heldout") or {}).get("ppl"),
+        "student_heldout_ppl_init": student.heldout.ppl if student.heldout is not None else None,
     }
 
 
 def run_provenance(
-    job: TrainJob, spec: RunSpec, resume_key: str, student_info: dict, metas: list[dict]
+    job: TrainJob, spec: RunSpec, resume_key: str, student: ModelManifest, metas: list[CacheMeta]
 ) -> dict[str, Any]:
+    top = metas[0]
     return {
         **provenance(),
         "run": spec.name,
@@ -110,16 +113,23 @@ def run_provenance(
         "run_hash": config_hash(job.spec),
         "resume_key": resume_key,
         "student": {
-            k: student_info.get(k)
-            for k in ("name", "source", "source_hash", "revision", "tokenizer_fingerprint", "config_hash", "load_path")
+            "name": student.name,
+            "source": student.source,
+            "source_hash": student.source_hash,
+            "revision": student.revision,
+            "tokenizer_fingerprint": student.tokenizer_fingerprint,
+            "config_hash": student.config_hash,
+            "load_path": student.load_path,
         },
         "teacher_caches": {
-            k: metas[0].get(k)
-            for k in ("teacher", "teacher_source_hash", "teacher_revision", "tokenizer_fingerprint", "k", "max_length")
+            "teacher": top.teacher,
+            "teacher_source_hash": top.teacher_source_hash,
+            "teacher_revision": top.teacher_revision,
+            "tokenizer_fingerprint": top.tokenizer_fingerprint,
+            "k": top.k,
+            "max_length": top.max_length,
         },
-        "shards": [
-            {"topk": s["topk"], "shard_sha256": m.get("shard_sha256")} for s, m in zip(job.shards, metas, strict=True)
-        ],
+        "shards": [{"topk": s["topk"], "shard_sha256": m.shard_sha256} for s, m in zip(job.shards, metas, strict=True)],
     }
 
 
@@ -211,10 +221,10 @@ def write_outputs(
         elapsed=elapsed,
         world=world,
         resumes=resumes,
-        student_info=inputs.student_info,
+        student=inputs.student,
     )
     summary["heldout"] = heldout_perplexity(model, tokenizer, job, spec)
-    prov = run_provenance(job, spec, resume_key, inputs.student_info, inputs.metas)
+    prov = run_provenance(job, spec, resume_key, inputs.student, inputs.metas)
     write_run_dir(job, model, projectors, metrics, summary, prov)
     log.info(
         "run %s done: %d steps, %d tokens in %.0f s; held-out ppl %s (student init %s) -> %s",

@@ -57,7 +57,7 @@ class Trainer:
         random.seed(spec.seed)
         np.random.seed(spec.seed)
         torch.manual_seed(spec.seed)
-        self.model = build_student(self.inputs.student_info, spec, ctx.device)
+        self.model = build_student(self.inputs.student, spec, ctx.device)
         self.distiller = Distiller(self.model, spec, self.inputs.teacher_hidden).to(ctx.device)
         self.params = [p for p in self.distiller.parameters() if p.requires_grad]
         self.engine: nn.Module = self.distiller
@@ -67,7 +67,7 @@ class Trainer:
             )
         opt = spec.optimizer
         self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-        self.tokenizer = load_tokenizer(self.inputs.student_info)
+        self.tokenizer = load_tokenizer(self.inputs.student)
         self.batches = training_batches(self.job, spec, self.inputs, ctx, self.tokenizer)
         if spec.steps is not None:
             self.total_steps = spec.steps
@@ -168,7 +168,7 @@ class Trainer:
                 spec.batch_size,
                 spec.grad_accum,
                 ctx.world,
-                self.inputs.student_info["name"],
+                self.inputs.student.name,
                 ctx.device,
                 ", resumed" if resumed else "",
             )
