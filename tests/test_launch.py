@@ -100,10 +100,11 @@ def test_several_gpus_or_nodes_write_the_job_file_and_run_the_launch_line(tmp_pa
 
     job, ran = _job(tmp_path), []
 
-    def fake_run(cmd, check, env):  # what torchrun's rank 0 leaves: the run directory with its summary
+    def fake_run(cmd, env):  # what torchrun's rank 0 leaves: the run directory with its summary
         ran.append((cmd, env))
         Path(job.output).mkdir(parents=True)
         (Path(job.output) / "summary.json").write_text(json.dumps({"tokens": 7, "world_size": gpus * nodes}))
+        return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(launch.subprocess, "run", fake_run)
@@ -113,6 +114,19 @@ def test_several_gpus_or_nodes_write_the_job_file_and_run_the_launch_line(tmp_pa
     ((cmd, env),) = ran
     assert cmd == launch_command(job_file, gpus, nodes)
     assert env["PYTHONPATH"].split(os.pathsep)[0] == launch.SRC == str(Path(launch.__file__).parents[1])
+
+
+def test_a_failed_launch_ends_with_kdflows_message(tmp_path, monkeypatch):
+    import kdflow.launch as launch
+
+    job = _job(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, env: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(LaunchError) as err:
+        launch.launch_training(job, gpus_per_node=2)
+    message = str(err.value)
+    assert f"run {job.spec['name']!r}:" in message and "exited with status 1" in message
+    assert "each failed rank logged why above" in message and job.work in message
 
 
 @pytest.mark.parametrize("gpus,world", [(0, None), (1, None), (4, "4")])

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kdflow import models, prepare
+from kdflow import model_facts, models, prepare
 from kdflow.manifest import ModelManifest, Weights
 from kdflow.models import ModelError, load_model, load_tokenizer
 from kdflow.perplexity import perplexity
@@ -144,6 +144,25 @@ def test_missing_local_model_and_offline_hub_id(tmp_path, monkeypatch):
     with pytest.raises(ModelError) as err:
         models.resolve_hf("no-such-org/no-such-model", None, "teacher.source.path")
     assert "offline" in str(err.value) and "no-such-org/no-such-model" in str(err.value)
+
+
+def test_an_unreachable_hub_is_not_called_offline_mode(tmp_path, monkeypatch):
+    """Not offline, no network, not cached: the message says the hub could not be reached, not that a variable
+    is set that is not."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def no_network(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the disk cache and the hub is unreachable")
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(ModelError) as err:
+        models.resolve_hf("no-such-org/no-such-model", None, "teacher.source.path")
+    message = str(err.value)
+    assert "the hub could not be reached" in message and "offline mode is set" not in message
+    assert "hf download no-such-org/no-such-model" in message
 
 
 def test_manifest_with_missing_weights_says_how_to_rebuild(tmp_path, teacher_manifest):
@@ -304,7 +323,7 @@ def test_embedded_gguf_converts_to_identical_logits(tmp_path, monkeypatch):
     assert info.origin == "gguf" and info.conversion_max_abs_logit_diff == 0.0
     assert info.num_layers == 30 and info.tokenizer_size == 49152
     assert len(info.source_hash) == 64
-    assert len(loaded) == 1 and info.source_file == str(models.embedded_gguf_path())
+    assert len(loaded) == 1 and info.source_file == str(model_facts.embedded_gguf_path())
     gguf_model, _ = loaded[0]
     converted = load_model(manifest)
     ids = _ids(49152)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdflow import cache_format, teacher_pass
-from kdflow.cache_format import CacheReader, PartWriter
+from kdflow.cache_format import CacheError, CacheReader, PartWriter
 from kdflow.manifest import Weights
 from kdflow.models import load_model, load_tokenizer, read_manifest
 from kdflow.prepare import prepare_teacher
@@ -416,7 +416,7 @@ def test_hidden_pass_stops_after_deepest_layer(tmp_path, shard, teacher_manifest
 
 @pytest.mark.parametrize("layers", [[5], [1, 9]])
 def test_hidden_layers_out_of_range_refused(tmp_path, shard, teacher_manifest, layers):
-    with pytest.raises(ValueError, match=r"0\.\.4"):
+    with pytest.raises(CacheError, match=r"teacher_cache.hidden_layers: .* hidden states 0\.\.4"):
         capture_hidden(hidden_job(tmp_path, shard, teacher_manifest, hidden_layers=layers))
     assert not (tmp_path / "hidden.parquet").exists()
 

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdflow.errors import KdflowError
 from kdflow.json_types import dataclass_problems
 
 if TYPE_CHECKING:
@@ -40,15 +41,15 @@ KIND_KEYS = {
 }
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(KdflowError, ValueError):
     """A cache file asked for something it was not built with; names the file and both values."""
 
 
-class CacheError(RuntimeError):
+class CacheError(KdflowError, RuntimeError):
     """A cache file that is not a kdflow cache, or is damaged."""
 
 
-class CacheMetaError(ValueError):
+class CacheMetaError(KdflowError, ValueError):
     """Cache metadata that breaks the contract (:class:`CacheMeta`); the message lists every fault."""
 
 

@@ -9,26 +9,41 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kdflow.errors import KdflowError
 from kdflow.runs import expand_runs
 from kdflow.schema import DEFAULT_SCHEMA, describe, load_schema, validator_class
 
-__all__ = ["DEFAULT_SCHEMA", "ConfigError", "config_hash", "load_config", "load_schema", "validate_config"]
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "ConfigError",
+    "config_hash",
+    "key_locations",
+    "load_config",
+    "load_schema",
+    "read_yaml",
+    "validate_config",
+]
 
 
-class ConfigError(ValueError):
+class ConfigError(KdflowError, ValueError):
     """A config that does not match the schema or contradicts itself."""
 
 
-def validate_config(config: dict, schema: dict | None = None, source: str = "config") -> dict:
+def validate_config(
+    config: dict, schema: dict | None = None, source: str = "config", locations: dict[str, str] | None = None
+) -> dict:
     """Validate ``config`` in place (defaults filled) and return it.
 
     Raises ConfigError listing every violation with its key path, plus the cross-key checks the schema
-    cannot express (unique names, a pruned student's layers).
+    cannot express (unique names, a pruned student's layers). With ``locations`` (:func:`key_locations` of the
+    files the config came from), each problem starts with the file, line and column of its key.
     """
     schema = load_schema() if schema is None else schema
     validator = validator_class()(schema)
@@ -37,8 +52,118 @@ def validate_config(config: dict, schema: dict | None = None, source: str = "con
     if not problems:
         problems = _cross_checks(config, schema)
     if problems:
-        raise ConfigError(f"{source} is invalid:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
+        raise config_error(source, problems, locations)
     return config
+
+
+def config_error(source: str, problems: Iterable[str], locations: dict[str, str] | None = None) -> ConfigError:
+    """One ConfigError listing ``problems`` (each starting with its key path), located in the files if known."""
+    lines = [locate(p, locations or {}) for p in dict.fromkeys(problems)]
+    return ConfigError(f"{source} is invalid:\n  - " + "\n  - ".join(lines))
+
+
+# --------------------------------------------------------------------------- YAML files, with line and column
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                first = seen[key]
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given at line {first.line + 1}, column {first.column + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _mark(path: Path, mark: yaml.Mark | None) -> str:
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's top-level mapping. A file that is not YAML, is empty, repeats a key or is not a mapping
+    raises ConfigError naming the file, line and column (``config/x.yaml:12:5: …``) and what to do."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from e
+    try:
+        config = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = " ".join(filter(None, [e.context, e.problem]))
+        if what.startswith("duplicate key"):
+            raise ConfigError(
+                f"{_mark(path, mark)}: {what}; YAML would keep only the last one, silently, so kdflow refuses the "
+                f"file: remove or merge one of them"
+            ) from None
+        tab = "\t" in what or "'\\t'" in what  # PyYAML writes the character as '\t'
+        hint = " (YAML indents with spaces; a tab is not allowed there)" if tab else ""
+        raise ConfigError(f"{_mark(path, mark)}: not valid YAML: {what}{hint}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if config is None:
+        raise ConfigError(
+            f"{path}: the file is empty (or only comments); a study config is a mapping with teacher, students, "
+            f"data … (config/README.md; config/config.yaml is a complete example)"
+        )
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{path}:1:1: the top level must be a mapping of keys (teacher:, students:, data: …), "
+            f"not a {type(config).__name__}"
+        )
+    return config
+
+
+def key_locations(paths: Iterable[str | Path]) -> dict[str, str]:
+    """``{dotted key path: "file:line:column"}`` of every key and list item in the YAML files, the later file
+    winning (as Snakemake merges several --configfile files). Files that do not parse are left out."""
+    out: dict[str, str] = {}
+    for path in paths:
+        try:
+            node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        _walk(node, "", Path(path), out)
+    return out
+
+
+def _walk(node: yaml.Node, where: str, path: Path, out: dict[str, str]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value in node.value:
+            key = f"{where}.{key_node.value}" if where else str(key_node.value)
+            out[key] = _mark(path, key_node.start_mark)
+            _walk(value, key, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{where}[{i}]"
+            out[key] = _mark(path, item.start_mark)
+            _walk(item, key, path, out)
+
+
+_LEADING_KEY = re.compile(r"^(?:unknown key )?([A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*)")
+
+
+def locate(problem: str, locations: dict[str, str]) -> str:
+    """``problem`` prefixed with where its leading key path (or the nearest enclosing key given) is written."""
+    m = _LEADING_KEY.match(problem)
+    if not m or not locations:
+        return problem
+    key = m.group(1)
+    while key:
+        if key in locations:
+            return f"{locations[key]}: {problem}"
+        key = re.sub(r"(\.[\w-]+|\[\d+\])$", "", key) if re.search(r"(\.[\w-]+|\[\d+\])$", key) else ""
+    return problem
 
 
 def _cross_checks(config: dict, schema: dict) -> list[str]:
@@ -60,16 +185,9 @@ def _cross_checks(config: dict, schema: dict) -> list[str]:
 
 
 def load_config(path: str | Path, schema: dict | None = None) -> dict:
-    """Read a YAML config file and validate it (defaults filled)."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return validate_config(config, schema, source=str(path))
+    """Read a YAML config file and validate it (defaults filled); problems located in the file."""
+    config = read_yaml(path)
+    return validate_config(config, schema, source=str(path), locations=key_locations([path]))
 
 
 def config_hash(section: Any) -> str:

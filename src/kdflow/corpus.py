@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from kdflow.atomic import atomic_path, write_json
 from kdflow.config import config_hash
+from kdflow.errors import KdflowError
 from kdflow.provenance import provenance
 from kdflow.sources import SourceCounts, check_bad_lines, read_source
 
@@ -44,7 +45,7 @@ CORPUS_SCHEMA = pa.schema(
 log = logging.getLogger(__name__)
 
 
-class CorpusError(RuntimeError):
+class CorpusError(KdflowError, RuntimeError):
     """The configured data cannot make the requested corpus (too few documents, an empty shard)."""
 
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdflow.errors import KdflowError
 from kdflow.plan import KINDS
 from kdflow.runs import run_name
 
@@ -27,7 +28,7 @@ REQUIRED_KEYS = ("model", "kind", "evaluation", "metrics")
 STDERR_NOT_COMPUTED = {"", "NA", "-", "N/A"}
 
 
-class EvalRecordError(ValueError):
+class EvalRecordError(KdflowError, ValueError):
     """A record that breaks the contract; ``problems`` lists every fault (without the file's path). From
     :meth:`EvalRecord.from_json`, ``partial`` is the record without its faulty metric entries when only those were
     at fault (so that a reader can still check the rest), else None."""

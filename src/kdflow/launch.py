@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdflow.errors import KdflowError
+
 if TYPE_CHECKING:  # kdflow.train pulls in torch; a per-node launcher task only execs torchrun
     from kdflow.train import TrainJob
 
@@ -32,7 +34,7 @@ RDZV_PORT = 29500
 SRC = str(Path(__file__).parents[1])  # this checkout's package, for the launched processes
 
 
-class LaunchError(RuntimeError):
+class LaunchError(KdflowError, RuntimeError):
     pass
 
 
@@ -123,7 +125,12 @@ def launch_training(job: TrainJob, gpus_per_node: int = 0, nodes: int = 1) -> di
         cmd = launch_command(job_file, max(1, gpus_per_node), nodes)
         logging.getLogger("kdflow.train").info("launching %s", " ".join(cmd))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
-        subprocess.run(cmd, check=True, env=env)
+        status = subprocess.run(cmd, env=env).returncode
+        if status != 0:
+            raise LaunchError(
+                f"run {job.spec['name']!r}: {cmd[0]} exited with status {status}; each failed rank logged why above "
+                f"(lines 'rank<N> ERROR'). A rerun resumes from the newest checkpoint in {job.work}"
+            )
         return json.loads((Path(job.output) / "summary.json").read_text(encoding="utf-8"))
     from kdflow.train import run_training
 

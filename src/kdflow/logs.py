@@ -1,4 +1,5 @@
-"""Logging for workflow jobs: everything to the rule's ``log:`` file and to stderr."""
+"""Logging for workflow jobs: everything to the rule's ``log:`` file and to stderr, and how a job ends on an
+error (:mod:`kdflow.errors`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from kdflow.errors import TRACEBACK_ENV, KdflowError, want_traceback
+
 T = TypeVar("T")
+
+FAILED_EXIT = 1
 
 
 def run_logged(log_file: str | Path, job: Callable[[], T]) -> T:
     """Run ``job`` with kdflow's loggers writing to ``log_file`` and stderr.
 
-    A failure is logged with its traceback (so the log file says why the job failed), then re-raised so
-    that Snakemake marks the job failed and removes its outputs.
+    A failure is logged once, to both, and the process exits with status 1, so that Snakemake marks the job
+    failed and removes its outputs. One of kdflow's own errors (:class:`kdflow.errors.KdflowError`) is logged as
+    its message alone, which says what is wrong, where, and what to do; any other exception with its traceback.
+    ``KDFLOW_TRACEBACK=1`` adds the traceback to kdflow's errors too.
     """
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -31,10 +38,18 @@ def run_logged(log_file: str | Path, job: Callable[[], T]) -> T:
         root.addHandler(h)
     try:
         return job()
-    except Exception:
-        logging.getLogger("kdflow").exception("job failed")
-        raise
+    except Exception as e:
+        log_failure(logging.getLogger("kdflow"), e)
+        raise SystemExit(FAILED_EXIT) from None
     finally:
         for h in handlers:
             root.removeHandler(h)
             h.close()
+
+
+def log_failure(log: logging.Logger, error: BaseException) -> None:
+    """One log record for a failed job: kdflow's own error as its message, anything else with its traceback."""
+    if isinstance(error, KdflowError) and not want_traceback():
+        log.error("job failed: %s\n(set %s=1 for the traceback)", error, TRACEBACK_ENV)
+    else:
+        log.error("job failed: %s: %s", type(error).__name__, error, exc_info=error)

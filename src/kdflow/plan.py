@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from kdflow.config import load_schema, validate_config
+from kdflow.config import config_error, key_locations, load_schema, read_yaml, validate_config
 from kdflow.corpus import shard_name
+from kdflow.errors import KdflowError
+from kdflow.model_facts import ModelFacts
+from kdflow.plan_checks import check_plan
 from kdflow.runs import RunSpec, caches_read, expand_runs
 
 CACHE_ROOT = "results/cache"
@@ -36,15 +39,27 @@ CACHE_SETTINGS = {
 KINDS = ("run", "teacher", "student_init")
 
 
-class PlanError(ValueError):
+class PlanError(KdflowError, ValueError):
     """A target that is not part of this study (an unknown model, run or cache name)."""
 
 
-def study_plan(config: dict[str, Any], repo: str | Path) -> StudyPlan:
-    """Validate ``config`` in place against ``<repo>/config/schema.yaml`` (defaults filled; ConfigError names
-    every key at fault) and plan the study it describes."""
-    validate_config(config, load_schema(Path(repo) / "config" / "schema.yaml"))
-    return StudyPlan(config, Path(repo))
+def study_plan(config: dict[str, Any], repo: str | Path, files: Sequence[str | Path] = ()) -> StudyPlan:
+    """Validate ``config`` in place against ``<repo>/config/schema.yaml`` (defaults filled), check it against
+    the file system and the models' local facts (kdflow.plan_checks), and plan the study it describes.
+
+    ``files`` are the YAML files the config was read from: each is read again strictly (a key given twice is
+    refused), and every problem is located in them (``config/x.yaml:12:5: data.sources[0]…``). Raises
+    ConfigError naming every key at fault; checks that need what is not on this machine are in the plan's
+    ``deferred``."""
+    for path in files:
+        read_yaml(path)
+    locations = key_locations(files)
+    source = " + ".join(map(str, files)) or "config"
+    validate_config(config, load_schema(Path(repo) / "config" / "schema.yaml"), source=source, locations=locations)
+    checks = check_plan(config, Path(repo))
+    if checks.problems:
+        raise config_error(source, checks.problems, locations)
+    return StudyPlan(config, Path(repo), deferred=tuple(checks.deferred), facts=checks.facts)
 
 
 def model_manifest(name: str) -> str:
@@ -87,6 +102,8 @@ class EvalTarget:
 class StudyPlan:
     config: dict[str, Any]
     repo: Path  # the workflow's base directory (shipped lm-eval tasks live there)
+    deferred: tuple[str, ...] = ()  # plan-time checks left to the first job that can make them (plan_checks)
+    facts: Mapping[str, ModelFacts] = field(default_factory=dict)  # model name -> its shape, where known
 
     @property
     def teacher(self) -> str:

@@ -19,10 +19,10 @@ import torch
 from kdflow.atomic import atomic_path, write_json
 from kdflow.config import config_hash
 from kdflow.manifest import HeldoutPerplexity, ModelManifest, StudentOrigin
+from kdflow.model_facts import embedded_gguf_path
 from kdflow.models import (
     DTYPES,
     ModelError,
-    embedded_gguf_path,
     load_model,
     load_tokenizer,
     read_manifest,

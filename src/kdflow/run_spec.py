@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from kdflow.errors import KdflowError
 from kdflow.json_types import dataclass_problems
 
 RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -20,7 +21,7 @@ KD_TERMS = ("ce", "rb", "fb", "relb")
 SHARED_VOCAB_TERMS = ("rb", "fb")  # need the teacher's token ids
 
 
-class RunSpecError(ValueError):
+class RunSpecError(KdflowError, ValueError):
     """A run spec that is not one: a missing or unknown key, a value of the wrong type, settings that conflict."""
 
 

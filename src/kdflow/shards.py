@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 
 from kdflow.atomic import atomic_path
 from kdflow.corpus import CORPUS_SCHEMA, HELDOUT
+from kdflow.errors import KdflowError
 
 SHARD_PATTERN = r"shard_\d{5}|heldout"
 SHARD_SCHEMA = pa.schema([f for f in CORPUS_SCHEMA if f.name != "shard"])
 
 
-class ShardError(RuntimeError):
+class ShardError(KdflowError, RuntimeError):
     pass
 
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kdflow.errors import KdflowError
 from kdflow.records import UnrecognisedRecord, record_to_text
 
 # Unrecognised records are usually a whole dataset in an unexpected schema: a few examples tell the
@@ -67,7 +68,7 @@ class SourceCounts:
         return asdict(self)
 
 
-class SourceError(RuntimeError):
+class SourceError(KdflowError, RuntimeError):
     """A source cannot be read; the message names the source, the place at fault and the fix."""
 
 

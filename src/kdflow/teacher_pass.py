@@ -25,7 +25,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kdflow.cache_format import LOGPROB_FLOOR, CacheMeta, embed_schema, fixed, hidden_schema, ragged, topk_schema
+from kdflow.cache_format import (
+    LOGPROB_FLOOR,
+    CacheError,
+    CacheMeta,
+    embed_schema,
+    fixed,
+    hidden_schema,
+    ragged,
+    topk_schema,
+)
 from kdflow.cache_job import CacheJob, Tokenised, pad_batch, run_cache_job, tokenise_shard
 from kdflow.manifest import ModelManifest
 from kdflow.models import input_device, load_model, load_tokenizer, pad_id_of, read_manifest
@@ -224,7 +233,10 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
     n = model.config.num_hidden_layers
     bad = [layer for layer in layers if not 0 <= layer <= n]
     if bad:
-        raise ValueError(f"teacher_cache.hidden_layers: {bad} out of range; the teacher has hidden states 0..{n}")
+        raise CacheError(
+            f"teacher_cache.hidden_layers: {bad} out of range; the teacher {info.name!r} has hidden states 0..{n} "
+            f"(0 = embeddings, {n} = after the final norm)"
+        )
     hidden_size = model.config.hidden_size
     base = job.base_meta(info, tokenizer, n, ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"])
     meta = CacheMeta(

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 
 from kdflow.config import config_hash
+from kdflow.errors import KdflowError
 from kdflow.manifest import ModelManifest
 from kdflow.models import load_model, load_tokenizer, read_manifest
 from kdflow.provenance import file_sha256
 
 
-class EvalError(RuntimeError):
+class EvalError(KdflowError, RuntimeError):
     """An evaluation that cannot run (missing or mismatched inputs); the message says what to do."""
 
 

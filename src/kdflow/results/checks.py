@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from kdflow.errors import KdflowError
 from kdflow.eval_record import Metric
 from kdflow.results.metric_kinds import metric_class
 from kdflow.results.readers import Collected, EvalFile, rerun_hint
@@ -14,7 +15,7 @@ KL_TOLERANCE = 1e-3  # KL against a float16 teacher cache may be a hair below 0 
 MAX_PROBLEMS = 40  # problems listed in one ResultsError message
 
 
-class ResultsError(ValueError):
+class ResultsError(KdflowError, ValueError):
     """Evaluation results that are missing, malformed or out of range; the message names file, model, metric."""
 
 

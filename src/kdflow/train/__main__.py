@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from kdflow.logs import FAILED_EXIT, log_failure
 from kdflow.train import TrainJob, run_training
 
 
@@ -21,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == "0" else logging.WARNING,
         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
     )
-    summary = run_training(TrainJob.load(argv[0]))
+    try:
+        summary = run_training(TrainJob.load(argv[0]))
+    except Exception as e:  # one record, on every rank that fails: kdflow's message, or the traceback
+        log_failure(logging.getLogger("kdflow.train"), e)
+        return FAILED_EXIT
     if rank == "0":
         print(json.dumps(summary, sort_keys=True, default=str))
     return 0

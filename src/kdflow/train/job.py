@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdflow.atomic import write_json
+from kdflow.errors import KdflowError
 
 if TYPE_CHECKING:
     from kdflow.cache_format import CacheMeta
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from kdflow.runs import RunSpec
 
 
-class TrainingError(RuntimeError):
+class TrainingError(KdflowError, RuntimeError):
     """A run that cannot start or cannot go on (bad inputs, diverged loss)."""
 
 
