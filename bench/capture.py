@@ -236,7 +236,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
 
     # the teacher loaded and the shard tokenised once, as every cache job does it; the jobs below reuse them
     setup = tp.setup_cache_job(job("topk", {}, settings, "setup"))
-    info, tokenizer, model, tok, pad_id = setup
+    info, tokenizer, model, tok, pad_id, _ = setup
     n_layers, hidden_size = model.config.num_hidden_layers, model.config.hidden_size
     device = input_device(model)
 

@@ -271,3 +271,45 @@ def test_the_check_command_refuses_a_bad_file_and_passes_the_shipped_ones(tmp_pa
     assert f"{bad}:" in proc.stderr
     proc = subprocess.run([*cmd, "config/config.yaml"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith(f"ok {REPO / 'config/config.yaml'}: 5 training runs")
+
+
+# --------------------------------------------------------------------------- tensor parallelism
+
+
+def tensor(tp_size, device="cpu") -> dict:
+    return edited(teacher_cache=lambda c: c["teacher_cache"].update(parallel="tensor", tp_size=tp_size, device=device))
+
+
+def test_tensor_parallel_ranks_that_do_not_divide_the_teachers_heads_are_refused(monkeypatch):
+    monkeypatch.delenv("KDFLOW_TEACHER_GPUS", raising=False)
+    # The embedded teacher (SmolLM2-135M) has 9 attention heads and 3 key-value heads.
+    message = refused(tensor(2))
+    assert "teacher_cache.tp_size: 2 tensor-parallel ranks do not divide the teacher's 9 attention heads" in message
+    assert "3 key-value heads" in message and "choose a divisor of 3" in message and "device_map" in message
+    assert study_plan(tensor(3), REPO).facts["smollm2-135m-instruct"].heads == 9
+    # tp_size null: the profile's GPUs per teacher job, when the dry run sees them
+    monkeypatch.setenv("KDFLOW_TEACHER_GPUS", "4")
+    assert "KDFLOW_TEACHER_GPUS (the GPUs of each teacher job): 4 tensor-parallel ranks" in refused(
+        tensor(None, "cuda")
+    )
+    monkeypatch.delenv("KDFLOW_TEACHER_GPUS")
+    plan = study_plan(tensor(None, "cuda"), REPO)
+    assert any("the rank count is the number of GPUs each cache job is granted" in d for d in plan.deferred)
+
+
+def test_a_teacher_without_a_tensor_parallel_plan_is_refused(tmp_path):
+    model = hf_dir(tmp_path / "gpt2", layers=4)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    config = edited(
+        teacher={"name": "gpt", "source": {"kind": "hf", "path": str(model)}},
+        students=[{"name": "s", "source": {"kind": "prune_from_teacher", "keep_layers": [0, 1]}}],
+        teacher_cache=dict(DEFAULT["teacher_cache"], parallel="tensor", tp_size=2, hidden_layers=[2]),
+        training={"experiments": [{"modes": ["ce", "rb"]}]},
+    )
+    message = refused(config)
+    assert (
+        "teacher_cache.parallel: tensor, but transformers has no tensor-parallel plan for its architecture" in message
+    )
+    assert "'gpt2'" in message
+    assert "use teacher_cache.parallel: device_map (device auto) instead" in message

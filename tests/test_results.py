@@ -223,7 +223,7 @@ def test_schema_and_row_counts(built):
     db = result["database"]
     assert db.is_file() and not list(db.parent.glob(".*tmp*")) and not Path(str(db) + ".wal").exists()
     tables = [t for (t,) in sql(db, "select table_name from information_schema.tables order by table_name")]
-    assert tables == ["energy", "jobs", "metrics", "runs", "summary", "telemetry", "train_steps"]
+    assert tables == ["energy", "jobs", "load_share", "metrics", "runs", "summary", "telemetry", "train_steps"]
     cols = {
         t: [
             c
@@ -298,6 +298,8 @@ def test_schema_and_row_counts(built):
         "complete",
         "elapsed_s",
         "tokens",
+        "load_s",
+        "compute_s",
         "energy_j",
         "energy_per_token_j",
         "peak_gpu_mem_mb",
@@ -320,6 +322,7 @@ def test_schema_and_row_counts(built):
         "summary": 42,
         "telemetry": 0,
         "energy": 0,
+        "load_share": 0,
     }
 
 

@@ -302,7 +302,7 @@ def test_summary_counts_and_bytes(topk_run):
     assert summary["tokens"] == sum(d["n_tokens"] for d in topk.values()) == summary["tokens_computed"]
     assert summary["bytes_written"] == sum(p.stat().st_size for p in job.outputs.values())
     assert summary["bytes"] == {name: p.stat().st_size for name, p in job.outputs.items()}
-    assert summary["seconds"] >= 0 and summary["tokens_per_s"] > 0
+    assert summary["seconds"] >= 0 and summary["tokens_per_s"] > 0 and summary["load_s"] > 0
     assert summary["parts"] == 3 and summary["parts_resumed"] == 0
     assert summary["values_clamped"] == {"rest_logprob": 0, "embedding": 0}
 

@@ -122,6 +122,8 @@ def test_without_nvml_records_why_once_and_samples_cpu_and_memory(tmp_path):
         "t": end["t"],
         "elapsed_s": end["elapsed_s"],
         "tokens": 1234,
+        "load_s": None,  # not set by this job
+        "compute_s": None,
         "energy_j": None,
         "ok": True,
     }
@@ -374,3 +376,41 @@ def test_a_malformed_telemetry_line_is_reported_with_file_and_line(tmp_path):
     path.write_text("\n".join([good[0], '{"kind": "sample", "t": 1, "elapsed_s": "soon", "gpus": []}']) + "\n")
     with pytest.raises(ResultsError, match=re.escape(f"{path}:2: sample with missing or non-numeric elapsed_s")):
         build_results([], telemetry_files=[path])
+
+
+def test_parse_results_gives_the_load_share_per_stage_and_warns_above_20_percent(tmp_path):
+    import duckdb
+
+    root = tmp_path / "telemetry"
+    jobs = {  # (rule, job): (load_s, compute_s) reported by a job of ~0.1 s
+        ("topk_cache", "shard_00000"): (0.004, 0.09),
+        ("topk_cache", "shard_00001"): (0.006, 0.09),
+        ("hidden_cache", "shard_00000"): (0.09, 0.005),
+        ("eval", "stu.init"): (None, None),  # not reported: not in load_share
+    }
+    for (rule, job), (load, compute) in jobs.items():
+        with Telemetry(root / rule / f"{job}.jsonl", rule, job, interval_s=10, environ={}) as tel:
+            time.sleep(0.1)
+            tel.load_s, tel.compute_s = load, compute
+    files = sorted(root.rglob("*.jsonl"))
+    elapsed = {(lines(f)[0]["rule"], lines(f)[0]["job"]): lines(f)[-1]["elapsed_s"] for f in files}
+    out = tmp_path / "out"
+    build_results([], telemetry_files=files, db_path=out / "kdflow.duckdb", md_path=out / "summary.md")
+    con = duckdb.connect(str(out / "kdflow.duckdb"), read_only=True)
+    try:
+        shares = {r[0]: r[1:] for r in con.execute("select * from load_share").fetchall()}
+        per_job = con.execute("select rule, job, load_s, compute_s from energy order by rule, job").fetchall()
+    finally:
+        con.close()
+    assert ("eval", "stu.init", None, None) in per_job and ("topk_cache", "shard_00001", 0.006, 0.09) in per_job
+    assert set(shares) == {"topk_cache", "hidden_cache"}
+    n, load, compute, total, share, too_high = shares["topk_cache"]
+    topk_elapsed = elapsed[("topk_cache", "shard_00000")] + elapsed[("topk_cache", "shard_00001")]
+    assert (n, load, compute) == (2, pytest.approx(0.01), pytest.approx(0.18)) and total == pytest.approx(topk_elapsed)
+    assert share == pytest.approx(0.01 / topk_elapsed) and share < 0.2 and not too_high
+    assert shares["hidden_cache"][4] > 0.2 and shares["hidden_cache"][5]  # 0.09 s of a ~0.1 s job
+    md = (out / "summary.md").read_text()
+    section = md[md.index("## Model load per stage") :]
+    assert "| topk_cache | 2 |" in section and f"{share:.1%} |" in section
+    assert "WARNING: hidden_cache spends" in section and "more than 20%" in section and "docs/cluster.md" in section
+    assert "WARNING: topk_cache" not in section

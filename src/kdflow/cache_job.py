@@ -78,6 +78,27 @@ class CacheJob:
     teacher_manifest: Path
     settings: dict[str, Any]  # config["teacher_cache"]
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "shard": str(self.shard),
+            "outputs": {k: str(v) for k, v in self.outputs.items()},
+            "partial_dir": str(self.partial_dir),
+            "teacher_manifest": str(self.teacher_manifest),
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CacheJob:
+        return cls(
+            kind=data["kind"],
+            shard=Path(data["shard"]),
+            outputs={k: Path(v) for k, v in data["outputs"].items()},
+            partial_dir=Path(data["partial_dir"]),
+            teacher_manifest=Path(data["teacher_manifest"]),
+            settings=dict(data["settings"]),
+        )
+
     def base_meta(self, teacher: ModelManifest, tokenizer, n_layers: int, keys: Sequence[str]) -> dict[str, Any]:
         """The common fields of :class:`CacheMeta` for every file of this job (provenance, and the resume key a
         finished part must match to be reused: the settings, the teacher's weights and tokenizer, the shard's
@@ -123,6 +144,24 @@ def _finished(paths: dict[str, Path], meta: CacheMeta) -> bool:
         return False
 
 
+def rank_of_ranks() -> tuple[int, int]:
+    """(this process's rank, the number of ranks): (0, 1) alone; a tensor-parallel cache job's rank otherwise
+    (kdflow.teacher_parallel: the process group is initialised before the teacher loads)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _agreed(values: list[bool]) -> list[bool]:
+    """Rank 0's ``values`` on every rank (alone: ``values``): all ranks must run the same parts, since each
+    forward is a collective."""
+    if rank_of_ranks()[1] == 1:
+        return values
+    box = [values]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run_cache_job(
     job: CacheJob,
     metas: dict[str, CacheMeta],
@@ -130,37 +169,46 @@ def run_cache_job(
     tok: Tokenised,
     make_part: Callable[[np.ndarray], dict[str, dict]],
     progress_desc: str,
-) -> dict[str, Any]:
-    """Process ``tok`` in length order, part by part, skipping finished parts; then assemble outputs."""
+) -> dict[str, Any] | None:
+    """Process ``tok`` in length order, part by part, skipping finished parts; then assemble outputs.
+
+    One rank of a tensor-parallel job (:func:`rank_of_ranks`): every rank runs ``make_part`` on the same parts
+    (rank 0 decides which are finished); rank 0 alone writes parts and outputs and returns the summary; the
+    other ranks return None."""
     s = job.settings
+    rank, _ = rank_of_ranks()
     order = length_order(tok)
     rows = s["rows_per_part"]
     n_parts = max(1, -(-len(order) // rows))
     writers = {name: PartWriter(schemas[name]) for name in job.outputs}
-    job.partial_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        job.partial_dir.mkdir(parents=True, exist_ok=True)
     t0, tokens_done, resumed = time.perf_counter(), 0, 0
     total_tokens = int(sum(len(x) for x in tok.ids))
-    bar = tqdm(total=total_tokens, desc=progress_desc, unit="tok", unit_scale=True, mininterval=1)
-    all_parts: dict[str, list[Path]] = {name: [] for name in job.outputs}
-    for part in range(n_parts):
+    quiet = {"disable": True} if rank else {}  # one bar per job (TQDM_DISABLE still applies to rank 0's)
+    bar = tqdm(total=total_tokens, desc=progress_desc, unit="tok", unit_scale=True, mininterval=1, **quiet)
+    all_parts = [_part_paths(job, list(job.outputs), part) for part in range(n_parts)]
+    first = next(iter(job.outputs))
+    finished = _agreed([_finished(paths, metas[first]) if rank == 0 else False for paths in all_parts])
+    for part, paths in enumerate(all_parts):
         index = order[part * rows : (part + 1) * rows]
-        paths = _part_paths(job, list(job.outputs), part)
-        for name in job.outputs:
-            all_parts[name].append(paths[name])
         part_tokens = int(sum(len(tok.ids[i]) for i in index))
-        if _finished(paths, metas[next(iter(job.outputs))]):
+        if finished[part]:
             resumed += 1
             bar.update(part_tokens)
             continue
         columns = make_part(index)
-        for name, cols in columns.items():
-            writers[name].write(paths[name], cols, metas[name])
+        if rank == 0:
+            for name, cols in columns.items():
+                writers[name].write(paths[name], cols, metas[name])
         tokens_done += part_tokens
         bar.update(part_tokens)
         bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")
     bar.close()
+    if rank != 0:
+        return None
     seconds = time.perf_counter() - t0
-    sizes = {name: assemble(all_parts[name], job.outputs[name], metas[name]) for name in job.outputs}
+    sizes = {name: assemble([p[name] for p in all_parts], job.outputs[name], metas[name]) for name in job.outputs}
     shutil.rmtree(job.partial_dir, ignore_errors=True)
     summary = {
         "cache": job.kind,

@@ -178,6 +178,28 @@ def _cross_checks(config: dict, schema: dict) -> list[str]:
         keep = student["source"].get("keep_layers")
         if keep is not None and keep != sorted(keep):
             problems.append(f"students[{i}].source.keep_layers: must be ascending, got {keep}")
+    cache = config["teacher_cache"]
+    if cache["parallel"] == "device_map" and cache["device"] != "auto":
+        problems.append(
+            f"teacher_cache.parallel: device_map places the teacher's layers on the job's GPUs; it needs "
+            f"teacher_cache.device: auto, not {cache['device']!r}"
+        )
+    if cache["parallel"] == "single" and cache["device"] == "auto":
+        problems.append(
+            "teacher_cache.device: auto spreads the teacher over the job's GPUs; say how with teacher_cache.parallel: "
+            "tensor (one rank per GPU, all computing) or device_map (layers on the GPUs one after another)"
+        )
+    if cache["parallel"] == "tensor":
+        if cache["device"] == "cpu" and cache["tp_size"] is None:
+            problems.append(
+                "teacher_cache.tp_size: parallel tensor on device cpu needs the number of gloo ranks (tp_size: 2, "
+                "say); on GPUs it defaults to one rank per GPU of the job"
+            )
+        if cache["device"] not in ("cpu", "cuda"):
+            problems.append(
+                f"teacher_cache.device: parallel tensor places rank r on GPU r of the job (device cuda) or runs gloo "
+                f"ranks on the CPU (device cpu); {cache['device']!r} is neither"
+            )
     data = config["data"]
     if data["long_docs"] != "truncate" and data["max_chars"] is None:
         problems.append(f"data.long_docs: {data['long_docs']!r} needs data.max_chars to be set")

@@ -42,9 +42,26 @@ def torchrun(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
-def single_node_command(job_file: str | Path, nproc: int) -> list[str]:
-    """torchrun starting ``nproc`` processes of the training entry point on this node."""
-    return torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "kdflow.train", str(job_file)])
+def single_node_command(job_file: str | Path, nproc: int, module: str = "kdflow.train") -> list[str]:
+    """torchrun starting ``nproc`` processes of ``python -m module JOB`` on this node (the training entry point,
+    or a tensor-parallel teacher job's ranks: kdflow.teacher_parallel)."""
+    return torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", module, str(job_file)])
+
+
+def run_launched(cmd: list[str], what: str, resume: str, env: Mapping[str, str] | None = None) -> None:
+    """Run a launcher command (torchrun, srun) with this checkout's package on ``PYTHONPATH`` and wait; a non-zero
+    exit (a rank failed or was killed: torchrun then stops the others) is a :class:`LaunchError` saying ``what``
+    failed and ``resume``: what a rerun picks up."""
+    base = dict(os.environ if env is None else env)
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, base.get("PYTHONPATH")]))
+    logging.getLogger("kdflow.launch").info("launching %s", " ".join(cmd))
+    status = subprocess.run(cmd, env=base).returncode
+    if status != 0:
+        raise LaunchError(
+            f"{what}: {Path(cmd[0]).name} {' '.join(cmd[1:3])} … exited with status {status}; each failed rank "
+            f"logged why above (lines 'rank<N> ERROR'; a rank killed by a signal logs nothing: see torchrun's lines). "
+            f"{resume}"
+        )
 
 
 def multi_node_command(job_file: str | Path, nproc_per_node: int, nodes: int) -> list[str]:
@@ -123,14 +140,7 @@ def launch_training(job: TrainJob, gpus_per_node: int = 0, nodes: int = 1) -> di
         job_file.parent.mkdir(parents=True, exist_ok=True)
         job.save(job_file)
         cmd = launch_command(job_file, max(1, gpus_per_node), nodes)
-        logging.getLogger("kdflow.train").info("launching %s", " ".join(cmd))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
-        status = subprocess.run(cmd, env=env).returncode
-        if status != 0:
-            raise LaunchError(
-                f"run {job.spec['name']!r}: {cmd[0]} exited with status {status}; each failed rank logged why above "
-                f"(lines 'rank<N> ERROR'). A rerun resumes from the newest checkpoint in {job.work}"
-            )
+        run_launched(cmd, f"run {job.spec['name']!r}", f"A rerun resumes from the newest checkpoint in {job.work}")
         return json.loads((Path(job.output) / "summary.json").read_text(encoding="utf-8"))
     from kdflow.train import run_training
 

@@ -14,6 +14,8 @@ from kdflow.errors import TRACEBACK_ENV, KdflowError, want_traceback
 T = TypeVar("T")
 
 FAILED_EXIT = 1
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 def run_logged(log_file: str | Path, job: Callable[[], T]) -> T:
@@ -26,9 +28,11 @@ def run_logged(log_file: str | Path, job: Callable[[], T]) -> T:
     """
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
+    log_file.write_text("", encoding="utf-8")  # a fresh log per attempt; appended to, so that the ranks of a
+    # tensor-parallel job (kdflow.teacher_parallel) can add their lines to it as well (O_APPEND: no overwrites)
     handlers: list[logging.Handler] = [
-        logging.FileHandler(log_file, mode="w", encoding="utf-8"),
+        logging.FileHandler(log_file, mode="a", encoding="utf-8"),
         logging.StreamHandler(sys.stderr),
     ]
     root = logging.getLogger()

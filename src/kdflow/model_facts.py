@@ -16,7 +16,9 @@ job that loads the model checks it (``prepare_models``, the cache jobs, ``train`
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ class ModelFacts:
     heads: int | None  # attention heads (query), for tensor-parallel divisibility
     kv_heads: int | None
     source: str  # where the facts were read, for messages: "GGUF metadata of …", "config.json of …"
+    model_type: str | None = None  # transformers' model_type ("llama", "qwen2"): whether it has a tensor-parallel plan
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ def gguf_facts(path: str | Path) -> ModelFacts:
         heads=meta.get(f"{arch}.attention.head_count"),
         kv_heads=meta.get(f"{arch}.attention.head_count_kv"),
         source=f"GGUF metadata of {path}",
+        model_type=arch if isinstance(arch, str) else None,
     )
 
 
@@ -200,6 +204,7 @@ def hf_config_facts(config_json: str | Path, label: str | None = None) -> ModelF
         heads=heads,
         kv_heads=_first(cfg, "num_key_value_heads") or heads,
         source=f"config.json of {label or config_json.parent}",
+        model_type=cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None,
     )
 
 
@@ -219,6 +224,27 @@ def looks_local(path: str) -> bool:
 # --------------------------------------------------------------------------- a model of the config
 
 
+def tp_plan_problem(model_type: str | None) -> str | Unknown | None:
+    """Why transformers cannot split a model of this ``model_type`` by tensor parallelism: a message, None when it
+    can, or :class:`Unknown` when this cannot be told without importing transformers (seconds: the cache job checks
+    then). Reads the source of the model's config class, ``transformers/models/<type>/configuration_<type>.py``,
+    for its ``base_model_tp_plan``, without importing it."""
+    if model_type is None:
+        return "its config names no model_type, so transformers' tensor-parallel plan for it is not known"
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return Unknown("transformers is not installed")
+    name = model_type.replace("-", "_")
+    source = Path(spec.submodule_search_locations[0]) / "models" / name / f"configuration_{name}.py"
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError:
+        return Unknown(f"no configuration_{name}.py in transformers")
+    if not re.search(r"^\s+base_model_tp_plan\s*=\s*\{\s*[\"']", text, re.M):
+        return f"transformers has no tensor-parallel plan for its architecture {model_type!r}"
+    return None
+
+
 def pruned_facts(teacher: ModelFacts, keep_layers: list[int]) -> ModelFacts:
     return ModelFacts(
         layers=len(keep_layers),
@@ -227,6 +253,7 @@ def pruned_facts(teacher: ModelFacts, keep_layers: list[int]) -> ModelFacts:
         heads=teacher.heads,
         kv_heads=teacher.kv_heads,
         source=f"{len(keep_layers)} kept layers of the teacher ({teacher.source})",
+        model_type=teacher.model_type,
     )
 
 

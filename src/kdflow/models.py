@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -170,15 +171,27 @@ def load_tokenizer(model_ref: str | Path | ModelManifest | Weights):
     return AutoTokenizer.from_pretrained(w.load_path, revision=w.revision)
 
 
-def load_model(model_ref: str | Path | ModelManifest | Weights, device: str = "cpu", dtype: str = "float32"):
+def load_model(
+    model_ref: str | Path | ModelManifest | Weights, device: str = "cpu", dtype: str = "float32", tp_size: int = 1
+):
     """Load a prepared model for inference (given as for :func:`load_tokenizer`). ``device="auto"`` spreads it
     over the visible GPUs, and only over them: a model that does not fit them is refused
     (:func:`check_fits_gpus`, :func:`check_on_gpus`) rather than run with layers offloaded to CPU memory or
-    disk, hours slower."""
+    disk, hours slower. ``tp_size > 1``: this process is one rank of ``tp_size`` (torchrun, process group
+    initialised: :func:`kdflow.teacher_parallel.init_ranks`) and holds its slice of every layer, split by
+    transformers' tensor-parallel plan (:func:`check_tensor_parallel` first)."""
     from transformers import AutoModelForCausalLM
 
     w = _weights(model_ref)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "revision": w.revision}
+    if tp_size > 1:
+        from transformers.distributed import DistributedConfig
+
+        check_tensor_parallel(w, tp_size)
+        model = AutoModelForCausalLM.from_pretrained(
+            w.load_path, distributed_config=DistributedConfig(tp_size=tp_size), **kwargs
+        )
+        return model.eval()
     if device == "auto":
         check_fits_gpus(w, dtype)
         kwargs["device_map"] = "auto"
@@ -188,6 +201,31 @@ def load_model(model_ref: str | Path | ModelManifest | Weights, device: str = "c
     else:
         model.to(device)
     return model.eval()
+
+
+_TP_FALLBACK = "set teacher_cache.parallel: device_map (with device: auto) to spread it over the GPUs instead"
+
+
+def check_tensor_parallel(weights: Weights, ranks: int) -> None:
+    """Before a tensor-parallel load: the model's architecture has a tensor-parallel plan in transformers and
+    ``ranks`` divides its attention and key-value heads (the message names the key and the fallback)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(weights.load_path, revision=weights.revision)
+    config = config.get_text_config()
+    if not getattr(config, "base_model_tp_plan", None):
+        raise ModelError(
+            f"{weights.load_path}: teacher_cache.parallel is tensor, but transformers has no tensor-parallel "
+            f"plan for its architecture {config.model_type!r}; {_TP_FALLBACK}"
+        )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % ranks or kv_heads % ranks:
+        raise ModelError(
+            f"{weights.load_path}: {ranks} tensor-parallel ranks (teacher_cache.tp_size, or the job's GPUs) do not "
+            f"divide its {heads} attention and {kv_heads} key-value heads; give teacher jobs a divisor of "
+            f"{math.gcd(heads, kv_heads)} GPUs (KDFLOW_TEACHER_GPUS), or {_TP_FALLBACK}"
+        )
 
 
 def pad_id_of(tokenizer) -> int:

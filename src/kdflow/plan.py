@@ -28,7 +28,7 @@ SHARDS_DIR = "results/shards"
 HELDOUT_SHARD = f"{SHARDS_DIR}/heldout.parquet"
 RESULTS = ["results/kdflow.duckdb", "results/summary.csv", "results/summary.md", "results/plots"]
 # The teacher_cache settings every cache job depends on (so that other changes do not rerun one).
-COMMON_CACHE_SETTINGS = ("max_length", "batch_size", "rows_per_part", "device", "dtype")
+COMMON_CACHE_SETTINGS = ("max_length", "batch_size", "rows_per_part", "device", "parallel", "tp_size", "dtype")
 CACHE_SETTINGS = {
     "topk": (*COMMON_CACHE_SETTINGS, "k"),
     "hidden": (*COMMON_CACHE_SETTINGS, "hidden_layers", "hidden_token_ratio", "hidden_token_seed"),

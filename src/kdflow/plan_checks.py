@@ -18,12 +18,21 @@ what was deferred. Torch-free, and fast: the plan of a study of thousands of job
 from __future__ import annotations
 
 import glob
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdflow.model_facts import FactsError, ModelFacts, Unknown, looks_local, model_facts, pruned_facts
+from kdflow.model_facts import (
+    FactsError,
+    ModelFacts,
+    Unknown,
+    looks_local,
+    model_facts,
+    pruned_facts,
+    tp_plan_problem,
+)
 
 __all__ = ["PlanChecks", "check_plan"]
 
@@ -166,6 +175,12 @@ def _check_model_facts(config: dict, out: PlanChecks) -> None:
                 f"teacher_cache.k: {cache['k']} is more than the teacher's vocabulary of {teacher.vocab_size} ids "
                 f"({teacher.source})"
             )
+        if cache["parallel"] == "tensor":
+            _check_tensor_parallel(cache, teacher, out)
+    elif cache["parallel"] == "tensor":
+        out.defer(
+            "teacher_cache.parallel tensor: the teacher's heads and tensor-parallel plan are checked by the cache jobs"
+        )
     for i, student in enumerate(config["students"]):
         source = student["source"]
         if source["kind"] == "prune_from_teacher":
@@ -183,6 +198,39 @@ def _check_model_facts(config: dict, out: PlanChecks) -> None:
         else:
             _facts(f"students[{i}].source", source, out, student["name"], _DEFERRED_STUDENT)
     _check_layer_maps(config, out)
+
+
+def _check_tensor_parallel(cache: dict, teacher: ModelFacts, out: PlanChecks) -> None:
+    """parallel tensor: the teacher's architecture has a tensor-parallel plan, and the rank count (tp_size, else the
+    profile's KDFLOW_TEACHER_GPUS when set) divides its attention and key-value heads."""
+    fallback = "use teacher_cache.parallel: device_map (device auto) instead"
+    why = tp_plan_problem(teacher.model_type)
+    if isinstance(why, Unknown):
+        out.defer(
+            f"teacher_cache.parallel tensor: whether the teacher has a tensor-parallel plan ({why.reason}) is "
+            "checked by the cache jobs"
+        )
+    elif why:
+        out.add(f"teacher_cache.parallel: tensor, but {why} ({teacher.source}); {fallback}")
+        return
+    if cache["tp_size"] is not None:
+        ranks, key = cache["tp_size"], "teacher_cache.tp_size"
+    elif os.environ.get("KDFLOW_TEACHER_GPUS", "").isdigit():
+        ranks, key = int(os.environ["KDFLOW_TEACHER_GPUS"]), "KDFLOW_TEACHER_GPUS (the GPUs of each teacher job)"
+    else:
+        out.defer(
+            "teacher_cache.parallel tensor: the rank count is the number of GPUs each cache job is granted; "
+            "each job checks that it divides the teacher's heads"
+        )
+        return
+    heads = {"attention heads": teacher.heads, "key-value heads": teacher.kv_heads}
+    bad = {what: n for what, n in heads.items() if n is not None and n % ranks}
+    if bad:
+        said = " and ".join(f"{n} {what}" for what, n in bad.items())
+        out.add(
+            f"{key}: {ranks} tensor-parallel ranks do not divide the teacher's {said} ({teacher.source}); choose a "
+            f"divisor of {math.gcd(*[n for n in heads.values() if n])}, or {fallback}"
+        )
 
 
 def _check_layer_maps(config: dict, out: PlanChecks) -> None:

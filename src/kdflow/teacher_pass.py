@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,10 @@ from kdflow.cache_format import (
     ragged,
     topk_schema,
 )
-from kdflow.cache_job import CacheJob, Tokenised, pad_batch, run_cache_job, tokenise_shard
+from kdflow.cache_job import CacheJob, Tokenised, pad_batch, rank_of_ranks, run_cache_job, tokenise_shard
 from kdflow.manifest import ModelManifest
 from kdflow.models import input_device, load_model, load_tokenizer, pad_id_of, read_manifest
+from kdflow.teacher_parallel import job_ranks, run_tensor_parallel
 
 log = logging.getLogger(__name__)
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -86,14 +88,17 @@ class TeacherSetup(NamedTuple):
     model: torch.nn.Module
     tok: Tokenised
     pad_id: int
+    load_s: float = 0.0  # seconds to load the teacher's tokenizer and weights (model load, not compute)
 
 
 def setup_cache_job(job: CacheJob) -> TeacherSetup:
     """Load the job's teacher (``device`` and ``dtype`` of its settings) and tokenise its shard."""
     s = job.settings
+    t0 = time.perf_counter()
     info = read_manifest(job.teacher_manifest)
     tokenizer = load_tokenizer(info)
-    model = load_model(info, s["device"], s["dtype"])
+    model = load_model(info, s["device"], s["dtype"], tp_size=rank_of_ranks()[1])
+    load_s = time.perf_counter() - t0
     tok = tokenise_shard(job.shard, tokenizer, s["max_length"])
     if tok.truncated.any():
         log.info(
@@ -103,7 +108,7 @@ def setup_cache_job(job: CacheJob) -> TeacherSetup:
             len(tok.ids),
             s["max_length"],
         )
-    return TeacherSetup(info, tokenizer, model, tok, pad_id_of(tokenizer))
+    return TeacherSetup(info, tokenizer, model, tok, pad_id_of(tokenizer), load_s)
 
 
 @dataclass
@@ -118,7 +123,7 @@ class TopkPass:
 
 
 @torch.inference_mode()
-def capture_topk(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, Any]:
+def capture_topk(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, Any] | None:
     """The top-k cache and the pooled-embedding cache of one shard, from one teacher pass.
 
     ``setup``: an already loaded teacher and tokenised shard (default: :func:`setup_cache_job`)."""
@@ -127,7 +132,9 @@ def capture_topk(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, 
     summary = run_cache_job(
         job, plan.metas, plan.schemas, setup.tok, plan.make_part, f"top-{job.settings['k']} {job.shard.stem}"
     )
-    summary["values_clamped"] = plan.clamped
+    if summary is not None:  # None: a tensor-parallel rank other than 0
+        summary["values_clamped"] = plan.clamped
+        summary["load_s"] = round(setup.load_s, 3)
     return summary
 
 
@@ -135,7 +142,7 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
     """What :func:`capture_topk` runs, nothing computed yet (bench/capture.py times ``make_part`` alone)."""
     s = job.settings
     k = s["k"]
-    info, tokenizer, model, tok, pad_id = setup
+    info, tokenizer, model, tok, pad_id, _ = setup
     base = job.base_meta(info, tokenizer, model.config.num_hidden_layers, ["k"])
     hidden_size = model.config.hidden_size
     metas = {
@@ -223,13 +230,14 @@ def layer_hooks(model, layers: Sequence[int], captured: dict[int, torch.Tensor])
 
 
 @torch.inference_mode()
-def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, Any]:
+def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, Any] | None:
     """The hidden-state cache of one shard, from a pass that stops after the deepest requested layer.
 
     ``setup``: an already loaded teacher and tokenised shard (default: :func:`setup_cache_job`)."""
     s = job.settings
     layers = sorted(set(s["hidden_layers"]))
-    info, tokenizer, model, tok, pad_id = setup_cache_job(job) if setup is None else setup
+    setup = setup_cache_job(job) if setup is None else setup
+    info, tokenizer, model, tok, pad_id, load_s = setup
     n = model.config.num_hidden_layers
     bad = [layer for layer in layers if not 0 <= layer <= n]
     if bad:
@@ -293,7 +301,10 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
     finally:
         for h in handles:
             h.remove()
+    if summary is None:  # a tensor-parallel rank other than 0
+        return None
     summary["values_clamped"] = clamped[0]
+    summary["load_s"] = round(load_s, 3)
     summary["layers"] = layers
     summary["passes_per_token"] = max(layers) / n
     return summary
@@ -308,11 +319,13 @@ def run_cache_rule(
     settings: dict[str, Any],
     threads: int | None = None,
     telemetry: Any = None,
+    log_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """One topk_cache (``kind="topk"``) or hidden_cache (``"hidden"``) job: capture the shard on ``threads``
     CPU threads inside ``telemetry`` (a :func:`kdflow.telemetry.job_telemetry` not yet entered), count this
     attempt's tokens into it (parts resumed from a killed attempt cost nothing now), log the summary and
-    return it."""
+    return it. With ``parallel: tensor`` on more than one rank (kdflow.teacher_parallel.job_ranks) the capture
+    runs on torchrun's ranks (they append their log lines to ``log_file``)."""
     if threads:
         torch.set_num_threads(threads)
     job = CacheJob(
@@ -323,9 +336,14 @@ def run_cache_rule(
         teacher_manifest=Path(teacher_manifest),
         settings=dict(settings),
     )
+    ranks = job_ranks(job.settings)
     with telemetry if telemetry is not None else contextlib.nullcontext() as tel:
-        summary = capture_topk(job) if kind == "topk" else capture_hidden(job)
+        if ranks > 1:
+            summary = run_tensor_parallel(job, ranks, threads, log_file)
+        else:
+            summary = capture_topk(job) if kind == "topk" else capture_hidden(job)
         if tel is not None:
             tel.tokens = summary["tokens_computed"]
+            tel.load_s, tel.compute_s = summary["load_s"], summary["seconds"]
     log.info("summary %s", json.dumps(summary, sort_keys=True))
     return summary

@@ -11,4 +11,7 @@ from kdflow.telemetry import job_telemetry
 
 sm = snakemake
 args = (sm.input.shard, dict(sm.output.items()), sm.params.partial, sm.input.teacher, sm.params.settings)
-run_logged(sm.log[0], lambda: run_cache_rule("topk", *args, threads=sm.threads, telemetry=job_telemetry(sm)))
+run_logged(
+    sm.log[0],
+    lambda: run_cache_rule("topk", *args, threads=sm.threads, telemetry=job_telemetry(sm), log_file=sm.log[0]),
+)

@@ -9,6 +9,7 @@ import logging
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def run_lm_eval(
     heldout_data: str | Path | None = None,
     work_dir: str | Path | None = None,
     bootstrap_iters: int = 100000,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """lm-eval's result dict for ``tasks`` on the ``hf`` model ``pretrained_dir`` (a directory or hub id
     at ``revision``) with the PEFT adapter ``adapter_dir`` if given; per-sample logs are not kept.
@@ -87,6 +89,9 @@ def run_lm_eval(
     ``device="auto"`` spreads the model over the visible GPUs (lm-eval's ``parallelize=True``).
     Offline use: lm-eval's datasets come from the local files or the Hugging Face cache when
     ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1`` are set; ``kdflow_heldout`` needs nothing else.
+
+    ``timings``: a dict to receive ``load_s`` (building lm-eval's ``hf`` model: the weights and the adapter loaded)
+    and ``compute_s`` (the evaluation).
 
     Caveat (lm-eval's, not kdflow's): with ``peft`` lm-eval resizes the base model's embeddings to
     ``len(tokenizer)`` when ``config.vocab_size`` differs (padding rows, e.g. Qwen2.5); those rows then
@@ -139,8 +144,14 @@ def run_lm_eval(
             pretrained_dir,
             f" + adapter {adapter_dir}" if adapter_dir else "",
         )
+        # The hf model built here as simple_evaluate would build it from model="hf", so that its load is timed apart.
+        t0 = time.perf_counter()
+        lm = lm_eval.api.registry.get_model("hf").create_from_arg_obj(
+            model_args, {"batch_size": batch_size, "max_batch_size": None, "device": lm_device}
+        )
+        t1 = time.perf_counter()
         results = lm_eval.simple_evaluate(
-            model="hf",
+            model=lm,
             model_args=model_args,
             tasks=tasks,
             num_fewshot=num_fewshot,
@@ -151,8 +162,12 @@ def run_lm_eval(
             log_samples=False,
             bootstrap_iters=bootstrap_iters,
         )
+        t2 = time.perf_counter()
     if results is None:  # not rank 0 of a distributed lm-eval
         raise EvalError("lm-eval returned no results (not the main process?)")
+    results["config"]["model"] = "hf"  # what model="hf" records (given the model object, lm-eval names its path)
+    if timings is not None:
+        timings.update(load_s=t1 - t0, compute_s=t2 - t1)
     return results
 
 

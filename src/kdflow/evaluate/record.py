@@ -86,6 +86,8 @@ def evaluate_model(
     # ---- held-out set, through the teacher's cache
     started = time.time()
     model, tokenizer, _ = load_eval_model(info, adapter, s["device"], s["dtype"])
+    timings = {"load_s": time.time() - started, "compute_s": 0.0}  # the job's model loads and its compute
+    loaded = time.time()
     held = heldout_metrics(
         model,
         tokenizer,
@@ -95,6 +97,7 @@ def evaluate_model(
         s["heldout"]["batch_size"],
         heldout_shard=heldout_shard,
     )
+    timings["compute_s"] += time.time() - loaded
     del model, tokenizer
     release_memory()
     metrics = [Metric("heldout", name, held[name], None, hib) for name, hib in HELDOUT_METRICS.items()]
@@ -139,6 +142,7 @@ def evaluate_model(
         lm_metrics: list[Metric] = []
         lm_details["skipped"] = raw["skipped"]
     else:
+        lm_timings: dict[str, float] = {}
         with tempfile.TemporaryDirectory(prefix="kdflow_eval_", dir=work_dir) as tmp:
             data = None
             if HELDOUT_TASK in le["tasks"]:
@@ -158,8 +162,11 @@ def evaluate_model(
                     revision=info.revision,
                     heldout_data=data,
                     work_dir=tmp,
+                    timings=lm_timings,
                 )
             )
+        timings["load_s"] += lm_timings["load_s"]
+        timings["compute_s"] += lm_timings["compute_s"]
         lm_metrics = [Metric(**m) for m in lm_eval_metrics(raw)]
         lm_details["n_samples"] = raw.get("n-samples")
         lm_details["versions"] = raw.get("versions")
@@ -175,4 +182,5 @@ def evaluate_model(
         log.info("%s: lm-eval %s %s = %s (stderr %s)", target.model, m.task, m.metric, m.value, m.stderr)
     if telemetry is not None:
         telemetry.tokens = held["tokens"]
+        telemetry.load_s, telemetry.compute_s = timings["load_s"], timings["compute_s"]
     return records

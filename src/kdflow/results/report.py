@@ -11,7 +11,8 @@ from typing import Any
 from kdflow.atomic import atomic_path
 from kdflow.results.readers import Collected
 from kdflow.results.rows import runs_rows
-from kdflow.results.stats import Cell, Key, Summary, mean_stderr
+from kdflow.results.stats import Cell, Key, Summary, load_shares, mean_stderr
+from kdflow.results.tables import LOAD_SHARE_WARNING
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
@@ -258,6 +259,33 @@ def _energy_markdown(energy: list[dict]) -> list[str]:
     incomplete = [f"{j['rule']}/{j['job']}" for j in energy if not j["complete"]]
     if incomplete:
         lines += [f"Incomplete telemetry (killed or failed jobs): {', '.join(incomplete)}.", ""]
+    return lines + _load_share_markdown(load_shares(energy))
+
+
+def _load_share_markdown(shares: list[dict]) -> list[str]:
+    """The "Model load per stage" section: the load_share table, and a warning line per stage above the limit."""
+    if not shares:
+        return []
+    lines = [
+        "## Model load per stage",
+        "",
+        "Seconds the jobs of each stage spent loading models, against their whole measured time (telemetry end "
+        "lines; table load_share).",
+        "",
+    ]
+    table = [
+        [r["rule"], str(r["jobs"]), _fmt(r["load_s"]), _fmt(r["compute_s"]), _fmt(r["elapsed_s"]), f"{r['load_share']:.1%}"]
+        for r in shares
+    ]
+    lines += _md_table(["rule", "jobs", "load s", "compute s", "elapsed s", "load share"], table) + [""]
+    for r in shares:
+        if r["too_high"]:
+            lines += [
+                f"WARNING: {r['rule']} spends {r['load_share']:.0%} of its job time loading models (more than "
+                f"{LOAD_SHARE_WARNING:.0%}): fewer, larger jobs would waste less GPU time (data.n_shards for the "
+                "teacher caches: docs/cluster.md, shards sized by cost).",
+                "",
+            ]
     return lines
 
 

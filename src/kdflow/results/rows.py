@@ -7,7 +7,7 @@ import json
 import statistics
 
 from kdflow.results.readers import Collected, group_of
-from kdflow.results.stats import Summary
+from kdflow.results.stats import Summary, load_shares
 
 
 def runs_rows(c: Collected) -> list[dict]:
@@ -110,5 +110,6 @@ def table_rows(c: Collected, s: Summary) -> dict[str, list[dict]]:
         "jobs": c.jobs,
         "telemetry": c.telemetry,
         "energy": c.energy,
+        "load_share": load_shares(c.energy),
         "summary": summary_rows(s),
     }

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kdflow.results.metric_kinds import infer_higher_is_better
+from kdflow.results.tables import LOAD_SHARE_WARNING
 from kdflow.results.readers import Collected, group_of
 
 log = logging.getLogger("kdflow.results")
@@ -213,3 +214,32 @@ def summarize(c: Collected) -> Summary:
                 cell.delta_teacher_stderr = cell.stderr
     not_applicable.sort(key=lambda x: (keys.index(x[1]), x[0]))
     return Summary(ordered, keys, labels, direction, cells, ce_group, teacher, not_applicable)
+
+
+def load_shares(energy: list[dict]) -> list[dict]:
+    """The ``load_share`` table: per rule, over its jobs that report ``load_s``, the seconds spent loading models
+    against the jobs' whole measured time (one DuckDB query)."""
+    import duckdb
+    import pyarrow as pa
+
+    timed = [j for j in energy if j.get("load_s") is not None and j.get("elapsed_s")]
+    if not timed:
+        return []
+    rows = pa.table({k: [j[k] for j in timed] for k in ("rule", "load_s", "compute_s", "elapsed_s")})
+    con = duckdb.connect()
+    try:
+        con.register("timed", rows)
+        result = con.execute(
+            """
+            SELECT rule, count(*) AS jobs, sum(load_s) AS load_s, sum(compute_s) AS compute_s,
+                   sum(elapsed_s) AS elapsed_s, sum(load_s) / sum(elapsed_s) AS load_share
+            FROM timed GROUP BY rule ORDER BY rule
+            """
+        )
+        names = [d[0] for d in result.description]
+        out = [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+    finally:
+        con.close()
+    for row in out:
+        row["too_high"] = row["load_share"] > LOAD_SHARE_WARNING
+    return out

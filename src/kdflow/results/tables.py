@@ -4,6 +4,8 @@ in the database and docs/results.md are all made from :data:`TABLES`)."""
 from __future__ import annotations
 
 # {table: (comment, [(column, DuckDB type, comment), ...])}: the DDL, the DuckDB comments and docs/results.md.
+LOAD_SHARE_WARNING = 0.2  # a stage's load share above this is flagged (load_share.too_high, summary.md)
+
 TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     "runs": (
         "one row per evaluated model (runs, teacher, student init) and per training run directory",
@@ -136,6 +138,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
             ("complete", "BOOLEAN", "the file has its end line and the job's work succeeded (false: killed or failed)"),
             ("elapsed_s", "DOUBLE", "seconds measured (end line; without one, up to the last sample)"),
             ("tokens", "BIGINT", "tokens the job processed, as it reported them (NULL: none reported)"),
+            ("load_s", "DOUBLE", "seconds the job spent loading models (NULL: not reported)"),
+            ("compute_s", "DOUBLE", "seconds the job spent computing after the load (NULL: not reported)"),
             (
                 "energy_j",
                 "DOUBLE",
@@ -146,6 +150,22 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
             ("peak_gpu_mem_mb", "DOUBLE", "highest GPU memory in use on any one of its GPUs, MB (NULL: no GPU)"),
             ("peak_rss_mb", "DOUBLE", "highest resident memory of the job's processes, MB"),
             ("source", "VARCHAR", "the telemetry file"),
+        ],
+    ),
+    "load_share": (
+        "one row per stage (rule) whose jobs report their model-load seconds: the share of their time spent loading",
+        [
+            ("rule", "VARCHAR", "the rule (stage)"),
+            ("jobs", "INTEGER", "its jobs that report load_s (telemetry end lines)"),
+            ("load_s", "DOUBLE", "model-load seconds summed over those jobs"),
+            ("compute_s", "DOUBLE", "compute seconds summed over those jobs"),
+            ("elapsed_s", "DOUBLE", "the jobs' measured seconds summed (load, compute and the rest: I/O, set-up)"),
+            ("load_share", "DOUBLE", "load_s / elapsed_s"),
+            (
+                "too_high",
+                "BOOLEAN",
+                "load_share above 0.2: fewer, larger jobs would waste less (docs/cluster.md, shards sized by cost)",
+            ),
         ],
     ),
     "summary": (

@@ -22,6 +22,11 @@ def _opt_number(record: dict, key: str) -> bool:
     return v is None or (_is_number(v) and math.isfinite(float(v)))
 
 
+def _opt_float(record: dict | None, key: str) -> float | None:
+    value = None if record is None else record.get(key)
+    return None if value is None else float(value)
+
+
 def _max(*values: float | None) -> float | None:
     present = [float(v) for v in values if v is not None]
     return max(present) if present else None
@@ -114,7 +119,7 @@ def load_telemetry(path: str | Path, problems: list[str]) -> tuple[list[dict], d
         elif kind == "end":
             tokens = rec.get("tokens")
             bad = [k for k in ("elapsed_s",) if not _is_number(rec.get(k))]
-            bad += [k for k in ("energy_j",) if not _opt_number(rec, k)]
+            bad += [k for k in ("energy_j", "load_s", "compute_s") if not _opt_number(rec, k)]
             if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0):
                 bad.append("tokens")
             if bad:
@@ -143,6 +148,8 @@ def load_telemetry(path: str | Path, problems: list[str]) -> tuple[list[dict], d
         "complete": end is not None and end.get("ok", True) is not False,
         "elapsed_s": float(end["elapsed_s"]) if end is not None else last_elapsed,
         "tokens": tokens,
+        "load_s": _opt_float(end, "load_s"),
+        "compute_s": _opt_float(end, "compute_s"),
         "energy_j": None if energy is None else float(energy),
         "energy_per_token_j": float(energy) / tokens if energy is not None and tokens else None,
         "peak_gpu_mem_mb": peak_mem,

@@ -80,8 +80,10 @@ class Telemetry:
 
     The first sample is taken on entry and a last one on exit, so even a job shorter than the interval has
     two. The measured work may set :attr:`tokens` (tokens processed) for the end line, which the results turn
-    into energy per token. ``nvml``: a ``pynvml``-like module to use instead of importing ``pynvml`` (tests);
-    ``environ``: instead of ``os.environ`` (for ``CUDA_VISIBLE_DEVICES``). ``enabled=False`` writes nothing.
+    into energy per token, and :attr:`load_s` / :attr:`compute_s` (seconds spent loading models and computing),
+    which the results turn into each stage's load share. ``nvml``: a ``pynvml``-like module to use instead of
+    importing ``pynvml`` (tests); ``environ``: instead of ``os.environ`` (for ``CUDA_VISIBLE_DEVICES``).
+    ``enabled=False`` writes nothing.
     """
 
     def __init__(
@@ -99,6 +101,8 @@ class Telemetry:
         self.path, self.rule, self.job = Path(path), rule, job
         self.interval_s, self.enabled = float(interval_s), enabled
         self.tokens: int | None = None
+        self.load_s: float | None = None
+        self.compute_s: float | None = None
         self._nvml_module, self._environ = nvml, environ
         self._nvml: Any = None
         self._handles: list[tuple[int, Any]] = []
@@ -273,6 +277,8 @@ class Telemetry:
                         "t": time.time(),
                         "elapsed_s": time.monotonic() - self._t0,
                         "tokens": tokens,
+                        "load_s": None if self.load_s is None else float(self.load_s),
+                        "compute_s": None if self.compute_s is None else float(self.compute_s),
                         "energy_j": energy if energy is None or math.isfinite(energy) else None,
                         "ok": exc_type is None,
                     }
