@@ -7,12 +7,21 @@ dry run of a bare Snakefile with the same number of trivial jobs (Snakemake's ow
 
 Nothing needs to exist: no model, no dataset (the dry run runs in an empty temporary directory). The last
 line is one JSON object: dryrun_s (median seconds of `snakemake -n --profile profiles/slurm --configfile
-CONFIG`), floor_s (median of the bare Snakefile), jobs, the rounds, and slurm_import_s: how long importing
+CONFIG`), floor_s (median of the bare Snakefile), overhead_ratio (median over rounds of dry run / floor), jobs,
+the rounds, and slurm_import_s: how long importing
 snakemake-executor-plugin-slurm takes here (Snakemake imports it for every run; at import it asks `scontrol`
 about the cluster, which waits about 9 s where SLURM's commands are installed but no controller answers, as on
 a machine after `.ci/slurm/cluster.sh down`: both figures above then include that wait). With --floor-jobs,
 floor_by_jobs adds the bare floor (median seconds) at each of those job counts: what Snakemake alone needs for a
 DAG of that size, e.g. one with fewer jobs per shard.
+
+The same study with data.n_shards = --at-shards (default 2048; a second --configfile overrides it) is timed in
+the same rounds beside the floor at its job count: jobs_2048, dryrun_2048_s, floor_2048_s and
+overhead_ratio_2048, kdflow's planning cost per job against Snakemake's own for a study that does need
+thousands of shards (the keys keep their names for another --at-shards; at_shards says which). Beside them,
+floor_script_2048_s: the bare Snakefile whose trivial jobs are `script:` rules, as kdflow's are, and
+script_floor_ratio_2048 = that / floor_2048_s: the part of the ratio that is Snakemake's own cost of a `script:`
+job in a dry run (it reads every job's script through its source cache).
 """
 
 from __future__ import annotations
@@ -40,6 +49,11 @@ rule job:
 """
 
 
+# The same, each job a `script:` rule (as every kdflow rule is): what Snakemake itself adds per script job in a dry
+# run (it reads each job's script through its source cache to check that it is accessible).
+BARE_SCRIPT = BARE.replace('shell: "touch {{output}}"', 'script: "touch.py"')
+
+
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
@@ -49,9 +63,12 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     return elapsed, proc.stdout + proc.stderr
 
 
-def bare_snakefile(bare: Path, jobs: int, name: str = "Snakefile") -> list[str]:
-    """Write a Snakefile of `jobs` jobs (`all` and jobs - 1 trivial ones) in `bare`; the command to dry-run it."""
-    (bare / name).write_text(BARE.format(n=jobs - 1))
+def bare_snakefile(bare: Path, jobs: int, name: str = "Snakefile", script: bool = False) -> list[str]:
+    """Write a Snakefile of `jobs` jobs (`all` and jobs - 1 trivial ones) in `bare`; the command to dry-run it.
+    ``script``: the trivial jobs are `script:` rules (touch.py) instead of `shell:` ones."""
+    if script:
+        (bare / "touch.py").write_text("from pathlib import Path\n\nPath(snakemake.output[0]).touch()\n")
+    (bare / name).write_text((BARE_SCRIPT if script else BARE).format(n=jobs - 1))
     return [sys.executable, "-m", "snakemake", "-s", str(bare / name), "-d", str(bare), "-n", "--cores", "1"]
 
 
@@ -59,6 +76,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="config/llama70b.yaml")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--at-shards",
+        type=int,
+        default=2048,
+        help="also dry-run the same study with data.n_shards set to this, beside the floor at its job count "
+        "(overhead_ratio_2048; 0: skip)",
+    )
     ap.add_argument(
         "--floor-jobs",
         default="",
@@ -91,36 +115,73 @@ def main() -> None:
             "--configfile",
             str(config),
         ]
-        _, out = timed(real_cmd, study)
-        jobs = int(re.search(r"^total\s+(\d+)$", out, re.M).group(1))
+        jobs = job_count(timed(real_cmd, study)[1])
         # the bare Snakefile has `all` plus jobs - 1 jobs, like the study (whose `all` is one of its jobs)
         (bare / "in.txt").write_text("")
         bare_cmd = bare_snakefile(bare, jobs)
         slurm_import = timed([sys.executable, "-c", "import snakemake_executor_plugin_slurm"], bare)[0]
-        real, floor = [], []
+        many_cmd = many_bare = None
+        if args.at_shards:
+            override = Path(tmp) / f"n_shards_{args.at_shards}.yaml"
+            override.write_text(f"data:\n  n_shards: {args.at_shards}\n")
+            many_cmd = [*real_cmd, str(override)]  # --configfile takes both files; the second wins
+            many_jobs = job_count(timed(many_cmd, study)[1])
+            many_bare = bare_snakefile(bare, many_jobs, name="Snakefile.many")
+            many_script = bare_snakefile(bare, many_jobs, name="Snakefile.many_script", script=True)
+        real, floor, many, many_floor, many_script_floor = [], [], [], [], []
         for r in range(args.rounds):
             real.append(timed(real_cmd, study)[0])
             floor.append(timed(bare_cmd, bare)[0])
-            print(f"round {r}: dry run {real[-1]:.1f} s, bare Snakefile {floor[-1]:.1f} s", file=sys.stderr)
+            line = f"round {r}: dry run {real[-1]:.1f} s, bare Snakefile {floor[-1]:.1f} s"
+            if many_cmd:
+                many.append(timed(many_cmd, study)[0])
+                many_floor.append(timed(many_bare, bare)[0])
+                many_script_floor.append(timed(many_script, bare)[0])
+                line += (
+                    f"; at {args.at_shards} shards {many[-1]:.1f} s, bare {many_floor[-1]:.1f} s, "
+                    f"bare with script: rules {many_script_floor[-1]:.1f} s"
+                )
+            print(line, file=sys.stderr)
         by_jobs = {}
         for n in floor_jobs:
             cmd = bare_snakefile(bare, n, name=f"Snakefile.{n}")
             by_jobs[str(n)] = round(statistics.median(timed(cmd, bare)[0] for _ in range(args.rounds)), 2)
             print(f"bare Snakefile of {n} jobs: {by_jobs[str(n)]:.1f} s", file=sys.stderr)
-    print(
-        json.dumps(
+    result = {
+        "config": args.config,
+        "jobs": jobs,
+        "dryrun_s": round(statistics.median(real), 2),
+        "floor_s": round(statistics.median(floor), 2),
+        "overhead_ratio": ratio(real, floor),
+        "dryrun_rounds": [round(x, 2) for x in real],
+        "floor_rounds": [round(x, 2) for x in floor],
+        "slurm_import_s": round(slurm_import, 2),
+        "floor_by_jobs": by_jobs,
+    }
+    if many:
+        result.update(
             {
-                "config": args.config,
-                "jobs": jobs,
-                "dryrun_s": round(statistics.median(real), 2),
-                "floor_s": round(statistics.median(floor), 2),
-                "dryrun_rounds": [round(x, 2) for x in real],
-                "floor_rounds": [round(x, 2) for x in floor],
-                "slurm_import_s": round(slurm_import, 2),
-                "floor_by_jobs": by_jobs,
+                "at_shards": args.at_shards,
+                "jobs_2048": many_jobs,
+                "dryrun_2048_s": round(statistics.median(many), 2),
+                "floor_2048_s": round(statistics.median(many_floor), 2),
+                "overhead_ratio_2048": ratio(many, many_floor),
+                "floor_script_2048_s": round(statistics.median(many_script_floor), 2),
+                "script_floor_ratio_2048": ratio(many_script_floor, many_floor),
+                "dryrun_2048_rounds": [round(x, 2) for x in many],
+                "floor_2048_rounds": [round(x, 2) for x in many_floor],
             }
         )
-    )
+    print(json.dumps(result))
+
+
+def job_count(dry_run_output: str) -> int:
+    return int(re.search(r"^total\s+(\d+)$", dry_run_output, re.M).group(1))
+
+
+def ratio(real: list[float], floor: list[float]) -> float:
+    """The median of the per-round ratios (each round times both side by side)."""
+    return round(statistics.median(r / f for r, f in zip(real, floor, strict=True)), 3)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def lookup(method, *wildcard_names):
 
 model_config = lookup(PLAN.model_config, "model")
 model_role = lookup(PLAN.model_role, "model")
+prepare_settings = lookup(PLAN.prepare_settings, "model")
 prepare_inputs = lookup(PLAN.prepare_inputs, "model")
 cache_index_inputs = lookup(PLAN.cache_index_inputs, "cache")
 train_inputs = lookup(PLAN.train_inputs, "run")

@@ -6,7 +6,7 @@ rule prepare_models:
     params:
         model=model_config,
         role=model_role,
-        settings=config["prepare"],
+        settings=prepare_settings,
     threads: JOB_THREADS
     log:
         "results/logs/prepare_models/{model}.log",

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -17,15 +19,25 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_one_round_on_the_default_config_reports_every_key():
-    proc = run_bench("--config", "config/config.yaml", "--rounds", "1", "--floor-jobs", "3")
+    proc = run_bench("--config", "config/config.yaml", "--rounds", "1", "--floor-jobs", "3", "--at-shards", "8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["config"] == "config/config.yaml"
     # the default study's DAG: corpus; shard, topk_cache and hidden_cache for 4 shards + held-out; 2 models;
     # 3 cache indexes; 5 runs; 7 evaluations; parse_results; all
     assert result["jobs"] == 1 + 3 * 5 + 2 + 3 + 5 + 7 + 1 + 1
-    for key in ("dryrun_s", "floor_s", "slurm_import_s"):
+    for key in (
+        "dryrun_s",
+        "floor_s",
+        "slurm_import_s",
+        "overhead_ratio",
+        "dryrun_2048_s",
+        "floor_2048_s",
+        "floor_script_2048_s",
+    ):
         assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
+    assert result["at_shards"] == 8 and result["jobs_2048"] == result["jobs"] + 3 * (8 - 4)  # 3 jobs per shard
+    assert result["overhead_ratio_2048"] == pytest.approx(result["dryrun_2048_s"] / result["floor_2048_s"], abs=0.01)
     assert len(result["dryrun_rounds"]) == len(result["floor_rounds"]) == 1
     assert list(result["floor_by_jobs"]) == ["3"] and result["floor_by_jobs"]["3"] > 0
     assert "round 0: dry run" in proc.stderr and "bare Snakefile of 3 jobs" in proc.stderr

@@ -178,3 +178,17 @@ def _config(**cache) -> dict:
 def test_parallel_settings_that_do_not_go_together_are_refused(cache, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(_config(**cache))
+
+
+def test_the_teachers_heldout_perplexity_on_two_ranks_is_the_single_process_one(tmp_path, tiny_teacher_dir, shard):
+    """prepare_models of a teacher whose caches run tensor-parallel measures it on the same ranks."""
+    teacher = {"name": "teacher", "source": {"kind": "hf", "path": str(tiny_teacher_dir)}}
+    prep = dict(PREP, ppl_max_docs=10)
+    single = prepare_teacher(teacher, prep, tmp_path / "single" / "kdflow_model.json", shard)
+    parallel = {"device": "cpu", "parallel": "tensor", "tp_size": 2}
+    tp = prepare_teacher(teacher, dict(prep, teacher_parallel=parallel), tmp_path / "tp" / "kdflow_model.json", shard)
+    assert tp.heldout.tokens == single.heldout.tokens > 0 and tp.heldout.docs == single.heldout.docs == 10
+    assert tp.heldout.ppl == pytest.approx(single.heldout.ppl, rel=1e-5)
+    assert (tp.num_layers, tp.num_parameters) == (single.num_layers, single.num_parameters)
+    assert tp.tokenizer_fingerprint == single.tokenizer_fingerprint
+    assert not list((tmp_path / "tp").glob("*.json.*"))  # the task and result files are cleaned up

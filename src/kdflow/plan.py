@@ -172,6 +172,16 @@ class StudyPlan:
     def model_role(self, model: str) -> str:
         return "teacher" if model == self.teacher else "student"
 
+    def prepare_settings(self, model: str) -> dict[str, Any]:
+        """The prepare_models settings of one model: config ``prepare``; for the teacher of a study whose caches
+        run tensor-parallel, also ``teacher_parallel`` (``teacher_cache``'s device, parallel, tp_size), so that
+        its held-out perplexity runs on the same ranks."""
+        cache = self.config["teacher_cache"]
+        if self.model_role(model) == "teacher" and cache["parallel"] == "tensor":
+            keys = ("device", "parallel", "tp_size")
+            return {**self.config["prepare"], "teacher_parallel": {k: cache[k] for k in keys}}
+        return self.config["prepare"]
+
     def prepare_inputs(self, model: str) -> dict[str, str]:
         self.model_config(model)  # fails early on an unknown name
         inputs = {"heldout": HELDOUT_SHARD}

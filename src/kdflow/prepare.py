@@ -31,6 +31,7 @@ from kdflow.models import (
     tokenizer_fingerprint,
 )
 from kdflow.provenance import file_sha256, provenance
+from kdflow.teacher_parallel import job_ranks
 
 _LAYER_KEY = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
 
@@ -281,7 +282,58 @@ def _unmeasured(name, role, source, settings, student_of, weights: dict[str, Any
     )
 
 
-def _finish(info: ModelManifest, model, tokenizer, settings: dict, manifest: Path, heldout) -> ModelManifest:
+def _tensor_parallel_finish(
+    info: ModelManifest, settings: dict, manifest: Path, heldout, ranks: int, log_file
+) -> ModelManifest:
+    """The teacher measured on ``ranks`` tensor-parallel ranks (teacher_cache.parallel: tensor), as its caches run."""
+    from kdflow.shards import read_texts
+    from kdflow.teacher_parallel import run_on_ranks
+
+    resolved = resolve_load_path(info, manifest)
+    tokenizer = load_tokenizer(resolved)
+    texts = read_texts(heldout, settings["ppl_max_docs"])
+    if not texts:
+        raise ModelError(f"{heldout}: the held-out set is empty; raise data.heldout.fraction")
+    task = {
+        "kind": "perplexity",
+        "weights": {"load_path": resolved.load_path, "revision": resolved.revision},
+        "dtype": settings["dtype"],
+        "texts": texts,
+        "max_length": settings["max_length"],
+        "batch_size": settings["batch_size"],
+        "name": info.name,
+    }
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    result = run_on_ranks(
+        task,
+        manifest,
+        ranks,
+        settings["teacher_parallel"]["device"],
+        f"held-out perplexity of {info.name} on {ranks} tensor-parallel ranks",
+        "Nothing was written; a rerun starts it again.",
+        log_file=log_file,
+    )
+    measured = {"num_layers": result.pop("num_layers"), "num_parameters": result.pop("num_parameters")}
+    held = HeldoutPerplexity(**result, heldout_file=str(heldout), max_length=settings["max_length"])
+    log.info("%s: held-out perplexity %.2f over %d tokens of %d documents", info.name, held.ppl, held.tokens, held.docs)
+    info = replace(
+        info,
+        **measured,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_size=len(tokenizer),
+        heldout=held,
+        provenance=provenance(),
+    )
+    write_json(manifest, info.to_json())
+    return info
+
+
+def _finish(
+    info: ModelManifest, model, tokenizer, settings: dict, manifest: Path, heldout, log_file=None
+) -> ModelManifest:
+    ranks = job_ranks(settings["teacher_parallel"]) if "teacher_parallel" in settings else 1
+    if ranks > 1 and model is None and heldout is not None and settings["ppl_max_docs"] > 0:
+        return _tensor_parallel_finish(info, settings, manifest, heldout, ranks, log_file)
     if heldout is not None and settings["ppl_max_docs"] > 0 and model is None:
         resolved = resolve_load_path(info, manifest)
         model = load_model(resolved, settings["device"], settings["dtype"])

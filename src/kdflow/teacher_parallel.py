@@ -5,16 +5,19 @@ GPU computes while the others wait. With ``tensor`` each layer is split over all
 tensor-parallel plan (attention heads and MLP columns; an all-reduce after each block), and every rank runs
 every forward.
 
-How a cache job runs that way (:func:`run_tensor_parallel`, called by kdflow.teacher_pass.run_cache_rule):
+How a cache job runs that way (:func:`run_on_ranks`, from kdflow.teacher_pass.run_cache_rule):
 
 1. the rule's process writes the job to ``<partial_dir>.job.json`` and starts ``torchrun --standalone
    --nproc_per_node=N -m kdflow.cache_rank JOB`` (kdflow.launch.run_launched), N = :func:`job_ranks`;
 2. each rank (kdflow.cache_rank) initialises the process group (:func:`init_ranks`: NCCL on GPU ``LOCAL_RANK``,
    gloo on CPU), loads its slice of the teacher (kdflow.models.load_model with ``tp_size``) and runs the same
    pass as a single process (kdflow.teacher_pass): the same parts in the same order, rank 0 deciding which are
-   finished; rank 0 alone writes the parts, the outputs and ``<partial_dir>.summary.json``;
+   finished; rank 0 alone writes the parts, the outputs and its summary (``<partial_dir>.result.json``);
 3. the rule's process reads the summary. A rank that fails or is killed makes torchrun stop the others and exit
    non-zero: the job fails with a LaunchError, and the parts rank 0 finished stay for the rerun to resume from.
+
+The teacher's held-out perplexity in prepare_models runs on the same ranks (:func:`run_on_ranks`, a perplexity
+task: kdflow.prepare).
 
 Each rank's log lines (``rank<N>``) go to stderr and are appended to the rule's log file.
 """
@@ -30,7 +33,6 @@ from typing import Any
 import torch
 
 from kdflow.atomic import write_json
-from kdflow.cache_job import CacheJob
 from kdflow.errors import KdflowError
 from kdflow.launch import run_launched, single_node_command
 
@@ -76,30 +78,35 @@ def init_ranks(device: str) -> torch.device:
     return dev
 
 
-def job_files(job: CacheJob) -> tuple[Path, Path]:
-    """Where the rule's process leaves the job for the ranks, and where rank 0 leaves the summary."""
-    base = str(job.partial_dir)
-    return Path(base + ".job.json"), Path(base + ".summary.json")
+def job_files(work: Path) -> tuple[Path, Path]:
+    """Where the rule's process leaves a task for the ranks, and where rank 0 leaves its result: beside ``work``
+    (a cache job's partial directory, a prepared model's manifest)."""
+    return Path(f"{work}.job.json"), Path(f"{work}.result.json")
 
 
-def run_tensor_parallel(job: CacheJob, ranks: int, threads: int | None, log_file: str | Path | None) -> dict[str, Any]:
-    """Run ``job`` on ``ranks`` tensor-parallel ranks (torchrun on this node) and return rank 0's summary."""
-    job_file, summary_file = job_files(job)
-    summary_file.unlink(missing_ok=True)
-    per_rank = max(1, (threads or os.cpu_count() or 1) // ranks) if job.settings["device"] == "cpu" else 1
-    write_json(job_file, {"job": job.to_json(), "log_file": str(log_file) if log_file else None, "threads": per_rank})
+def run_on_ranks(
+    task: dict[str, Any],
+    work: Path,
+    ranks: int,
+    device: str,
+    what: str,
+    resume: str,
+    threads: int | None = None,
+    log_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run ``task`` (kdflow.cache_rank: a cache job or a held-out perplexity) on ``ranks`` tensor-parallel ranks
+    (torchrun on this node) and return rank 0's result; ``what`` and ``resume`` go into the error of a failed run."""
+    job_file, result_file = job_files(work)
+    result_file.unlink(missing_ok=True)
+    per_rank = max(1, (threads or os.cpu_count() or 1) // ranks) if device == "cpu" else 1
+    spec = {"task": task, "device": device, "log_file": str(log_file) if log_file else None, "threads": per_rank}
+    write_json(job_file, {**spec, "result_file": str(result_file)})
     env = dict(os.environ, OMP_NUM_THREADS=str(per_rank))
-    run_launched(
-        single_node_command(job_file, ranks, module="kdflow.cache_rank"),
-        f"{job.kind} cache job of {job.shard.stem} on {ranks} tensor-parallel ranks",
-        f"The parts rank 0 finished are kept in {job.partial_dir}: a rerun resumes from them.",
-        env=env,
-    )
+    run_launched(single_node_command(job_file, ranks, module="kdflow.cache_rank"), what, resume, env=env)
     try:
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        result = json.loads(result_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ParallelError(f"{summary_file}: every rank exited 0 but rank 0 left no summary ({e})") from None
-    summary_file.unlink()
+        raise ParallelError(f"{result_file}: every rank exited 0 but rank 0 left no result ({e})") from None
+    result_file.unlink()
     job_file.unlink(missing_ok=True)
-    summary["tensor_parallel_ranks"] = ranks
-    return summary
+    return result

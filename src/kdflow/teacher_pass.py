@@ -39,7 +39,7 @@ from kdflow.cache_format import (
 from kdflow.cache_job import CacheJob, Tokenised, pad_batch, rank_of_ranks, run_cache_job, tokenise_shard
 from kdflow.manifest import ModelManifest
 from kdflow.models import input_device, load_model, load_tokenizer, pad_id_of, read_manifest
-from kdflow.teacher_parallel import job_ranks, run_tensor_parallel
+from kdflow.teacher_parallel import job_ranks, run_on_ranks
 
 log = logging.getLogger(__name__)
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -307,6 +307,22 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
     summary["load_s"] = round(load_s, 3)
     summary["layers"] = layers
     summary["passes_per_token"] = max(layers) / n
+    return summary
+
+
+def run_tensor_parallel(job: CacheJob, ranks: int, threads: int | None, log_file: str | Path | None) -> dict[str, Any]:
+    """Run the cache ``job`` on ``ranks`` tensor-parallel ranks and return rank 0's summary."""
+    summary = run_on_ranks(
+        {"kind": "cache", "job": job.to_json()},
+        job.partial_dir,
+        ranks,
+        job.settings["device"],
+        f"{job.kind} cache job of {job.shard.stem} on {ranks} tensor-parallel ranks",
+        f"The parts rank 0 finished are kept in {job.partial_dir}: a rerun resumes from them.",
+        threads,
+        log_file,
+    )
+    summary["tensor_parallel_ranks"] = ranks
     return summary
 
 
