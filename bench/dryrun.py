@@ -21,7 +21,12 @@ overhead_ratio_2048, kdflow's planning cost per job against Snakemake's own for 
 thousands of shards (the keys keep their names for another --at-shards; at_shards says which). Beside them,
 floor_script_2048_s: the bare Snakefile whose trivial jobs are `script:` rules, as kdflow's are, and
 script_floor_ratio_2048 = that / floor_2048_s: the part of the ratio that is Snakemake's own cost of a `script:`
-job in a dry run (it reads every job's script through its source cache).
+job in a dry run (it reads every job's script through its source cache). And floor_shaped_2048_s: a Snakefile
+of kdflow's own rule shapes (per shard a shard job and the two cache jobs, with the same directives: named
+inputs and outputs, params, threads, log, benchmark, conda, script) and no kdflow code, dry-run with the same
+profile (jobs_shaped_2048 jobs): shaped_floor_ratio_2048 = that / floor_2048_s is what Snakemake itself costs per
+job for those directives and resources, and overhead_over_shaped_2048 = dryrun_2048_s / floor_shaped_2048_s is
+what kdflow's code (the plan, the input functions, the other rules) adds on top.
 """
 
 from __future__ import annotations
@@ -52,6 +57,71 @@ rule job:
 # The same, each job a `script:` rule (as every kdflow rule is): what Snakemake itself adds per script job in a dry
 # run (it reads each job's script through its source cache to check that it is accessible).
 BARE_SCRIPT = BARE.replace('shell: "touch {{output}}"', 'script: "touch.py"')
+
+
+# kdflow's own rule shapes without kdflow: per shard a `shard` job and the two cache jobs, with the directives
+# kdflow's rules carry (named inputs and outputs, a shared teacher manifest, params, threads, log, benchmark,
+# conda, script), dry-run with the same SLURM profile (so the same resources per job). What Snakemake itself
+# needs for a DAG of kdflow's shape; the study's time beyond it is kdflow's code (the plan, the input functions).
+SHAPED = """
+N = {n}
+rule all:
+    input: expand("cache/topk/{{i}}.parquet", i=range(N)), expand("cache/hidden/{{i}}.parquet", i=range(N))
+rule shard:
+    input: corpus="in.txt"
+    output: shard="shards/{{i}}.parquet"
+    log: "logs/shard/{{i}}.log"
+    conda: "env.yaml"
+    script: "touch.py"
+rule topk_cache:
+    input: shard="shards/{{i}}.parquet", teacher="manifest.json"
+    output: topk="cache/topk/{{i}}.parquet", embed="cache/embed/{{i}}.parquet"
+    params: settings={settings!r}, partial="cache/topk/{{i}}.parts"
+    threads: 1
+    log: "logs/topk_cache/{{i}}.log"
+    benchmark: "benchmarks/topk_cache/{{i}}.tsv"
+    conda: "env.yaml"
+    script: "touch.py"
+rule hidden_cache:
+    input: shard="shards/{{i}}.parquet", teacher="manifest.json"
+    output: hidden="cache/hidden/{{i}}.parquet"
+    params: settings={settings!r}, partial="cache/hidden/{{i}}.parts"
+    threads: 1
+    log: "logs/hidden_cache/{{i}}.log"
+    benchmark: "benchmarks/hidden_cache/{{i}}.tsv"
+    conda: "env.yaml"
+    script: "touch.py"
+"""
+# a cache job's settings as the plan gives them (their size, not their values, is what a dry run pays for)
+SHAPED_SETTINGS = {
+    "teacher": "teacher",
+    "k": 64,
+    "batch_size": 8,
+    "max_length": 2048,
+    "dtype": "bfloat16",
+    "device": "cuda",
+    "parallel": "tensor",
+    "tp_size": None,
+    "layers": [-1],
+    "pooling": "mean",
+    "seed": 0,
+    "threads": 1,
+}
+
+
+def shaped_snakefile(directory: Path, shards: int) -> list[str]:
+    """Write a Snakefile of kdflow's rule shapes over `shards` shards (3 * shards + 1 jobs) in `directory`; the
+    command that dry-runs it with the SLURM profile."""
+    directory.mkdir(exist_ok=True)
+    (directory / "touch.py").write_text("from pathlib import Path\n\nPath(snakemake.output[0]).touch()\n")
+    (directory / "env.yaml").write_text("channels: [conda-forge]\ndependencies: [python]\n")
+    for name in ("in.txt", "manifest.json"):
+        (directory / name).write_text("")
+    (directory / "Snakefile").write_text(SHAPED.format(n=shards, settings=SHAPED_SETTINGS))
+    return [
+        sys.executable, "-m", "snakemake", "-s", str(directory / "Snakefile"), "-d", str(directory), "-n",
+        "--profile", str(REPO / "profiles/slurm"),
+    ]  # fmt: skip
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
@@ -128,7 +198,9 @@ def main() -> None:
             many_jobs = job_count(timed(many_cmd, study)[1])
             many_bare = bare_snakefile(bare, many_jobs, name="Snakefile.many")
             many_script = bare_snakefile(bare, many_jobs, name="Snakefile.many_script", script=True)
-        real, floor, many, many_floor, many_script_floor = [], [], [], [], []
+            shaped = shaped_snakefile(Path(tmp) / "shaped", args.at_shards)
+            shaped_jobs = job_count(timed(shaped, Path(tmp) / "shaped")[1])
+        real, floor, many, many_floor, many_script_floor, many_shaped = [], [], [], [], [], []
         for r in range(args.rounds):
             real.append(timed(real_cmd, study)[0])
             floor.append(timed(bare_cmd, bare)[0])
@@ -137,9 +209,11 @@ def main() -> None:
                 many.append(timed(many_cmd, study)[0])
                 many_floor.append(timed(many_bare, bare)[0])
                 many_script_floor.append(timed(many_script, bare)[0])
+                many_shaped.append(timed(shaped, Path(tmp) / "shaped")[0])
                 line += (
                     f"; at {args.at_shards} shards {many[-1]:.1f} s, bare {many_floor[-1]:.1f} s, "
-                    f"bare with script: rules {many_script_floor[-1]:.1f} s"
+                    f"bare with script: rules {many_script_floor[-1]:.1f} s, kdflow's rule shapes without "
+                    f"kdflow {many_shaped[-1]:.1f} s"
                 )
             print(line, file=sys.stderr)
         by_jobs = {}
@@ -168,6 +242,10 @@ def main() -> None:
                 "overhead_ratio_2048": ratio(many, many_floor),
                 "floor_script_2048_s": round(statistics.median(many_script_floor), 2),
                 "script_floor_ratio_2048": ratio(many_script_floor, many_floor),
+                "jobs_shaped_2048": shaped_jobs,
+                "floor_shaped_2048_s": round(statistics.median(many_shaped), 2),
+                "shaped_floor_ratio_2048": ratio(many_shaped, many_floor),
+                "overhead_over_shaped_2048": ratio(many, many_shaped),
                 "dryrun_2048_rounds": [round(x, 2) for x in many],
                 "floor_2048_rounds": [round(x, 2) for x in many_floor],
             }

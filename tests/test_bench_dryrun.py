@@ -34,10 +34,16 @@ def test_one_round_on_the_default_config_reports_every_key():
         "dryrun_2048_s",
         "floor_2048_s",
         "floor_script_2048_s",
+        "floor_shaped_2048_s",
     ):
         assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
     assert result["at_shards"] == 8 and result["jobs_2048"] == result["jobs"] + 3 * (8 - 4)  # 3 jobs per shard
     assert result["overhead_ratio_2048"] == pytest.approx(result["dryrun_2048_s"] / result["floor_2048_s"], abs=0.01)
+    # kdflow's rule shapes without kdflow: shard, topk_cache and hidden_cache per shard, and `all`
+    assert result["jobs_shaped_2048"] == 3 * 8 + 1
+    assert result["overhead_over_shaped_2048"] == pytest.approx(
+        result["dryrun_2048_s"] / result["floor_shaped_2048_s"], abs=0.01
+    )
     assert len(result["dryrun_rounds"]) == len(result["floor_rounds"]) == 1
     assert list(result["floor_by_jobs"]) == ["3"] and result["floor_by_jobs"]["3"] > 0
     assert "round 0: dry run" in proc.stderr and "bare Snakefile of 3 jobs" in proc.stderr
