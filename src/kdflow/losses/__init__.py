@@ -7,13 +7,15 @@ result is ``0.0`` and still attached to the student's graph, so ``loss.backward(
 
 * :class:`CELoss` – next-token cross-entropy on the data (the "hard" targets).
 * :class:`TopKKDLoss` – response-based KD ("rb") against the teacher top-k cache.
+* :class:`SampledTailKDLoss` – forward KL against an exact head plus a sampled tail (an unbiased gradient).
 * :class:`FeatureKDLoss` – feature-based KD ("fb") against the teacher hidden-state cache.
 * :class:`RelationKDLoss` – relation-based KD ("relb", RKD) against the teacher embedding cache.
 * :func:`combine` – the weighted sum of the terms, refusing NaN/inf.
 
 One module a concern: :mod:`.ce` (CE and its targets), :mod:`.gathered` (log-softmax at chosen ids without
 the full [N, V] tensors), :mod:`.kd` (top-k KD, with the definitions of its buckets and divergences),
-:mod:`.feature`, :mod:`.relation`, :mod:`.weighted` (``combine``).
+:mod:`.sampled` (head plus sampled tail, and the draws), :mod:`.feature`, :mod:`.relation`,
+:mod:`.weighted` (``combine``).
 
 """
 
@@ -22,6 +24,7 @@ from kdflow.losses.feature import FeatureKDLoss
 from kdflow.losses.gathered import gathered_logprobs
 from kdflow.losses.kd import LOGPROB_FLOOR, Divergence, MissingMass, TopKKDLoss
 from kdflow.losses.relation import RelationKDLoss
+from kdflow.losses.sampled import SampledTailKDLoss
 from kdflow.losses.weighted import combine
 
 __all__ = [
@@ -34,5 +37,6 @@ __all__ = [
     "MissingMass",
     "TopKKDLoss",
     "RelationKDLoss",
+    "SampledTailKDLoss",
     "combine",
 ]

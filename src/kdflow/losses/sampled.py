@@ -1,0 +1,192 @@
+"""Response-based KD against an exact head plus a sampled tail: :class:`SampledTailKDLoss`, and
+:func:`tail_counts`, the draws that make such a tail from a teacher's full distribution.
+
+A row (one token position) holds the k head ids with their **full-vocabulary** teacher log-probabilities (as the
+top-k cache does), the log of the rest mass R = 1 − Σ_head p, and N draws with replacement from the teacher's
+distribution over the ids **outside** the head (each v ∉ head with probability p_v / R), kept as the sampled ids u
+and their counts c (Σ c = N; an id may come up several times). ``k = 0`` is Sparse Logit Sampling (Anshumann et
+al., ACL 2025: R = 1, the whole distribution is sampled); ``k > 0`` is an exact head with a sampled tail.
+
+* Target over the vocabulary: w_v = p_v on the head, w_u = R · c_u / N on the sampled ids, 0 elsewhere. Σ w = 1
+  exactly, and E[w] = p, because a draw lands on v ∉ head with probability p_v / R.
+* Loss: KL(w‖q) with q = softmax(z_s), the student's full-vocabulary distribution. Its gradient at the student's
+  logits is q − w (Σ w = 1), whose expectation over the draws is q − p: **the gradient of the full-vocabulary
+  forward KL, KL(p‖q), without bias**, at every position. Through the model the parameters' gradient is a linear
+  map of the logits' gradient for a given batch, so it is unbiased too.
+* The loss **value** is not an unbiased estimate of KL(p‖q): E[KL(w‖q)] = KL(p‖q) + E[Σ w log w] − Σ p log p, and
+  the difference depends on the teacher and the draws only, not the student (no gradient). It is ≥ 0, 0 when the
+  student's distribution is w itself, and tends to KL(p‖q) as N grows.
+* What is refused, and why:
+
+  - T ≠ 1. The tempered target p^(1/T) / Z needs the teacher's mass at every tail id and its normaliser; draws at
+    T = 1 give those only through a self-normalised importance weight, which is biased. Use T = 1, or no sampled
+    tail (the top-k loss, whose rest bucket is an approximation at T ≠ 1).
+  - reverse KL and JSD. Their gradients weight the student's own mass by log p at every id where the student has
+    any, and the draws give p at a handful of ids: no unbiased estimate exists from counts. Use forward KL.
+
+The divergence is averaged over the masked positions; 0.0 (with grad) when the mask is empty. The teacher side
+gets no gradient. The loss computes in float32 whatever its inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdflow.cache_format import LOGPROB_FLOOR
+
+
+class SampledTailKDLoss(nn.Module):
+    """Forward KL against an exact head plus a sampled tail; definitions in the module docstring.
+
+    Shapes: ``student_logits`` [B, L, V]; ``head_ids`` [B, L, k] (int) and ``head_logprobs`` [B, L, k] (k may be 0);
+    ``rest_logprob`` [B, L] (log R); ``sample_ids`` [B, L, m] (int, the unique sampled ids, padded with −1) and
+    ``sample_counts`` [B, L, m] (their counts, 0 at padding); ``mask`` [B, L] (1 = the position counts) -> scalar.
+    ``samples`` is N, the number of draws each row's counts sum to. Values at masked-out positions are never read.
+    """
+
+    def __init__(self, samples: int, temperature: float = 1.0, divergence: str = "forward_kl") -> None:
+        super().__init__()
+        if temperature != 1:
+            raise ValueError(
+                f"SampledTailKDLoss: temperature {temperature}: a sampled tail gives an unbiased KD gradient only at "
+                "T = 1 (the tempered tail would need the teacher's logits outside the head); set the temperature to "
+                "1, or use a cache without samples (samples: 0)"
+            )
+        if divergence != "forward_kl":
+            raise ValueError(
+                f"SampledTailKDLoss: divergence {divergence!r}: counts of draws from the teacher estimate only the "
+                "forward KL's gradient without bias (reverse KL and JSD need the teacher's log-probability wherever "
+                "the student has mass); use forward_kl, or a cache without samples (samples: 0)"
+            )
+        if not (isinstance(samples, int) and samples > 0):
+            raise ValueError(
+                f"SampledTailKDLoss: samples must be a positive int (the draws per position), got {samples!r}; a cache "
+                "with samples: 0 is a top-k cache, for TopKKDLoss"
+            )
+        self.samples = samples
+
+    def extra_repr(self) -> str:
+        return f"samples={self.samples}"
+
+    def target(
+        self,
+        head_logprobs: torch.Tensor,
+        rest_logprob: torch.Tensor,
+        sample_counts: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target weights (w on the head, w on the sampled ids), fp32: [..., k], [...], [..., m] -> [..., k],
+        [..., m]. Head entries at the cache's floor (−10000) are zero mass."""
+        head = head_logprobs.detach().float()
+        head_w = torch.where(head > LOGPROB_FLOOR, head.exp(), torch.zeros((), device=head.device))
+        rest = rest_logprob.detach().float()
+        rest_w = torch.where(rest > LOGPROB_FLOOR, rest.exp(), torch.zeros((), device=rest.device))
+        tail_w = rest_w.unsqueeze(-1) * sample_counts.detach().float() / self.samples
+        return head_w, tail_w
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        head_ids: torch.Tensor,
+        head_logprobs: torch.Tensor,
+        rest_logprob: torch.Tensor,
+        sample_ids: torch.Tensor,
+        sample_counts: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        b, l = mask.shape
+        if (
+            student_logits.dim() != 3
+            or student_logits.shape[:2] != (b, l)
+            or head_ids.shape[:2] != (b, l)
+            or head_logprobs.shape != head_ids.shape
+            or rest_logprob.shape != (b, l)
+            or sample_ids.shape[:2] != (b, l)
+            or sample_counts.shape != sample_ids.shape
+        ):
+            raise ValueError(
+                "SampledTailKDLoss: expected student_logits [B, L, V], head_ids and head_logprobs [B, L, k], "
+                "rest_logprob and mask [B, L], sample_ids and sample_counts [B, L, m]; got "
+                f"{tuple(student_logits.shape)}, {tuple(head_ids.shape)}, {tuple(head_logprobs.shape)}, "
+                f"{tuple(rest_logprob.shape)}, {tuple(mask.shape)}, {tuple(sample_ids.shape)}, "
+                f"{tuple(sample_counts.shape)}"
+            )
+        keep = mask != 0
+        if not bool(keep.any()):
+            return student_logits.sum().float() * 0.0  # exactly 0, still on the student's graph
+        vocab = student_logits.shape[-1]
+        z = student_logits[keep].float()  # [n, V]
+        counts = sample_counts[keep]
+        samp = torch.where(counts > 0, sample_ids[keep].long(), torch.zeros((), dtype=torch.long, device=z.device))
+        head = head_ids[keep].long()
+        ids = torch.cat([head, samp], -1)
+        if bool(((ids < 0) | (ids >= vocab)).any()):
+            raise ValueError(
+                f"SampledTailKDLoss: a teacher id at a masked-in position is outside the student's vocabulary "
+                f"[0, {vocab}); is the student using the teacher's tokenizer?"
+            )
+        drawn = counts.sum(-1)
+        if bool((drawn != self.samples).any()):
+            bad = int(drawn[drawn != self.samples][0])
+            raise ValueError(
+                f"SampledTailKDLoss: a position's sample counts sum to {bad}, not samples = {self.samples}; the cache "
+                "and the loss disagree on the number of draws"
+            )
+        head_w, tail_w = self.target(head_logprobs[keep], rest_logprob[keep], counts)
+        w = torch.cat([head_w, tail_w], -1)  # [n, k + m]; Σ = 1 up to the cache's rounding
+        log_q = z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
+        # KL(w‖q) = Σ w (log w − log q), 0 · log 0 = 0; repeated ids are fine (the sum is linear in w).
+        live = w > 0
+        log_w = torch.where(live, w, torch.ones((), device=w.device)).log()
+        per_row = torch.where(live, w * (log_w - log_q), torch.zeros((), device=w.device)).sum(-1)
+        return per_row.sum() / keep.sum()
+
+
+def tail_counts(
+    teacher_logprobs: torch.Tensor, k: int, samples: int, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The head and the sampled tail of each row of a teacher's full distribution.
+
+    ``teacher_logprobs`` [n, V] (log-softmax of the teacher's logits at T = 1), ``uniforms`` [n, samples] in [0, 1)
+    (the caller seeds them; the draws are a function of them alone) -> ``head_ids`` [n, k] (most probable
+    first), ``head_logprobs`` [n, k], ``rest_logprob`` [n] (log of the mass outside the head), ``sample_ids``
+    [n, samples] and ``sample_counts`` [n, samples]: the unique drawn ids, most drawn first, padded with −1 and
+    count 0. Each draw is the inverse CDF of the tail's distribution p_v / R (v ∉ head) at its uniform.
+    """
+    if uniforms.shape != (teacher_logprobs.shape[0], samples):
+        raise ValueError(
+            f"tail_counts: uniforms must be [{teacher_logprobs.shape[0]}, {samples}], got {tuple(uniforms.shape)}"
+        )
+    lp = teacher_logprobs.float()
+    head_logprobs, head_ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+    p = lp.double().exp()  # float64: a tail token of p ~ 1e-7 keeps its share of a 128k-long cumulative sum
+    if k:
+        p = p.scatter(-1, head_ids, 0.0)
+    cdf = p.cumsum(-1)
+    rest = cdf[:, -1]
+    rest_logprob = torch.where(rest > 0, rest.log(), torch.full_like(rest, LOGPROB_FLOOR)).float()
+    # inverse CDF at u · R: the id i with cdf[i-1] <= u R < cdf[i], which has mass. Rounding can put u R at or
+    # past the end; such a draw goes to the last id with mass (the one whose step it is).
+    draws = torch.searchsorted(cdf, (uniforms.double() * rest.unsqueeze(-1)).contiguous(), right=True)
+    ids = torch.arange(lp.shape[-1], device=lp.device)
+    last = torch.where(p > 0, ids, torch.full_like(ids, -1)).amax(-1, keepdim=True).clamp_min(0)
+    draws = torch.minimum(draws, last)
+    m = draws.shape[1]
+    sorted_draws, _ = draws.sort(-1)
+    first = torch.ones_like(sorted_draws, dtype=torch.bool)
+    first[:, 1:] = sorted_draws[:, 1:] != sorted_draws[:, :-1]
+    counts = torch.zeros_like(sorted_draws)
+    group = first.long().cumsum(-1) - 1  # index of each draw's unique id within its row
+    counts.scatter_add_(-1, group, torch.ones_like(sorted_draws))
+    uniq = torch.full_like(sorted_draws, -1)
+    uniq.scatter_(-1, group, sorted_draws)
+    order = counts.argsort(dim=-1, descending=True, stable=True)
+    sample_counts = counts.gather(-1, order)
+    sample_ids = torch.where(sample_counts > 0, uniq.gather(-1, order), torch.full_like(uniq, -1))
+    if m and rest.le(0).any():  # a row whose head holds all its mass: nothing to draw
+        none = rest.le(0)
+        sample_ids[none] = -1
+        sample_counts[none] = 0
+        sample_counts[none, 0] = samples  # the counts still sum to N; their weight R · c / N is 0
+        sample_ids[none, 0] = head_ids[none, 0] if k else 0
+    return head_ids, head_logprobs, rest_logprob, sample_ids, sample_counts

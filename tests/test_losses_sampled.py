@@ -1,0 +1,174 @@
+"""kdflow.losses.sampled: an exact head plus a sampled tail gives the full-vocabulary forward-KL gradient without
+bias; the draws follow the teacher's tail; what is not sound is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdflow.losses.sampled import SampledTailKDLoss, tail_counts
+
+V, ROWS = 40, 6
+
+
+def teacher_and_student(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    teacher = (torch.randn(ROWS, V, generator=g) * 2.5).log_softmax(-1)
+    student = torch.randn(ROWS, V, generator=g)
+    return teacher, student
+
+
+def draws(teacher: torch.Tensor, k: int, samples: int, rounds: int, seed: int = 1):
+    """``rounds`` independent sets of draws of every row, stacked as a batch [rounds, ROWS, ...]."""
+    g = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(rounds * ROWS, samples, generator=g, dtype=torch.float64)
+    out = tail_counts(teacher.repeat(rounds, 1), k, samples, uniforms)
+    return [t.reshape(rounds, ROWS, *t.shape[1:]) for t in out]
+
+
+def per_draw_gradients(student: torch.Tensor, cache, samples: int) -> torch.Tensor:
+    """The gradient at the student's logits of each round's loss, per row: [rounds, ROWS, V]."""
+    rounds = cache[0].shape[0]
+    z = student.expand(rounds, ROWS, V).clone().requires_grad_(True)
+    loss = SampledTailKDLoss(samples)(z, *cache, torch.ones(rounds, ROWS))
+    loss.backward()
+    return z.grad * rounds * ROWS  # the loss averages over every position of every round
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_the_mean_gradient_over_draws_is_the_full_kd_gradient(k):
+    teacher, student = teacher_and_student()
+    full = student.softmax(-1) - teacher.exp()  # d KL(p||q) / dz per row
+    rounds, samples = 4000, 12
+    grads = per_draw_gradients(student, draws(teacher, k, samples, rounds), samples).double()
+    # the standard error of the mean from the draws' distribution (not the sample's: an id too rare to be drawn in
+    # these rounds has a sample deviation of 0): a tail id's weight R c / N, c ~ Binomial(N, p / R), has variance
+    # R p (1 - p / R) / N; the head's weights are exact
+    p = teacher.double().exp()
+    head = torch.zeros_like(p, dtype=torch.bool)
+    if k:
+        head.scatter_(-1, teacher.topk(k, -1).indices, True)
+    rest = torch.where(head, 0.0, p).sum(-1, keepdim=True)
+    se = torch.where(head, 0.0, (rest * p * (1 - p / rest) / samples / rounds).sqrt())
+    err = (grads.mean(0) - full.double()).abs()
+    assert bool((err <= 5 * se + 1e-6).all()), float(((err - 1e-6) / (se + 1e-12)).max())
+    # and one round alone is not the full gradient: the test would catch a biased or a constant estimate
+    assert float((grads[0] - full).abs().max()) > 10 * float(se.max())
+
+
+def test_a_biased_target_fails_the_same_check():
+    """The check above has power: a top-4 cache renormalised over its head (no tail) is far outside it."""
+    teacher, student = teacher_and_student()
+    full = student.softmax(-1) - teacher.exp()
+    head = teacher.topk(4, -1)
+    renorm = torch.zeros_like(teacher).scatter(-1, head.indices, head.values.softmax(-1))
+    err = ((student.softmax(-1) - renorm) - full).abs().max()
+    assert float(err) > 0.05
+
+
+def test_a_tail_of_one_id_is_the_full_kl_exactly():
+    teacher, student = teacher_and_student()
+    # the teacher's mass on 5 ids only: a head of 4 and a tail of one id, which every draw hits
+    keep = teacher.topk(5, -1).indices
+    masked = torch.full_like(teacher, -float("inf")).scatter(-1, keep, teacher.gather(-1, keep)).log_softmax(-1)
+    cache = draws(masked, 4, 7, rounds=1)
+    assert bool((cache[4][..., 0] == 7).all()) and bool((cache[3][..., 1:] == -1).all())
+    z = student.unsqueeze(0).clone().requires_grad_(True)
+    loss = SampledTailKDLoss(7)(z, *cache, torch.ones(1, ROWS))
+    p = masked.exp()
+    full_kl = (torch.where(p > 0, p * (masked - student.log_softmax(-1)), torch.zeros(()))).sum(-1).mean()
+    assert float(loss) == pytest.approx(float(full_kl), rel=1e-5)
+    loss.backward()
+    assert torch.allclose(z.grad[0] * ROWS, student.softmax(-1) - p, atol=1e-6)
+
+
+def test_the_loss_value_tends_to_the_full_kl_with_many_draws():
+    teacher, student = teacher_and_student()
+    full_kl = float((teacher.exp() * (teacher - student.log_softmax(-1))).sum(-1).mean())
+    cache = draws(teacher, 2, 20000, rounds=1)
+    loss = float(SampledTailKDLoss(20000)(student.unsqueeze(0), *cache, torch.ones(1, ROWS)))
+    assert loss == pytest.approx(full_kl, abs=0.02)
+    assert loss >= 0
+
+
+def test_the_draws_are_a_function_of_the_uniforms_and_stay_outside_the_head():
+    teacher, _ = teacher_and_student()
+    a = draws(teacher, 4, 16, rounds=3, seed=5)
+    b = draws(teacher, 4, 16, rounds=3, seed=5)
+    c = draws(teacher, 4, 16, rounds=3, seed=6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[3], c[3])
+    head_ids, head_lp, rest_lp, ids, counts = a
+    assert bool((counts.sum(-1) == 16).all())
+    live = counts > 0
+    assert bool((ids[live] >= 0).all()) and bool((ids[~live] == -1).all())
+    assert not bool((ids.unsqueeze(-1) == head_ids.unsqueeze(-2)).any(-1)[live].any())  # never a head id
+    assert bool((counts[..., :-1] >= counts[..., 1:]).all())  # most drawn first
+    # the head is the teacher's top 4 with their full-vocabulary log-probs; the rest is the mass outside it
+    top = teacher.topk(4, -1)
+    assert torch.equal(head_ids[0], top.indices) and torch.allclose(head_lp[0], top.values)
+    assert torch.allclose(rest_lp[0].exp() + top.values.exp().sum(-1), torch.ones(ROWS), atol=1e-6)
+
+
+def test_a_head_holding_all_the_mass_has_a_weightless_tail():
+    teacher = torch.full((ROWS, V), -float("inf"))
+    teacher[:, :3] = torch.tensor([0.5, 0.3, 0.2]).log()
+    head_ids, _, rest_lp, ids, counts = tail_counts(teacher, 3, 8, torch.rand(ROWS, 8))
+    assert bool((rest_lp == -10000).all()) and bool((counts.sum(-1) == 8).all())
+    z = torch.randn(1, ROWS, V, requires_grad=True)
+    loss = SampledTailKDLoss(8)(
+        z,
+        head_ids[None],
+        teacher.gather(-1, head_ids)[None],
+        rest_lp[None],
+        ids[None],
+        counts[None],
+        torch.ones(1, ROWS),
+    )
+    loss.backward()
+    q = z.detach()[0].softmax(-1)
+    target = torch.zeros(ROWS, V)
+    target[:, :3] = torch.tensor([0.5, 0.3, 0.2])
+    assert torch.allclose(z.grad[0] * ROWS, q - target, atol=1e-6)
+
+
+def test_masked_positions_do_not_count_and_an_empty_mask_is_zero():
+    teacher, student = teacher_and_student()
+    cache = draws(teacher, 4, 12, rounds=1)
+    mask = torch.zeros(1, ROWS)
+    mask[0, :3] = 1
+    garbage = [t.clone() for t in cache]
+    garbage[0][0, 3:] = -7  # ids and values at masked-out rows are never read
+    garbage[1][0, 3:] = float("nan")
+    garbage[3][0, 3:] = 10**6
+    garbage[4][0, 3:] = 0
+    loss = SampledTailKDLoss(12)
+    assert float(loss(student[None], *garbage, mask)) == pytest.approx(
+        float(loss(student[None, :3], *[t[:, :3] for t in cache], torch.ones(1, 3))), rel=1e-6
+    )
+    z = student[None].clone().requires_grad_(True)
+    empty = loss(z, *cache, torch.zeros(1, ROWS))
+    empty.backward()
+    assert float(empty) == 0.0 and z.grad is not None
+
+
+def test_unsound_settings_and_inconsistent_rows_are_refused():
+    with pytest.raises(ValueError, match="temperature 2.0.*only at T = 1"):
+        SampledTailKDLoss(12, temperature=2.0)
+    for divergence in ("reverse_kl", "jsd"):
+        with pytest.raises(ValueError, match=f"divergence '{divergence}'.*forward_kl"):
+            SampledTailKDLoss(12, divergence=divergence)
+    with pytest.raises(ValueError, match="samples must be a positive int"):
+        SampledTailKDLoss(0)
+    teacher, student = teacher_and_student()
+    cache = draws(teacher, 4, 12, rounds=1)
+    with pytest.raises(ValueError, match="sum to 12, not samples = 16"):
+        SampledTailKDLoss(16)(student[None], *cache, torch.ones(1, ROWS))
+    bad = [t.clone() for t in cache]
+    bad[3][0, 0, 0] = V
+    with pytest.raises(ValueError, match="outside the student's vocabulary"):
+        SampledTailKDLoss(12)(student[None], *bad, torch.ones(1, ROWS))
+    with pytest.raises(ValueError, match=r"expected student_logits \[B, L, V\]"):
+        SampledTailKDLoss(12)(student, *cache, torch.ones(1, ROWS))
+    with pytest.raises(ValueError, match="uniforms must be"):
+        tail_counts(teacher, 4, 12, torch.rand(ROWS, 11))
