@@ -11,7 +11,8 @@ kdflow's writers (kdflow.teacher_pass / kdflow.cache_job / kdflow.cache_format) 
   the same batches); the per-round values, the ratio of the medians and the ratio of the fastest round
   of each batch (``*_best``: noise only adds time) are reported too.
 * bytes per token of real cache files: top-k at k=16 and k=64 and the hidden cache (one layer, all
-  tokens) per hidden dimension, each written by the real ``capture_topk`` / ``capture_hidden`` jobs
+  tokens) per hidden dimension, in float16 and in float8 (``hidden_dtype: float8``:
+  ``hidden_bytes_per_token_per_dim_fp8``), each written by the real ``capture_topk`` / ``capture_hidden`` jobs
   (``run_cache_job``: parts of ``rows_per_part`` documents, then ``assemble``, zstd).
 * passes per token: decoder-layer calls (forward hooks) during those real top-k and hidden jobs, in
   units of full passes (``num_layers`` x forward batches); the goal is 1 + l/L.
@@ -341,6 +342,11 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         counter.close()
     counts["hidden"] = (counter.layers, counter.forwards)
     sizes["hidden"] = summary["bytes"]["hidden"]
+    # the same hidden cache stored as float8 (e4m3 bytes + a float32 scale a position; not counted in passes)
+    fp8_outputs = {"hidden": cache_dir / f"hidden_l{layer}_fp8" / f"{shard.stem}.parquet"}
+    fp8_settings = {**hidden_settings, "hidden_dtype": "float8"}
+    summary = tp.capture_hidden(job("hidden", fp8_outputs, fp8_settings, f"hidden_l{layer}_fp8"), sub_setup)
+    sizes["hidden_fp8"] = summary["bytes"]["hidden"]
     # read back through the one reader: every token of the measured documents is there
     reader = CacheReader.open(outputs["hidden"], "hidden", {"layers": [layer]}, "bench/capture.py")
     assert sum(len(d["positions"]) for d in reader.iter_docs(["positions"])) == tokens
@@ -376,6 +382,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         "topk_bytes_per_token_k64": round(sizes["topk_k64"] / tokens, 2),
         "embed_bytes_per_doc": round(sizes[f"embed_k{ks[0]}"] / len(sub.ids), 1),
         "hidden_bytes_per_token_per_dim": round(sizes["hidden"] / (tokens * hidden_size), 4),
+        "hidden_bytes_per_token_per_dim_fp8": round(sizes["hidden_fp8"] / (tokens * hidden_size), 4),
         "naive_topk_bytes_per_token_k16": round(naive_sizes["topk_k16"] / tokens, 2),
         "naive_topk_bytes_per_token_k64": round(naive_sizes["topk_k64"] / tokens, 2),
         "naive_embed_bytes_per_doc": round(naive_sizes["embed"] / len(sub.ids), 1),
@@ -437,6 +444,7 @@ def print_table(r: dict[str, Any]) -> None:
             f"{r['hidden_bytes_per_token_per_dim']:.3f}",
             f"{r['naive_hidden_bytes_per_token_per_dim']:.3f}",
         ),
+        (f"hidden l{r['layer']} bytes/token/dim, float8", f"{r['hidden_bytes_per_token_per_dim_fp8']:.3f}", "-"),
         (
             "passes/token (3 caches)",
             f"{r['passes_per_token']:.3f} (goal {r['passes_goal']:.3f})",

@@ -419,3 +419,49 @@ def test_metadata_with_missing_or_unknown_keys_is_refused_naming_the_file(tmp_pa
     assert str(path) in text and "unknown keys ['extra']" in text and "missing keys ['shard_sha256']" in text
     assert "snakemake --force" in text
     assert CacheMeta.from_json(META.to_json()) == META
+
+
+def test_float8_encoding_rounds_each_value_within_e4m3s_step_at_its_positions_scale():
+    import torch
+
+    from kdflow.cache_format import E4M3_MAX, fp8_decode, fp8_encode
+
+    g = torch.Generator().manual_seed(0)
+    # positions of very different magnitudes (one with an outlier 300x its others, one of zeros, one tiny)
+    x = torch.randn(6, 64, generator=g)
+    x[1] *= 1000
+    x[2, 5] = 300.0
+    x[3] = 0.0
+    x[4] *= 1e-3
+    codes, scale = fp8_encode(x)
+    assert codes.dtype == np.uint8 and codes.shape == (6, 64) and scale.dtype == np.float32 and scale.shape == (6,)
+    assert scale[3] == 0 and np.all(codes[3] == 0)
+    assert not np.isin(codes, [0x7F, 0xFF]).any()  # e4m3's NaN codes are never written
+    back = fp8_decode(codes, scale).astype(np.float32)
+    want = x.numpy()
+    amax = np.abs(want).max(-1, keepdims=True)
+    assert np.array_equal(np.abs(back).max(-1), np.abs(want).max(-1).astype(np.float16).astype(np.float32))
+    bound = np.abs(want) / 16 + amax / E4M3_MAX * 2**-9 + np.abs(want) * 2**-10  # e4m3 step, subnormals, float16
+    assert np.all(np.abs(back - want) <= bound + 1e-12)
+    # the rounding is round-to-nearest, not truncation: the errors average out
+    rel = (back - want)[0] / np.abs(want[0])
+    assert abs(rel.mean()) < 0.01 < np.abs(rel).max()
+    with pytest.raises(ValueError, match="inf or NaN"):
+        fp8_encode(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_float8_hidden_schema_has_a_byte_a_value_and_a_scale_a_position(tmp_path):
+    from kdflow.cache_format import hidden_schema
+
+    schema = hidden_schema(6, [0, 3], "float8_e4m3")
+    assert schema.names == ["doc_index", "doc_id", "n_tokens", "positions"] + [
+        "hidden_l0",
+        "hidden_l0_scale",
+        "hidden_l3",
+        "hidden_l3_scale",
+    ]
+    assert schema.field("hidden_l3").type == pa.list_(pa.binary(6))
+    assert schema.field("hidden_l3_scale").type == pa.list_(pa.float32())
+    assert hidden_schema(6, [0]) == hidden_schema(6, [0], "float16")
+    with pytest.raises(ValueError, match="value_dtype 'int4'"):
+        hidden_schema(6, [0], "int4")

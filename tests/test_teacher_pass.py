@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -592,3 +593,85 @@ def test_sigkill_mid_job_leaves_no_output_and_the_rerun_resumes(tmp_path, shard,
     for name in ("topk", "embed"):
         assert tables_equal(job.outputs[name], clean_job.outputs[name]), name
     assert not job.partial_dir.exists()
+
+
+# --------------------------------------------------------------------------- float8 hidden states
+
+
+def test_float8_hidden_cache_is_within_e4m3s_rounding_and_a_byte_a_value(
+    tmp_path, shard, teacher_manifest, reference, topk_run
+):
+    layers = [1, 4]
+    job = hidden_job(tmp_path / "fp8", shard, teacher_manifest, hidden_layers=layers, hidden_dtype="float8")
+    summary = capture_hidden(job)
+    f16 = hidden_job(tmp_path / "fp16", shard, teacher_manifest, hidden_layers=layers)
+    capture_hidden(f16)
+    reader = CacheReader.open(job.outputs["hidden"], "hidden", expected={"layers": layers})
+    assert reader.meta.value_dtype == "float8_e4m3" and reader.meta.hidden_size == 32
+    docs = {d["doc_index"]: d for d in reader.iter_docs()}
+    tokens = 0
+    for i, doc in docs.items():
+        n = len(reference[i]["ids"])
+        tokens += n
+        assert set(doc) >= {f"hidden_l{x}" for x in layers} and not any(k.endswith("_scale") for k in doc)
+        for layer in layers:
+            got, want = doc[f"hidden_l{layer}"].astype(np.float32), reference[i]["hidden"][layer].numpy()
+            assert doc[f"hidden_l{layer}"].dtype == np.float16 and got.shape == (n, 32)
+            # e4m3: 3 mantissa bits, so at most 1/16 relative per value at the position's scale (amax / 448),
+            # plus the subnormal step below 2^-6 of it; the float16 cache's own rounding on top
+            amax = np.abs(want).max(-1, keepdims=True)
+            assert np.all(np.abs(got - want) <= np.abs(want) / 16 + amax / 448 * 2**-9 + H_TOL), (i, layer)
+            cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+            assert cos.min() > 0.998, (i, layer, cos.min())
+    # the values: one byte each plus a float32 scale a position, 1 + 4 / D bytes a dimension (1.125 at this
+    # teacher's D = 32; at most 1.1 from D = 40 on, 1.0005 at 8,192)
+    table = pq.read_table(job.outputs["hidden"])
+    for layer in layers:
+        codes = table.column(f"hidden_l{layer}").combine_chunks().flatten()
+        scales = table.column(f"hidden_l{layer}_scale").combine_chunks().flatten()
+        assert codes.type == pa.binary(32) and len(codes) == tokens
+        assert scales.type == pa.float32() and len(scales) == tokens
+    # on disk (zstd): the values' column chunks, against the float16 file's
+    sizes = {}
+    for path in (job.outputs["hidden"], f16.outputs["hidden"]):
+        md = pq.ParquetFile(path).metadata
+        for rg in range(md.num_row_groups):
+            for c in range(md.num_columns):
+                col = md.row_group(rg).column(c)
+                if col.path_in_schema.startswith("hidden_l"):
+                    sizes[path] = sizes.get(path, 0) + col.total_compressed_size
+    per_dim = sizes[job.outputs["hidden"]] / (tokens * 32 * len(layers))
+    assert per_dim <= 1 + 4 / 32 + 0.02, per_dim
+    assert sizes[f16.outputs["hidden"]] / (tokens * 32 * len(layers)) > 1.7
+    assert summary["bytes"]["hidden"] < f16.outputs["hidden"].stat().st_size
+    # training's loader decodes the same values as the reader, beside the top-k file of the same shard
+    from kdflow.cache_loader import CacheStream, ShardCaches
+
+    stream = CacheStream([ShardCaches(topk=topk_run[0].outputs["topk"], hidden=job.outputs["hidden"])], seed=0)
+    items = list(stream)
+    assert len(items) == len(docs)
+    for item in items:
+        doc = docs[item["doc_index"]]
+        assert np.array_equal(item["hidden_positions"], doc["positions"])
+        for layer in layers:
+            assert item["hidden"][layer].dtype == np.float16
+            assert np.array_equal(item["hidden"][layer], doc[f"hidden_l{layer}"])
+
+
+def test_float8_hidden_cache_is_byte_identical_on_a_rerun_and_not_resumed_from_float16(
+    tmp_path, shard, teacher_manifest, monkeypatch
+):
+    job = hidden_job(tmp_path / "a", shard, teacher_manifest, hidden_dtype="float8")
+    capture_hidden(job)
+    again = hidden_job(tmp_path / "b", shard, teacher_manifest, hidden_dtype="float8")
+    capture_hidden(again)
+    assert job.outputs["hidden"].read_bytes() == again.outputs["hidden"].read_bytes()
+    # a float16 job killed after its first part: the float8 job in the same place computes every part anew
+    mixed = hidden_job(tmp_path / "c", shard, teacher_manifest)
+    with monkeypatch.context() as m:
+        kill_at_write(m, 2)
+        with pytest.raises(Killed):
+            capture_hidden(mixed)
+    summary = capture_hidden(hidden_job(tmp_path / "c", shard, teacher_manifest, hidden_dtype="float8"))
+    assert summary["parts_resumed"] == 0
+    assert tables_equal(mixed.outputs["hidden"], job.outputs["hidden"])

@@ -38,7 +38,15 @@ import pyarrow.parquet as pq
 import torch
 
 from kdflow.cache_batch import collate  # noqa: F401  (re-exported: batches of this stream's items)
-from kdflow.cache_format import CacheError, CacheMismatch, CacheReader, list_values, split_expected
+from kdflow.cache_format import (
+    FP8,
+    CacheError,
+    CacheMismatch,
+    CacheReader,
+    decode_fp8_columns,
+    list_values,
+    split_expected,
+)
 
 # Must be equal in the files of one shard: same shard file, same teacher and tokenisation.
 SAME_SHARD_KEYS = ("shard", "shard_sha256")
@@ -339,7 +347,11 @@ class CacheStream(torch.utils.data.IterableDataset):
         if "hidden" in sh.readers:
             hr = sh.readers["hidden"]
             layers = list(hr.meta.layers)
-            th = _read_row_group(hr.path, gi, ["doc_index", "n_tokens", "positions"] + [f"hidden_l{x}" for x in layers])
+            fp8 = hr.meta.value_dtype == FP8
+            states_cols = [f"hidden_l{x}" for x in layers] + ([f"hidden_l{x}_scale" for x in layers] if fp8 else [])
+            th = _read_row_group(hr.path, gi, ["doc_index", "n_tokens", "positions", *states_cols])
+            if fp8:  # decoded to float16 [p, D], as a float16 file's values
+                th = decode_fp8_columns(th)
             width = th.column(f"hidden_l{layers[0]}").type.value_type.list_size
             _check_rows(top.path, hr.path, gi, doc_index, th.column("doc_index").to_numpy(), "doc_index")
             _check_rows(top.path, hr.path, gi, lengths, th.column("n_tokens").to_numpy(), "n_tokens")

@@ -31,7 +31,7 @@ RESULTS = ["results/kdflow.duckdb", "results/summary.csv", "results/summary.md",
 COMMON_CACHE_SETTINGS = ("max_length", "batch_size", "rows_per_part", "device", "parallel", "tp_size", "dtype")
 CACHE_SETTINGS = {
     "topk": (*COMMON_CACHE_SETTINGS, "k"),
-    "hidden": (*COMMON_CACHE_SETTINGS, "hidden_layers", "hidden_token_ratio", "hidden_token_seed"),
+    "hidden": (*COMMON_CACHE_SETTINGS, "hidden_layers", "hidden_token_ratio", "hidden_token_seed", "hidden_dtype"),
 }
 
 

@@ -27,13 +27,17 @@ import numpy as np
 import torch
 
 from kdflow.cache_format import (
+    FP8,
+    HIDDEN_DTYPES,
     LOGPROB_FLOOR,
     CacheError,
     CacheMeta,
     embed_schema,
     fixed,
+    fp8_encode,
     hidden_schema,
     ragged,
+    ragged_bytes,
     topk_schema,
 )
 from kdflow.cache_job import CacheJob, Tokenised, pad_batch, rank_of_ranks, run_cache_job, tokenise_shard
@@ -246,9 +250,12 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
             f"(0 = embeddings, {n} = after the final norm)"
         )
     hidden_size = model.config.hidden_size
-    base = job.base_meta(info, tokenizer, n, ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"])
+    value_dtype = HIDDEN_DTYPES[s.get("hidden_dtype", "float16")]
+    keys = ["hidden_layers", "hidden_token_ratio", "hidden_token_seed"]
+    # the default (float16) is hashed as before the setting existed, so that caches built then are still resumed
+    base = job.base_meta(info, tokenizer, n, keys if value_dtype == "float16" else [*keys, "hidden_dtype"])
     meta = CacheMeta(
-        **base,
+        **{**base, "value_dtype": value_dtype},
         cache="hidden",
         layers=tuple(layers),
         hidden_size=hidden_size,
@@ -284,6 +291,11 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
             "positions": ragged(np.concatenate(pos_l), lengths),
         }
         for layer in layers:
+            if value_dtype == FP8:  # per-position scales: nothing saturates, nothing is clamped
+                codes, scale = fp8_encode(torch.cat(per_layer[layer]))
+                cols[f"hidden_l{layer}"] = ragged_bytes(codes, lengths)
+                cols[f"hidden_l{layer}_scale"] = ragged(scale, lengths)
+                continue
             values, n_clamped = _to_f16(torch.cat(per_layer[layer]))
             clamped[0] += n_clamped
             cols[f"hidden_l{layer}"] = ragged(values, lengths)
@@ -293,7 +305,7 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
         summary = run_cache_job(
             job,
             {"hidden": meta},
-            {"hidden": hidden_schema(hidden_size, layers)},
+            {"hidden": hidden_schema(hidden_size, layers, value_dtype)},
             tok,
             make_part,
             f"hidden {layers} {job.shard.stem}",
