@@ -347,6 +347,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     fp8_settings = {**hidden_settings, "hidden_dtype": "float8"}
     summary = tp.capture_hidden(job("hidden", fp8_outputs, fp8_settings, f"hidden_l{layer}_fp8"), sub_setup)
     sizes["hidden_fp8"] = summary["bytes"]["hidden"]
+    fp8_error = fp8_against_fp16(outputs["hidden"], fp8_outputs["hidden"], layer)
     # read back through the one reader: every token of the measured documents is there
     reader = CacheReader.open(outputs["hidden"], "hidden", {"layers": [layer]}, "bench/capture.py")
     assert sum(len(d["positions"]) for d in reader.iter_docs(["positions"])) == tokens
@@ -383,6 +384,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         "embed_bytes_per_doc": round(sizes[f"embed_k{ks[0]}"] / len(sub.ids), 1),
         "hidden_bytes_per_token_per_dim": round(sizes["hidden"] / (tokens * hidden_size), 4),
         "hidden_bytes_per_token_per_dim_fp8": round(sizes["hidden_fp8"] / (tokens * hidden_size), 4),
+        **fp8_error,
         "naive_topk_bytes_per_token_k16": round(naive_sizes["topk_k16"] / tokens, 2),
         "naive_topk_bytes_per_token_k64": round(naive_sizes["topk_k64"] / tokens, 2),
         "naive_embed_bytes_per_doc": round(naive_sizes["embed"] / len(sub.ids), 1),
@@ -418,6 +420,25 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     return result
 
 
+def fp8_against_fp16(fp16: Path, fp8: Path, layer: int) -> dict[str, float]:
+    """How far the float8 hidden cache's decoded values are from the float16 cache's, position by position:
+    relative L2 error ||h8 - h16|| / ||h16|| (mean and max) and the smallest cosine similarity."""
+    column = f"hidden_l{layer}"
+    a = {d["doc_index"]: d[column] for d in CacheReader.open(fp16, "hidden").iter_docs(["doc_index", column])}
+    b = {d["doc_index"]: d[column] for d in CacheReader.open(fp8, "hidden").iter_docs(["doc_index", column])}
+    ref = np.concatenate([a[i] for i in sorted(a)]).astype(np.float64)
+    got = np.concatenate([b[i] for i in sorted(a)]).astype(np.float64)
+    norm = np.linalg.norm(ref, axis=-1)
+    live = norm > 0
+    rel = np.linalg.norm(got - ref, axis=-1)[live] / norm[live]
+    cos = (got * ref).sum(-1)[live] / (np.linalg.norm(got, axis=-1)[live] * norm[live])
+    return {
+        "hidden_fp8_rel_err_mean": round(float(rel.mean()), 5),
+        "hidden_fp8_rel_err_max": round(float(rel.max()), 5),
+        "hidden_fp8_cos_min": round(float(cos.min()), 6),
+    }
+
+
 def print_table(r: dict[str, Any]) -> None:
     rows = [
         ("tokens/s (median of rounds)", f"{r['capture_tokens_per_s']:.0f}", f"{r['naive_capture_tokens_per_s']:.0f}"),
@@ -445,6 +466,11 @@ def print_table(r: dict[str, Any]) -> None:
             f"{r['naive_hidden_bytes_per_token_per_dim']:.3f}",
         ),
         (f"hidden l{r['layer']} bytes/token/dim, float8", f"{r['hidden_bytes_per_token_per_dim_fp8']:.3f}", "-"),
+        (
+            "  float8 vs float16: rel. L2 error mean/max",
+            f"{r['hidden_fp8_rel_err_mean']:.4f}/{r['hidden_fp8_rel_err_max']:.4f}",
+            "-",
+        ),
         (
             "passes/token (3 caches)",
             f"{r['passes_per_token']:.3f} (goal {r['passes_goal']:.3f})",
