@@ -424,7 +424,7 @@ def test_metadata_with_missing_or_unknown_keys_is_refused_naming_the_file(tmp_pa
 def test_float8_encoding_rounds_each_value_within_e4m3s_step_at_its_positions_scale():
     import torch
 
-    from kdflow.cache_format import E4M3_MAX, fp8_decode, fp8_encode
+    from kdflow.cache_fp8 import E4M3_MAX, fp8_decode, fp8_encode
 
     g = torch.Generator().manual_seed(0)
     # positions of very different magnitudes (one with an outlier 300x its others, one of zeros, one tiny)

@@ -21,18 +21,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdflow.cache_fp8 import FP8, decode_fp8_columns
 from kdflow.errors import KdflowError
 from kdflow.json_types import dataclass_problems
 
 if TYPE_CHECKING:
-    import torch
-
     from kdflow.manifest import ModelManifest
 
 FORMAT_VERSION = 1
 META_PREFIX = "kdflow."
 LOGPROB_FLOOR = -1.0e4  # log-probabilities below this (incl. -inf) are stored as this: the cache's "zero mass"
-FP8 = "float8_e4m3"  # CacheMeta.value_dtype of a hidden-state cache stored as e4m3 bytes with per-position scales
 
 # The metadata keys of each cache kind besides the common ones and ``cache`` (the kind itself), in the order they
 # are written (docs/cache_format.md "Key/value metadata"); the common keys are the fields of :class:`CacheMeta`
@@ -189,66 +187,6 @@ def hidden_schema(hidden: int, layers: Sequence[int], value_dtype: str = "float1
     return pa.schema(fields)
 
 
-# --------------------------------------------------------------------------- float8 (e4m3) hidden states
-
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
-
-
-def fp8_encode(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """[T, D] float -> (uint8 [T, D] e4m3 bytes, float32 [T] scales): each position scaled by its own
-    max |x| / 448, so that its largest value is e4m3's largest and nothing saturates. A position of zeros has
-    scale 0 (and decodes to zeros). Relative rounding error of each value: at most 2^-4 (3 mantissa bits), plus
-    e4m3's subnormal step (2^-9 x scale) for values under 2^-6 x scale."""
-    import torch
-
-    x = x.float()
-    amax = x.abs().amax(-1)
-    if not bool(torch.isfinite(amax).all()):
-        raise ValueError("fp8_encode: a hidden state holds inf or NaN; the teacher's forward is broken")
-    scale = amax / E4M3_MAX
-    safe = torch.where(scale > 0, scale, torch.ones((), dtype=scale.dtype, device=scale.device))
-    q = (x / safe.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.view(torch.uint8).cpu().numpy(), scale.cpu().numpy().astype(np.float32)
-
-
-def ragged_bytes(codes: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
-    """:func:`ragged` for uint8 [T, D] rows stored as one fixed-size binary value each."""
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] != len(codes):
-        raise ValueError(f"ragged_bytes: lengths sum to {offsets[-1]} but there are {len(codes)} rows")
-    inner = pa.FixedSizeBinaryArray.from_buffers(pa.binary(codes.shape[1]), len(codes), [None, pa.py_buffer(codes)])
-    return pa.ListArray.from_arrays(pa.array(offsets), inner)
-
-
-def bytes_values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`ragged_bytes`: (uint8 [T, D], lengths [n]), without Python objects."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy()
-    inner = arr.values
-    width = inner.type.byte_width
-    start = (inner.offset + offsets[0]) * width
-    data = np.frombuffer(inner.buffers()[1], dtype=np.uint8)[start : start + (offsets[-1] - offsets[0]) * width]
-    return data.reshape(-1, width), np.diff(offsets)
-
-
-_E4M3_TABLE: np.ndarray | None = None
-
-
-def fp8_decode(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`fp8_encode`: uint8 [T, D], float32 [T] -> float16 [T, D] (one table lookup and one
-    multiply per value; values beyond float16's range, ±65504, are clamped to it)."""
-    global _E4M3_TABLE
-    if _E4M3_TABLE is None:
-        import torch
-
-        table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-        _E4M3_TABLE = np.nan_to_num(table, nan=0.0)  # 0x7f/0xff are e4m3's NaN; fp8_encode never writes them
-    values = _E4M3_TABLE[codes] * scale.astype(np.float32)[:, None]
-    return np.clip(values, -65504.0, 65504.0).astype(np.float16)
-
-
 # --------------------------------------------------------------------------- arrays
 
 
@@ -401,20 +339,6 @@ def assemble(parts: Sequence[Path], out: Path, meta: CacheMeta) -> int:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def decode_fp8_columns(table: pa.Table) -> pa.Table:
-    """A table of a float8 hidden-state file with every ``hidden_l<l>`` (and its ``_scale``) replaced by the
-    decoded float16 column, as a float16 file holds it."""
-    for name in [n for n in table.column_names if n.startswith("hidden_l") and not n.endswith("_scale")]:
-        codes, lengths = bytes_values(table.column(name))
-        scale, n = list_values(table.column(f"{name}_scale"))
-        if not np.array_equal(lengths, n):
-            raise CacheError(f"{name}_scale has other lengths than {name}; the file is damaged")
-        index = table.column_names.index(name)
-        table = table.set_column(index, name, ragged(fp8_decode(codes, scale), lengths))
-        table = table.remove_column(table.column_names.index(f"{name}_scale"))
-    return table
 
 
 @dataclass

@@ -38,15 +38,8 @@ import pyarrow.parquet as pq
 import torch
 
 from kdflow.cache_batch import collate  # noqa: F401  (re-exported: batches of this stream's items)
-from kdflow.cache_format import (
-    FP8,
-    CacheError,
-    CacheMismatch,
-    CacheReader,
-    decode_fp8_columns,
-    list_values,
-    split_expected,
-)
+from kdflow.cache_format import CacheError, CacheMismatch, CacheReader, list_values, split_expected
+from kdflow.cache_fp8 import FP8, decode_fp8_columns
 
 # Must be equal in the files of one shard: same shard file, same teacher and tokenisation.
 SAME_SHARD_KEYS = ("shard", "shard_sha256")

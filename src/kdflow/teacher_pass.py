@@ -27,19 +27,17 @@ import numpy as np
 import torch
 
 from kdflow.cache_format import (
-    FP8,
     HIDDEN_DTYPES,
     LOGPROB_FLOOR,
     CacheError,
     CacheMeta,
     embed_schema,
     fixed,
-    fp8_encode,
     hidden_schema,
     ragged,
-    ragged_bytes,
     topk_schema,
 )
+from kdflow.cache_fp8 import FP8, fp8_encode, ragged_bytes
 from kdflow.cache_job import CacheJob, Tokenised, pad_batch, rank_of_ranks, run_cache_job, tokenise_shard
 from kdflow.manifest import ModelManifest
 from kdflow.models import input_device, load_model, load_tokenizer, pad_id_of, read_manifest
