@@ -549,24 +549,14 @@ def _tiny_teacher(root: Path) -> tuple[Path, Path, dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from kdflow.config import validate_config
     from kdflow.prepare import prepare_teacher
+    from tiny import byte_bpe_tokenizer
 
     texts = [f"def f{i}(x):\n    return x * {i} + {i * i}  # piece {i}\n" * (1 + i % 4) for i in range(24)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = byte_bpe_tokenizer(texts)
     torch.manual_seed(0)
     hf = root / "hf"
     shape = {**TINY, "vocab_size": len(tokenizer) + 3, "num_hidden_layers": 4}

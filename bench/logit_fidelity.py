@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 import tempfile
@@ -69,6 +68,7 @@ import torch
 from kdflow.cache_format import FORMAT_VERSION, LOGPROB_FLOOR, CacheMeta, PartWriter, ragged, topk_schema
 from kdflow.losses.kd import TopKKDLoss
 from kdflow.losses.sampled import SampledTailKDLoss, tail_counts
+from tiny import quiet_logs
 
 ME = "bench/logit_fidelity.py"
 # (name, k, samples, kind)
@@ -463,11 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     args.documents = args.documents or (4 if args.quick else 16)
     if min(args.documents, args.draw_seeds, args.threads) < 1 or args.max_positions < 2:
         ap.error("--documents, --draw-seeds and --threads must be >= 1, --max-positions >= 2")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet_logs()
     torch.set_num_threads(args.threads)
     if args.quick:
         inp = quick_inputs(args.documents, args.max_positions)

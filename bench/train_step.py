@@ -41,7 +41,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import logging
 import math
 import shutil
 import statistics
@@ -60,6 +59,7 @@ from kdflow.corpus import shard_name
 from kdflow.models import pad_id_of
 from kdflow.runs import RunSpec, expand_runs, run_name
 from kdflow.train import Trainer, TrainJob
+from tiny import quiet_logs
 
 MODES = ("ce", "rb", "fb", "relb")
 # The schema's default modes (config/schema.yaml, training.modes), used when the config has no such mode.
@@ -137,20 +137,11 @@ def _quick_texts(offset: int, n: int) -> list[str]:
 
 def _quick_model_dir(path: Path) -> Path:
     """A random 4-layer, 32-wide Llama with a byte-level BPE tokenizer (as tests/tiny_models.py builds)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_quick_texts(0, 40), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    from tiny import byte_bpe_tokenizer
+
+    tokenizer = byte_bpe_tokenizer(_quick_texts(0, 40))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer) + 3,
@@ -494,11 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     args.rounds = args.rounds or (2 if args.quick else 3)
     if min(args.steps, args.rounds, args.threads) < 1 or args.warmup < 0:
         ap.error("--steps, --rounds and --threads must be >= 1, --warmup >= 0")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet_logs()
     torch.set_num_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="kdflow-bench-train-"))
