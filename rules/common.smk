@@ -23,7 +23,7 @@ if PLAN.deferred and workflow.is_main_process:
 
 wildcard_constraints:
     shard=SHARD_PATTERN,
-    cache="topk_k[0-9]+|embed|hidden_l[0-9-]+",
+    cache="topk_k[0-9]+(_s[0-9]+)?|embed|hidden_l[0-9-]+",
     model="[A-Za-z0-9][A-Za-z0-9._-]*",
     run=RUN_NAME_PATTERN,
 
@@ -43,6 +43,8 @@ TEACHER = PLAN.teacher
 TOPK_NAME = PLAN.topk_name
 HIDDEN_NAME = PLAN.hidden_name
 CACHE = PLAN.cache_dir
+# The extra logit caches' names (rule logit_cache), as a wildcard pattern; none matches nothing.
+EXTRA_LOGITS = "|".join(PLAN.extra_logit_names) or "(?!x)x"
 
 
 def lookup(method, *wildcard_names):
@@ -62,6 +64,7 @@ model_role = lookup(PLAN.model_role, "model")
 prepare_settings = lookup(PLAN.prepare_settings, "model")
 prepare_inputs = lookup(PLAN.prepare_inputs, "model")
 cache_index_inputs = lookup(PLAN.cache_index_inputs, "cache")
+logit_settings = lookup(PLAN.logit_settings, "logits")
 train_inputs = lookup(PLAN.train_inputs, "run")
 run_spec = lookup(PLAN.run_spec, "run")
 train_gpus = lookup(PLAN.train_gpus, "run")

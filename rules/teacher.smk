@@ -22,6 +22,30 @@ rule topk_cache:
         "../workflow/scripts/topk_cache.py"
 
 
+# A logit cache of runs that ask for another k or samples than the study's (teacher_logits): the training shards
+# only, no embed file. The same job as topk_cache otherwise (one full teacher pass).
+rule logit_cache:
+    input:
+        shard="results/shards/{shard}.parquet",
+        teacher=model_manifest(TEACHER),
+    output:
+        topk=f"{CACHE}/{{logits}}/{{shard}}.parquet",
+    wildcard_constraints:
+        logits=EXTRA_LOGITS,
+    params:
+        settings=logit_settings,
+        partial=PLAN.partial_dir("{logits}", "{shard}"),
+    threads: JOB_THREADS
+    log:
+        "results/logs/logit_cache/{logits}/{shard}.log",
+    benchmark:
+        "results/benchmarks/logit_cache/{logits}/{shard}.tsv"
+    conda:
+        "../workflow/envs/kdflow.yaml"
+    script:
+        "../workflow/scripts/topk_cache.py"
+
+
 rule hidden_cache:
     input:
         shard="results/shards/{shard}.parquet",

@@ -53,11 +53,13 @@ def test_expected_cache_metadata_names_the_layers_only_for_feature_kd(plan):
         "teacher": "smollm2-135m-instruct",
         "k": 16,
         "max_length": 128,
+        "samples": None,  # a top-k cache: no sampled tail
     }
     assert plan.train_expected("smollm2-pruned15.fb.s0") == {
         "teacher": "smollm2-135m-instruct",
         "k": 16,
         "max_length": 128,
+        "samples": None,
         "layers": [20],
         "token_ratio": 1.0,
     }

@@ -17,7 +17,9 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
     is a real token: row j of the top-k tensors is the teacher's prediction for token j + 1; which
     positions have targets is for the loss to decide), ``topk_ids`` long [B, L, k] (pad 0),
     ``topk_logprobs`` float32 [B, L, k] (pad 0), ``rest_logprob`` float32 [B, L] (pad 0), ``doc_index``
-    long [B], ``shard`` list[str]; with embed caches ``embedding`` float32 [B, D]; with hidden caches
+    long [B], ``shard`` list[str]; with a sampled tail ``sample_ids`` long [B, L, m] (pad −1) and
+    ``sample_counts`` long [B, L, m] (pad 0), m the most entries of a position; with embed caches ``embedding``
+    float32 [B, D]; with hidden caches
     ``hidden_positions`` long [B, P] (P the most stored positions, padded with -1) and ``hidden``
     {layer: float32 [B, P, D]} (pad 0); with ``with_text`` streams ``text`` list[str] (the part of each
     document the teacher's tokens cover).
@@ -52,6 +54,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
         "doc_index": torch.tensor([int(ex["doc_index"]) for ex in examples], dtype=torch.long),
         "shard": [ex["shard"] for ex in examples],
     }
+    if "sample_ids" in keys:
+        out["sample_ids"], out["sample_counts"] = _pad_tail(examples, width)
     if "embedding" in keys:
         out["embedding"] = torch.from_numpy(np.stack([ex["embedding"] for ex in examples]).astype(np.float32))
     if "hidden" in keys:
@@ -70,3 +74,17 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Any]:
     if "text" in keys:
         out["text"] = [ex["text"] for ex in examples]
     return out
+
+
+def _pad_tail(examples: list[dict], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled tails of a batch as [B, L, m] ids (pad −1) and counts (pad 0)."""
+    most = max(int(ex["sample_n"].max(initial=0)) for ex in examples)
+    ids = np.full((len(examples), width, max(most, 1)), -1, dtype=np.int64)
+    counts = np.zeros(ids.shape, dtype=np.int64)
+    for i, ex in enumerate(examples):
+        per_position = ex["sample_n"].astype(np.int64)
+        position = np.repeat(np.arange(len(per_position)), per_position)
+        slot = np.arange(len(position)) - np.repeat(np.cumsum(per_position) - per_position, per_position)
+        ids[i, position, slot] = ex["sample_ids"]
+        counts[i, position, slot] = ex["sample_counts"]
+    return torch.from_numpy(ids), torch.from_numpy(counts)

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdflow.cache_columns import fixed, list_values, ragged  # noqa: F401  (re-exported)
 from kdflow.cache_fp8 import FP8, decode_fp8_columns
 from kdflow.errors import KdflowError
 from kdflow.json_types import dataclass_problems
@@ -36,10 +37,13 @@ LOGPROB_FLOOR = -1.0e4  # log-probabilities below this (incl. -inf) are stored a
 # are written (docs/cache_format.md "Key/value metadata"); the common keys are the fields of :class:`CacheMeta`
 # before ``cache`` (COMMON_KEYS, below it).
 KIND_KEYS = {
-    "topk": ("k",),
+    "topk": ("k", "samples", "sample_seed"),
     "embed": ("hidden_size",),
     "hidden": ("layers", "hidden_size", "token_ratio", "token_seed"),
 }
+# Kind keys that a file may leave out: a top-k cache without a sampled tail (samples: 0) is written as before
+# the tail existed, so its bytes and its settings hash are unchanged.
+OPTIONAL_KEYS = {"samples", "sample_seed"}
 
 
 class CacheMismatch(KdflowError, ValueError):
@@ -77,7 +81,9 @@ class CacheMeta:
     settings_hash: str  # of the teacher_cache settings that change the content
     resume_key: str  # what a finished part must carry to be reused
     cache: str  # the kind: topk | embed | hidden
-    k: int | None = None  # topk: ids per position
+    k: int | None = None  # topk: ids per position (the exact head; 0 with a sampled tail only)
+    samples: int | None = None  # topk: draws per position from the teacher outside the head (None: none)
+    sample_seed: int | None = None  # topk: the seed of those draws, with the document and the position
     hidden_size: int | None = None  # embed, hidden: the teacher's width
     layers: tuple[int, ...] | None = None  # hidden: the hidden states stored (transformers' numbering)
     token_ratio: float | None = None  # hidden: the fraction of positions stored
@@ -88,8 +94,16 @@ class CacheMeta:
             raise CacheMetaError(f"cache = {self.cache!r} is none of {list(KIND_KEYS)}")
         problems = dataclass_problems(self)
         others = sorted({k for keys in KIND_KEYS.values() for k in keys} - set(KIND_KEYS[self.cache]))
-        if missing := [k for k in KIND_KEYS[self.cache] if getattr(self, k) is None]:
+        if missing := [k for k in KIND_KEYS[self.cache] if getattr(self, k) is None and k not in OPTIONAL_KEYS]:
             problems.append(f"a {self.cache} cache needs {missing}")
+        if self.cache == "topk" and (self.samples is None) != (self.sample_seed is None):
+            problems.append("a topk cache with a sampled tail needs both samples and sample_seed")
+        elif (
+            self.cache == "topk"
+            and self.samples is not None
+            and not (isinstance(self.samples, int) and self.samples > 0)
+        ):
+            problems.append(f"samples = {self.samples!r}: a sampled tail has at least one draw (no tail: no key)")
         if foreign := [k for k in others if getattr(self, k) is not None]:
             problems.append(f"a {self.cache} cache has no {foreign}")
         if not problems and self.format_version != FORMAT_VERSION:
@@ -99,7 +113,11 @@ class CacheMeta:
 
     def to_json(self) -> dict[str, Any]:
         """The metadata as written: the common keys, ``cache``, then the kind's keys (in ``KIND_KEYS`` order)."""
-        keys = (*COMMON_KEYS, "cache", *KIND_KEYS[self.cache])
+        keys = [
+            k
+            for k in (*COMMON_KEYS, "cache", *KIND_KEYS[self.cache])
+            if getattr(self, k) is not None or k not in OPTIONAL_KEYS
+        ]
         return {k: list(v) if isinstance(v := getattr(self, k), tuple) else v for k in keys}
 
     @classmethod
@@ -113,7 +131,7 @@ class CacheMeta:
         if not isinstance(kind, str) or kind not in KIND_KEYS:
             raise CacheMetaError(f"{at}cache = {kind!r} is none of {list(KIND_KEYS)}")
         keys = (*COMMON_KEYS, "cache", *KIND_KEYS[kind])
-        unknown, missing = sorted(set(data) - set(keys)), [k for k in keys if k not in data]
+        unknown, missing = sorted(set(data) - set(keys)), [k for k in keys if k not in data and k not in OPTIONAL_KEYS]
         if unknown or missing:
             listed = [f"unknown keys {unknown}"] * bool(unknown) + [f"missing keys {missing}"] * bool(missing)
             raise CacheMetaError(f"{at}{kind} cache metadata: " + "; ".join(listed))
@@ -133,7 +151,15 @@ KIND_META_KEYS = {kind: COMMON_META_KEYS | set(keys) for kind, keys in KIND_KEYS
 # --------------------------------------------------------------------------- schemas
 
 
-def topk_schema(k: int) -> pa.Schema:
+def topk_schema(k: int, samples: int = 0) -> pa.Schema:
+    """The logit cache: an exact head of ``k`` ids a position and, with ``samples`` > 0, a sampled tail: per
+    position the unique ids drawn from the teacher outside the head and their counts (most drawn first). With
+    ``k`` = 0 the head's ids and log-probs are left out (Arrow has no fixed-size list of width 0)."""
+    tail = [("sample_ids", pa.list_(pa.list_(pa.int32()))), ("sample_counts", pa.list_(pa.list_(pa.uint8())))]
+    head = [
+        ("topk_ids", pa.list_(pa.list_(pa.int32(), k))),  # [n_tokens][k], most probable first
+        ("topk_logprobs", pa.list_(pa.list_(pa.float16(), k))),  # full-vocabulary log p at T=1
+    ]
     return pa.schema(
         [
             ("doc_index", pa.int32()),  # row of the source shard
@@ -141,9 +167,9 @@ def topk_schema(k: int) -> pa.Schema:
             ("n_tokens", pa.int32()),  # tokens the teacher saw (after truncation)
             ("truncated", pa.bool_()),  # the document was longer than max_length tokens
             ("input_ids", pa.list_(pa.int32())),  # [n_tokens]
-            ("topk_ids", pa.list_(pa.list_(pa.int32(), k))),  # [n_tokens][k], most probable first
-            ("topk_logprobs", pa.list_(pa.list_(pa.float16(), k))),  # full-vocabulary log p at T=1
+            *(head if k else []),
             ("rest_logprob", pa.list_(pa.float16())),  # log of the probability mass outside the k ids
+            *(tail if samples else []),
         ]
     )
 
@@ -185,38 +211,6 @@ def hidden_schema(hidden: int, layers: Sequence[int], value_dtype: str = "float1
         else:
             raise ValueError(f"hidden_schema: value_dtype {value_dtype!r} is none of {sorted(HIDDEN_DTYPES.values())}")
     return pa.schema(fields)
-
-
-# --------------------------------------------------------------------------- arrays
-
-
-def ragged(values: np.ndarray, lengths: np.ndarray, type_: pa.DataType | None = None) -> pa.ListArray:
-    """A list array whose i-th entry is the next ``lengths[i]`` rows of ``values``.
-
-    ``values`` of shape [T] gives list<scalar>; of shape [T, d] gives list<fixed_size_list<scalar, d>>.
-    """
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] != len(values):
-        raise ValueError(f"ragged: lengths sum to {offsets[-1]} but there are {len(values)} rows")
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=type_)
-    inner = flat if values.ndim == 1 else pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
-    return pa.ListArray.from_arrays(pa.array(offsets), inner)
-
-
-def fixed(values: np.ndarray) -> pa.FixedSizeListArray:
-    """[n, d] -> fixed_size_list<scalar, d> of length n."""
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), values.shape[1])
-
-
-def list_values(column: pa.ChunkedArray | pa.Array, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`ragged`: (values [T] or [T, width], lengths [n]) as NumPy, without Python objects."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy()
-    inner = arr.values.slice(offsets[0], offsets[-1] - offsets[0])
-    flat = (inner.flatten() if width is not None else inner).to_numpy(zero_copy_only=False)
-    values = flat.reshape(-1, width) if width is not None else flat
-    return values, np.diff(offsets)
 
 
 # --------------------------------------------------------------------------- metadata

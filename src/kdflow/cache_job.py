@@ -199,8 +199,8 @@ def run_cache_job(
             continue
         columns = make_part(index)
         if rank == 0:
-            for name, cols in columns.items():
-                writers[name].write(paths[name], cols, metas[name])
+            for name in job.outputs:
+                writers[name].write(paths[name], columns[name], metas[name])
         tokens_done += part_tokens
         bar.update(part_tokens)
         bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9):.0f}")

@@ -40,12 +40,14 @@ import torch
 from kdflow.cache_batch import collate  # noqa: F401  (re-exported: batches of this stream's items)
 from kdflow.cache_format import CacheError, CacheMismatch, CacheReader, list_values, split_expected
 from kdflow.cache_fp8 import FP8, decode_fp8_columns
+from kdflow.cache_logits import doc_logits, logit_columns, read_logit_columns
 
 # Must be equal in the files of one shard: same shard file, same teacher and tokenisation.
 SAME_SHARD_KEYS = ("shard", "shard_sha256")
 SAME_TEACHER_KEYS = ("teacher_source_hash", "tokenizer_fingerprint", "max_length")
 
-TOPK_COLUMNS = ["doc_index", "input_ids", "topk_ids", "topk_logprobs", "rest_logprob"]
+# Must be equal in every shard's file of a kind, so that their documents can share a batch.
+SAME_KIND_KEYS = (("topk", ("k", "samples")), ("embed", ("hidden_size",)), ("hidden", ("layers", "hidden_size")))
 
 
 @dataclass
@@ -106,10 +108,11 @@ class CacheStream(torch.utils.data.IterableDataset):
     """One dict per document of the given shards' caches, shuffled per epoch, split over ranks, resumable.
 
     Each item: ``{"shard": str, "doc_index": int, "input_ids": int32 [n], "topk_ids": int32 [n, k],
-    "topk_logprobs": float16 [n, k], "rest_logprob": float16 [n]}`` plus ``"embedding": float16 [D]`` when
-    the shards have embed files, and ``"hidden_positions": int32 [p], "hidden": {layer: float16 [p, D]}``
-    when they have hidden files (layers in the file's order), and ``"text": str`` (the text the teacher saw,
-    from the embed file) with ``with_text=True``. Arrays are the document's own copies.
+    "topk_logprobs": float16 [n, k], "rest_logprob": float16 [n]}``, with a sampled tail ``"sample_ids"`` int32 [e],
+    ``"sample_counts"`` uint8 [e] and ``"sample_n"`` [n] (entries a position, kdflow.cache_logits), plus
+    ``"embedding": float16 [D]`` when the shards have embed files, and ``"hidden_positions": int32 [p],
+    "hidden": {layer: float16 [p, D]}`` when they have hidden files (layers in the file's order), and ``"text":
+    str`` (the text the teacher saw, from the embed file) with ``with_text=True``. Arrays are the document's own copies.
     Row ``j`` of the top-k arrays is the teacher's prediction for token ``j + 1`` (docs/cache_format.md).
 
     ``expected``: metadata the files must have been built with, e.g. ``{"k": 16, "tokenizer_fingerprint":
@@ -204,15 +207,15 @@ class CacheStream(torch.utils.data.IterableDataset):
                     f"{first.readers['topk'].path} with {sorted(first.readers)}; "
                     "give every shard the same kinds"
                 )
-            for kind, keys in (("topk", ("k",)), ("embed", ("hidden_size",)), ("hidden", ("layers", "hidden_size"))):
+            for kind, keys in SAME_KIND_KEYS:
                 if kind not in sh.readers:
                     continue
                 a, b = sh.readers[kind], first.readers[kind]
                 ma, mb = a.meta.to_json(), b.meta.to_json()  # (values as written: layers a list)
                 for k in keys:
-                    if ma[k] != mb[k]:
+                    if ma.get(k) != mb.get(k):
                         raise CacheMismatch(
-                            f"{a.path}: {k}={ma[k]!r}, but {b.path}: {k}={mb[k]!r}; "
+                            f"{a.path}: {k}={ma.get(k)!r}, but {b.path}: {k}={mb.get(k)!r}; "
                             f"the shards of one stream must share {k}"
                         )
 
@@ -312,17 +315,10 @@ class CacheStream(torch.utils.data.IterableDataset):
         """The documents at rows ``need`` of row group ``gi`` of shard ``si``, read from each of its files."""
         sh = self._shards[si]
         top = sh.readers["topk"]
-        t = _read_row_group(top.path, gi, TOPK_COLUMNS)
-        k = t.column("topk_ids").type.value_type.list_size
+        t = _read_row_group(top.path, gi, logit_columns(top.meta.k, top.meta.samples))
         doc_index = t.column("doc_index").to_numpy()
         ids, lengths = list_values(t.column("input_ids"))
-        arrays = {"input_ids": ids}
-        for name, width in (("topk_ids", k), ("topk_logprobs", k), ("rest_logprob", None)):
-            arrays[name], n = list_values(t.column(name), width)
-            if not np.array_equal(n, lengths):
-                raise CacheError(
-                    f"{top.path}: row group {gi}: {name} has other lengths than input_ids; the file is damaged"
-                )
+        logits = read_logit_columns(t, top.path, gi, lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
 
         emb = None
@@ -364,7 +360,8 @@ class CacheStream(torch.utils.data.IterableDataset):
             doc = {
                 "shard": sh.name,
                 "doc_index": int(doc_index[row]),
-                **{name: values[a:b].copy() for name, values in arrays.items()},
+                "input_ids": ids[a:b].copy(),
+                **doc_logits(logits, a, b),
             }
             if emb is not None:
                 doc["embedding"] = emb[row].copy()

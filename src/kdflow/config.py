@@ -200,6 +200,12 @@ def _cross_checks(config: dict, schema: dict) -> list[str]:
                 f"teacher_cache.device: parallel tensor places rank r on GPU r of the job (device cuda) or runs gloo "
                 f"ranks on the CPU (device cpu); {cache['device']!r} is neither"
             )
+    if cache["k"] == 0:
+        problems.append(
+            "teacher_cache.k: 0; the study's logit cache needs a head (evaluation reads the held-out top-k: top-1 "
+            "agreement and the KL to the teacher). Give a run a cache of samples alone with training.defaults or an "
+            "experiment's set: teacher_logits: {k: 0, samples: N}"
+        )
     data = config["data"]
     if data["long_docs"] != "truncate" and data["max_chars"] is None:
         problems.append(f"data.long_docs: {data['long_docs']!r} needs data.max_chars to be set")

@@ -18,29 +18,18 @@ from typing import Any
 
 from kdflow.config import config_error, key_locations, load_schema, read_yaml, validate_config
 from kdflow.corpus import shard_name
-from kdflow.errors import KdflowError
 from kdflow.model_facts import ModelFacts
+from kdflow.plan_caches import CACHE_ROOT, CachePlan, PlanError, logit_name, parse_logit_name  # noqa: F401  (re-exported)
 from kdflow.plan_checks import check_plan
 from kdflow.runs import RunSpec, caches_read, expand_runs
 
-CACHE_ROOT = "results/cache"
 SHARDS_DIR = "results/shards"
 HELDOUT_SHARD = f"{SHARDS_DIR}/heldout.parquet"
 RESULTS = ["results/kdflow.duckdb", "results/summary.csv", "results/summary.md", "results/plots"]
-# The teacher_cache settings every cache job depends on (so that other changes do not rerun one).
-COMMON_CACHE_SETTINGS = ("max_length", "batch_size", "rows_per_part", "device", "parallel", "tp_size", "dtype")
-CACHE_SETTINGS = {
-    "topk": (*COMMON_CACHE_SETTINGS, "k"),
-    "hidden": (*COMMON_CACHE_SETTINGS, "hidden_layers", "hidden_token_ratio", "hidden_token_seed", "hidden_dtype"),
-}
 
 
 # What an evaluated model is (EvalTarget.kind): a training run or one of the two baselines.
 KINDS = ("run", "teacher", "student_init")
-
-
-class PlanError(KdflowError, ValueError):
-    """A target that is not part of this study (an unknown model, run or cache name)."""
 
 
 def study_plan(config: dict[str, Any], repo: str | Path, files: Sequence[str | Path] = ()) -> StudyPlan:
@@ -99,7 +88,7 @@ class EvalTarget:
 
 
 @dataclass(frozen=True)
-class StudyPlan:
+class StudyPlan(CachePlan):
     config: dict[str, Any]
     repo: Path  # the workflow's base directory (shipped lm-eval tasks live there)
     deferred: tuple[str, ...] = ()  # plan-time checks left to the first job that can make them (plan_checks)
@@ -112,35 +101,6 @@ class StudyPlan:
     @cached_property
     def students(self) -> dict[str, dict]:
         return {s["name"]: s for s in self.config["students"]}
-
-    @property
-    def cache_cfg(self) -> dict:
-        return self.config["teacher_cache"]
-
-    # -- names and directories -------------------------------------------------------------------------------
-    @property
-    def topk_name(self) -> str:
-        return f"topk_k{self.cache_cfg['k']}"
-
-    @property
-    def hidden_name(self) -> str:
-        return f"hidden_l{'-'.join(map(str, sorted(self.cache_cfg['hidden_layers'])))}"
-
-    @property
-    def cache_dir(self) -> str:
-        return f"{CACHE_ROOT}/{self.teacher}"
-
-    def cache_path(self, cache: str) -> str:
-        return f"{self.cache_dir}/{cache}"
-
-    def partial_dir(self, cache: str, shard: str) -> str:
-        """Finished parts of one unfinished cache job (``shard`` may be the rule's ``{shard}`` wildcard):
-        outside the declared outputs, which Snakemake deletes on failure."""
-        return f"{CACHE_ROOT}/.partial/{self.teacher}/{cache}/{shard}"
-
-    @property
-    def cache_names(self) -> tuple[str, str, str]:
-        return (self.topk_name, "embed", self.hidden_name)
 
     # -- data ------------------------------------------------------------------------------------------------
     def source_files(self) -> list[str]:
@@ -189,22 +149,6 @@ class StudyPlan:
             inputs["teacher"] = model_manifest(self.teacher)
         return inputs
 
-    # -- teacher caches --------------------------------------------------------------------------------------
-    def cache_settings(self, kind: str) -> dict[str, Any]:
-        """The teacher_cache settings a cache rule (``topk`` or ``hidden``) depends on."""
-        return {k: self.cache_cfg[k] for k in CACHE_SETTINGS[kind]}
-
-    def cache_files(self) -> list[str]:
-        return [f"{self.cache_path(c)}/{s}.parquet" for c in self.cache_names for s in self.shard_names()]
-
-    def cache_index_inputs(self, cache: str) -> list[str]:
-        """The training shards' files of one cache (the held-out shard's file is for evaluation)."""
-        if cache not in self.cache_names:
-            raise PlanError(
-                f"{self.cache_path(cache)}: not a cache of this config (caches: {', '.join(self.cache_names)})"
-            )
-        return [f"{self.cache_path(cache)}/{s}.parquet" for s in self.shard_names(with_heldout=False)]
-
     # -- training --------------------------------------------------------------------------------------------
     @cached_property
     def runs(self) -> dict[str, RunSpec]:
@@ -228,8 +172,10 @@ class StudyPlan:
         inputs = {
             "student": model_manifest(spec.student),
             "heldout": HELDOUT_SHARD,
-            "topk": f"{self.cache_path(self.topk_name)}/index.json",
+            "topk": f"{self.cache_path(self.logits_read(spec))}/index.json",
         }
+        if "rb" in spec.terms and spec.teacher_logits.source == "online":
+            inputs["teacher"] = model_manifest(self.teacher)
         need = caches_read(spec.terms, own_vocab)
         if need["embed"]:
             inputs["embed"] = f"{self.cache_path('embed')}/index.json"
@@ -257,7 +203,11 @@ class StudyPlan:
         """Cache metadata a run's files must carry (the loader refuses others, naming the file and key)."""
         spec = self.run(run)
         cfg = self.cache_cfg
-        expected = {"teacher": self.teacher, "k": cfg["k"], "max_length": cfg["max_length"]}
+        logits = self.logits_read(spec)
+        k, samples = parse_logit_name(logits)
+        expected = {"teacher": self.teacher, "k": k, "max_length": cfg["max_length"], "samples": samples or None}
+        if samples:
+            expected["sample_seed"] = cfg["sample_seed"]
         if caches_read(spec.terms, False)["hidden"]:
             expected["layers"] = sorted(set(cfg["hidden_layers"]))
             expected["token_ratio"] = cfg["hidden_token_ratio"]

@@ -133,6 +133,17 @@ class Schedule(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TeacherLogits(_Section):
+    """``teacher_logits``: where the rb term's teacher distribution comes from. A null k or samples is the study's
+    (teacher_cache's): the plan resolves it (:meth:`kdflow.plan.StudyPlan.logits_read`), and the trainer follows
+    the metadata of the cache it reads."""
+
+    source: str  # cache (a logit cache) or online (the teacher runs inside training)
+    k: int | None  # exact head ids of the logit cache read; None = teacher_cache.k
+    samples: int | None  # sampled-tail draws a position of that cache (0: none); None = teacher_cache.samples
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunSpec(_Section):
     """Every setting of one training run (config/schema.yaml ``$defs.run``) and what the run is: name, student,
     mode, terms, seed, tag. Built by :func:`expand_runs` or :meth:`from_json`; checked in ``__post_init__``."""
@@ -141,6 +152,7 @@ class RunSpec(_Section):
     divergence: str  # rb divergence: forward_kl, reverse_kl or jsd
     missing_mass: str  # rb treatment of the mass outside the teacher's k ids: rest_bucket or renormalize
     jsd_beta: float  # mixture weight of the generalised JSD (divergence jsd)
+    teacher_logits: TeacherLogits  # the rb term's teacher: a logit cache, or the teacher online
     fb: FeatureKD  # feature-based KD settings
     relb: RelationKD  # relation-based KD settings
     lora: LoRA  # the LoRA adapters
@@ -195,12 +207,39 @@ class RunSpec(_Section):
             problems.append("set steps or epochs (both are null)")
         if "fb" in self.terms and not self.fb.layer_map:
             problems.append("terms has fb but fb.layer_map is empty")
+        if "rb" in self.terms:
+            problems += logit_conflicts(self.teacher_logits, self.temperature, self.divergence, self.missing_mass)
         if self.name != run_name(self.student, self.mode, self.seed, self.tag):
             problems.append(
                 f"name {self.name!r} is not {run_name(self.student, self.mode, self.seed, self.tag)!r} (from student, "
                 f"mode, seed, tag)"
             )
         return problems
+
+
+def logit_conflicts(logits: TeacherLogits, temperature: float, divergence: str, missing_mass: str) -> list[str]:
+    """What an rb term cannot do with its teacher logits: a cache of no ids, or a sampled tail at T != 1, with
+    another divergence than forward KL, or renormalised (kdflow.losses.sampled says why each is unsound)."""
+    if logits.source != "cache":
+        return []
+    if logits.k == 0 and logits.samples == 0:
+        return ["teacher_logits: k = 0 and samples = 0 leave no teacher distribution; set k or samples"]
+    if not logits.samples:  # none, or the study's (checked by expand_runs, which knows it)
+        return []
+    why = "a sampled tail gives an unbiased KD gradient only"
+    problems = []
+    if temperature != 1:
+        problems.append(f"temperature = {temperature} with teacher_logits.samples = {logits.samples}: {why} at T = 1")
+    if divergence != "forward_kl":
+        problems.append(
+            f"divergence = {divergence} with teacher_logits.samples = {logits.samples}: {why} for forward_kl"
+        )
+    if missing_mass != "rest_bucket":
+        problems.append(
+            f"missing_mass = {missing_mass} with teacher_logits.samples = {logits.samples}: the tail carries the rest "
+            "mass; use rest_bucket"
+        )
+    return problems
 
 
 def run_group(student: str, mode: str, tag: str | None) -> str:

@@ -34,6 +34,8 @@ from kdflow.run_spec import (
     RunSpec,
     RunSpecError,
     Schedule,
+    TeacherLogits,
+    logit_conflicts,
     run_group,
     run_name,
 )
@@ -50,6 +52,7 @@ __all__ = [
     "LoRA",
     "Optimizer",
     "Schedule",
+    "TeacherLogits",
     "RunSpec",
     "run_group",
     "run_name",
@@ -86,7 +89,8 @@ def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, Run
     defaults = training.get("defaults") or {}
     modes = training.get("modes") or {}
     students = {s["name"]: s for s in config["students"]}
-    hidden_layers = set((config.get("teacher_cache") or {}).get("hidden_layers") or [])
+    cache_cfg = config.get("teacher_cache") or {}
+    hidden_layers = set(cache_cfg.get("hidden_layers") or [])
     runs: dict[str, RunSpec] = {}
     made_by: dict[str, int] = {}  # run name -> index of the experiment that made it
     problems: list[str] = []
@@ -111,7 +115,7 @@ def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, Run
                 if mode not in modes:
                     continue
                 terms = {t: float(w) for t, w in modes[mode].items() if w > 0}
-                bad = _check_run(where, student, students[student], mode, terms, settings, hidden_layers)
+                bad = _check_run(where, student, students[student], mode, terms, settings, hidden_layers, cache_cfg)
                 problems += bad
                 for seed in exp["seeds"]:
                     name = run_name(student, mode, seed, exp.get("tag"))
@@ -144,7 +148,14 @@ def expand_runs(config: dict, schema: dict | None = None) -> tuple[dict[str, Run
 
 
 def _check_run(
-    where: str, student: str, student_cfg: dict, mode: str, terms: dict, settings: dict, hidden_layers: set
+    where: str,
+    student: str,
+    student_cfg: dict,
+    mode: str,
+    terms: dict,
+    settings: dict,
+    hidden_layers: set,
+    cache_cfg: dict,
 ) -> list[str]:
     problems = []
     if student_cfg.get("vocab", "shared") == "own":
@@ -169,9 +180,24 @@ def _check_run(
                     f"{where}: fb.layer_map[{j}].teacher = {pair['teacher']} is not cached "
                     f"(teacher_cache.hidden_layers = {sorted(hidden_layers)})"
                 )
+    if "rb" in terms:
+        logits = TeacherLogits.from_json(resolve_logits(settings["teacher_logits"], cache_cfg))
+        for problem in logit_conflicts(
+            logits, settings["temperature"], settings["divergence"], settings["missing_mass"]
+        ):
+            problems.append(f"{where}: mode {mode!r}: {problem} (training.defaults or the experiment's set)")
     if settings["steps"] is None and settings["epochs"] is None:
         problems.append(f"{where}: set steps or epochs (both are null)")
     return problems
+
+
+def resolve_logits(logits: dict, cache_cfg: dict) -> dict:
+    """``teacher_logits`` with a null k or samples taken from ``teacher_cache`` (what the run then reads)."""
+    out = dict(logits)
+    for key, default in (("k", 16), ("samples", 0)):
+        if out.get(key) is None:
+            out[key] = cache_cfg.get(key, default)
+    return out
 
 
 def caches_read(terms: dict[str, float], own_vocab: bool) -> dict[str, bool]:

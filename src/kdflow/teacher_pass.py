@@ -39,6 +39,7 @@ from kdflow.cache_format import (
 )
 from kdflow.cache_fp8 import FP8, fp8_encode, ragged_bytes
 from kdflow.cache_job import CacheJob, Tokenised, pad_batch, rank_of_ranks, run_cache_job, tokenise_shard
+from kdflow.cache_logits import draw_uniforms, logits_of_hidden, tail_columns, topk_of_hidden  # noqa: F401
 from kdflow.manifest import ModelManifest
 from kdflow.models import input_device, load_model, load_tokenizer, pad_id_of, read_manifest
 from kdflow.teacher_parallel import job_ranks, run_on_ranks
@@ -49,28 +50,6 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 class _Stop(Exception):
     """Raised from a forward hook once the deepest requested layer has run."""
-
-
-def topk_of_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, k: int, chunk: int = 512):
-    """Top-k ids, full-vocabulary log-probs and the log of the remaining mass for each row of ``hidden``.
-
-    ``hidden`` is [T, H] (valid positions only). Logits are made ``chunk`` rows at a time in fp32, so a
-    128k vocabulary never needs a [T, V] tensor.
-    """
-    ids_out, lp_out, rest_out = [], [], []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = lm_head(hidden[start : start + chunk]).float()
-        values, ids = torch.topk(logits, k, dim=-1)
-        # One exp pass, in place, shifted by the row maximum (the top-1 value): the total gives the
-        # log-normaliser, and the sum with the k entries zeroed gives the mass outside the k directly
-        # (not as 1 - sum, which would lose precision when the k hold nearly all of it).
-        probs = logits.sub_(values[:, :1]).exp_()
-        log_total = probs.sum(-1, keepdim=True).log_()
-        rest = probs.scatter_(-1, ids, 0.0).sum(-1, keepdim=True).log_() - log_total
-        ids_out.append(ids.to(torch.int32))
-        lp_out.append(values - values[:, :1] - log_total)
-        rest_out.append(rest.squeeze(-1))
-    return torch.cat(ids_out), torch.cat(lp_out), torch.cat(rest_out)
 
 
 def _to_f16(x: torch.Tensor, floor: float | None = None) -> tuple[np.ndarray, int]:
@@ -131,9 +110,9 @@ def capture_topk(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, 
     ``setup``: an already loaded teacher and tokenised shard (default: :func:`setup_cache_job`)."""
     setup = setup_cache_job(job) if setup is None else setup
     plan = topk_pass(job, setup)
-    summary = run_cache_job(
-        job, plan.metas, plan.schemas, setup.tok, plan.make_part, f"top-{job.settings['k']} {job.shard.stem}"
-    )
+    s = job.settings
+    label = f"top-{s['k']}" + (f" + {s['samples']} samples" if s.get("samples") else "")
+    summary = run_cache_job(job, plan.metas, plan.schemas, setup.tok, plan.make_part, f"{label} {job.shard.stem}")
     if summary is not None:  # None: a tensor-parallel rank other than 0
         summary["values_clamped"] = plan.clamped
         summary["load_s"] = round(setup.load_s, 3)
@@ -143,27 +122,39 @@ def capture_topk(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, 
 def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
     """What :func:`capture_topk` runs, nothing computed yet (bench/capture.py times ``make_part`` alone)."""
     s = job.settings
-    k = s["k"]
+    k, samples = s["k"], s.get("samples", 0)
     info, tokenizer, model, tok, pad_id, _ = setup
-    base = job.base_meta(info, tokenizer, model.config.num_hidden_layers, ["k"])
+    # A sampled tail's settings change the content; without one the hash is that of a cache from before tails.
+    tail_keys = ["samples", "sample_seed"] if samples else []
+    base = job.base_meta(info, tokenizer, model.config.num_hidden_layers, ["k", *tail_keys])
     hidden_size = model.config.hidden_size
+    tail = {"samples": samples, "sample_seed": s["sample_seed"]} if samples else {}
     metas = {
-        "topk": CacheMeta(**base, cache="topk", k=k),
+        "topk": CacheMeta(**base, cache="topk", k=k, **tail),
         "embed": CacheMeta(**base, cache="embed", hidden_size=hidden_size),
     }
-    schemas = {"topk": topk_schema(k), "embed": embed_schema(hidden_size)}
+    schemas = {"topk": topk_schema(k, samples), "embed": embed_schema(hidden_size)}
+    # A logit cache beside the study's main one (another k or tail) is written without an embed file.
+    metas = {name: meta for name, meta in metas.items() if name in job.outputs}
     device = input_device(model)
     clamped = {"rest_logprob": 0, "embedding": 0}
 
     @torch.inference_mode()
     def make_part(index: np.ndarray) -> dict[str, dict]:
-        ids_l, lp_l, rest_l, emb_l = [], [], [], []
+        ids_l, lp_l, rest_l, emb_l, tail_l = [], [], [], [], []
         for start in range(0, len(index), s["batch_size"]):
             batch = index[start : start + s["batch_size"]]
             ids, mask = pad_batch(tok, batch, pad_id, device)
             hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
             valid = mask.bool().to(hidden.device)
-            top_ids, top_lp, rest = topk_of_hidden(hidden[valid], model.get_output_embeddings(), k)
+            uniforms = None
+            if samples:
+                u = [draw_uniforms(s["sample_seed"], i, len(tok.ids[i]), samples) for i in batch]
+                uniforms = torch.from_numpy(np.concatenate(u))
+            head = logits_of_hidden(hidden[valid], model.get_output_embeddings(), k, samples, uniforms)
+            top_ids, top_lp, rest = head[:3]
+            if samples:
+                tail_l.append([x.cpu().numpy() for x in head[3:]])
             ids_l.append(top_ids.cpu().numpy())
             lp_l.append(top_lp)
             rest_l.append(rest)
@@ -184,9 +175,13 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
                 "n_tokens": lengths,
                 "truncated": tok.truncated[index],
                 "input_ids": ragged(np.concatenate([tok.ids[i] for i in index]), lengths),
-                "topk_ids": ragged(np.concatenate(ids_l), lengths),
-                "topk_logprobs": ragged(lp, lengths),
+                **(
+                    {"topk_ids": ragged(np.concatenate(ids_l), lengths), "topk_logprobs": ragged(lp, lengths)}
+                    if k
+                    else {}
+                ),
                 "rest_logprob": ragged(rest, lengths),
+                **(tail_columns(*(np.concatenate(x) for x in zip(*tail_l, strict=True)), lengths) if samples else {}),
             },
             "embed": {
                 "doc_index": doc_index,

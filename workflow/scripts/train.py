@@ -33,6 +33,7 @@ def main():
         work=sm.params.work,
         heldout=sm.input.heldout,
         threads=max(1, sm.threads // max(1, gpus)),
+        teacher_manifest=getattr(sm.input, "teacher", None),  # a run with the teacher online
     )
     # one telemetry file per job: rank 0 (or the launcher, whose sampling covers every GPU of the node) writes it
     with job_telemetry(sm, enabled=os.environ.get("RANK", "0") == "0") as tel:

@@ -8,19 +8,21 @@ result is ``0.0`` and still attached to the student's graph, so ``loss.backward(
 * :class:`CELoss` – next-token cross-entropy on the data (the "hard" targets).
 * :class:`TopKKDLoss` – response-based KD ("rb") against the teacher top-k cache.
 * :class:`SampledTailKDLoss` – forward KL against an exact head plus a sampled tail (an unbiased gradient).
+* :class:`FullKDLoss` – KD against the teacher's full distribution, the teacher run online (the reference).
 * :class:`FeatureKDLoss` – feature-based KD ("fb") against the teacher hidden-state cache.
 * :class:`RelationKDLoss` – relation-based KD ("relb", RKD) against the teacher embedding cache.
 * :func:`combine` – the weighted sum of the terms, refusing NaN/inf.
 
 One module a concern: :mod:`.ce` (CE and its targets), :mod:`.gathered` (log-softmax at chosen ids without
 the full [N, V] tensors), :mod:`.kd` (top-k KD, with the definitions of its buckets and divergences),
-:mod:`.sampled` (head plus sampled tail, and the draws), :mod:`.feature`, :mod:`.relation`,
-:mod:`.weighted` (``combine``).
+:mod:`.sampled` (head plus sampled tail, and the draws), :mod:`.full` (online, full vocabulary), :mod:`.feature`,
+:mod:`.relation`, :mod:`.weighted` (``combine``).
 
 """
 
 from kdflow.losses.ce import CELoss, ce_targets
 from kdflow.losses.feature import FeatureKDLoss
+from kdflow.losses.full import FullKDLoss
 from kdflow.losses.gathered import gathered_logprobs
 from kdflow.losses.kd import LOGPROB_FLOOR, Divergence, MissingMass, TopKKDLoss
 from kdflow.losses.relation import RelationKDLoss
@@ -31,6 +33,7 @@ __all__ = [
     "CELoss",
     "ce_targets",
     "FeatureKDLoss",
+    "FullKDLoss",
     "gathered_logprobs",
     "LOGPROB_FLOOR",
     "Divergence",

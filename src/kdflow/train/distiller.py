@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kdflow.losses import CELoss, FeatureKDLoss, RelationKDLoss, TopKKDLoss, combine
+from kdflow.losses import CELoss, FeatureKDLoss, FullKDLoss, RelationKDLoss, SampledTailKDLoss, TopKKDLoss, combine
 from kdflow.train.job import TrainingError
 
 if TYPE_CHECKING:
@@ -23,12 +23,32 @@ if TYPE_CHECKING:
 class Distiller(nn.Module):
     """The LoRA student with its loss modules: ``forward(batch) -> {term: scalar}`` (fp32 values)."""
 
-    def __init__(self, student: nn.Module, spec: RunSpec, teacher_hidden_size: int | None):
+    def __init__(
+        self,
+        student: nn.Module,
+        spec: RunSpec,
+        teacher_hidden_size: int | None,
+        teacher: nn.Module | None = None,
+        samples: int = 0,
+    ):
+        """``teacher``: the teacher online (teacher_logits.source: online); ``samples``: the draws a position of
+        the logit cache read (its metadata's ``samples``; 0: a top-k cache)."""
         super().__init__()
         self.student = student
         self.terms = dict(spec.terms)
         self.ce = CELoss()
-        self.rb = TopKKDLoss(spec.temperature, spec.divergence, spec.missing_mass, spec.jsd_beta)
+        # The rb term's teacher: a top-k cache, a cache with a sampled tail, or the teacher itself (online).
+        logits = spec.teacher_logits
+        self.rb_source = "online" if logits.source == "online" else "sampled" if samples else "topk"
+        if self.rb_source == "online":
+            self.rb = FullKDLoss(spec.temperature, spec.divergence, spec.jsd_beta)
+        elif self.rb_source == "sampled":
+            self.rb = SampledTailKDLoss(samples, spec.temperature, spec.divergence)
+        else:
+            self.rb = TopKKDLoss(spec.temperature, spec.divergence, spec.missing_mass, spec.jsd_beta)
+        if "rb" in self.terms and (self.rb_source == "online") != (teacher is not None):
+            raise TrainingError(f"run {spec.name}: teacher_logits.source {logits.source} needs the teacher online")
+        self._teacher = [teacher]  # not a submodule: no gradient, not in checkpoints or DDP
         self.relb = RelationKDLoss(spec.relb.distance_weight, spec.relb.angle_weight)
         self.layer_map = [(p.student, p.teacher) for p in spec.fb.layer_map]
         self.fb = nn.ModuleDict()
@@ -50,16 +70,20 @@ class Distiller(nn.Module):
         out = self.student(input_ids=ids, attention_mask=mask, output_hidden_states=self.want_hidden, use_cache=False)
         logits = out.logits
         terms: dict[str, torch.Tensor] = {}
-        if "ce" in self.terms and "rb" in self.terms:  # one pass over the vocabulary for both (where possible)
-            terms["ce"], terms["rb"] = self.rb.forward_with_ce(
-                logits, ids, mask, batch["topk_ids"], batch["topk_logprobs"], batch["rest_logprob"], batch["mask"]
-            )
+        head = batch["topk_ids"], batch["topk_logprobs"], batch["rest_logprob"]
+        if "ce" in self.terms and "rb" in self.terms and self.rb_source == "topk":  # one pass over the vocabulary
+            terms["ce"], terms["rb"] = self.rb.forward_with_ce(logits, ids, mask, *head, batch["mask"])
         elif "ce" in self.terms:
             terms["ce"] = self.ce(logits, ids, mask)
         if "rb" in self.terms and "rb" not in terms:
-            terms["rb"] = self.rb(
-                logits, batch["topk_ids"], batch["topk_logprobs"], batch["rest_logprob"], batch["mask"]
-            )
+            if self.rb_source == "topk":
+                terms["rb"] = self.rb(logits, *head, batch["mask"])
+            elif self.rb_source == "sampled":
+                terms["rb"] = self.rb(logits, *head, batch["sample_ids"], batch["sample_counts"], batch["mask"])
+            else:
+                with torch.no_grad():
+                    teacher_logits = self._teacher[0](input_ids=batch["input_ids"], attention_mask=batch["mask"]).logits
+                terms["rb"] = self.rb(logits, teacher_logits, batch["mask"])
         if "fb" in self.terms:
             parts = [
                 self.fb[f"s{s}_t{t}"](out.hidden_states[s], batch["hidden"][t], batch["hidden_positions"])

@@ -32,6 +32,7 @@ class TrainJob:
     work: str  # checkpoints and metrics, outside the declared outputs
     heldout: str | None = None  # held-out shard Parquet for the end-of-training perplexity
     threads: int | None = None  # torch threads per process (None: leave torch's default)
+    teacher_manifest: str | None = None  # the teacher's kdflow_model.json, for a run with the teacher online
 
     def save(self, path: str | Path) -> None:
         write_json(path, asdict(self))

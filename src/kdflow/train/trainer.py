@@ -28,6 +28,7 @@ from kdflow.train.batches import to_device, training_batches
 from kdflow.train.distiller import Distiller, build_student, not_finite
 from kdflow.train.distributed import all_reduce, barrier, setup_distributed, teardown
 from kdflow.train.job import TrainingError, TrainJob, read_inputs, resume_key
+from kdflow.train.online import load_online_teacher
 from kdflow.train.schedule import lr_lambda
 from kdflow.train.signals import Interrupted, StopSignals
 
@@ -58,7 +59,13 @@ class Trainer:
         np.random.seed(spec.seed)
         torch.manual_seed(spec.seed)
         self.model = build_student(self.inputs.student, spec, ctx.device)
-        self.distiller = Distiller(self.model, spec, self.inputs.teacher_hidden).to(ctx.device)
+        teacher = None
+        if "rb" in spec.terms and spec.teacher_logits.source == "online":
+            if not self.job.teacher_manifest:
+                raise TrainingError(f"run {spec.name}: teacher_logits.source: online, but the job names no teacher")
+            teacher = load_online_teacher(self.job.teacher_manifest, ctx.device, spec.dtype, spec.name)
+        samples = self.inputs.metas[0].samples or 0  # the loss follows the logit cache read (checked: expected)
+        self.distiller = Distiller(self.model, spec, self.inputs.teacher_hidden, teacher, samples).to(ctx.device)
         self.params = [p for p in self.distiller.parameters() if p.requires_grad]
         self.engine: nn.Module = self.distiller
         if ctx.active:

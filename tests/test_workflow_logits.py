@@ -1,0 +1,71 @@
+"""The logit cache's knobs and the online reference in the real workflow (snakemake on a tiny config): a run of
+its own logit cache (an exact head of 2 ids and a sampled tail of 6 draws) and a run with the teacher online
+train, are evaluated and land in the results; the extra cache is made by rule logit_cache for the training
+shards only; a second run does nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from kdflow.cache_format import read_meta
+from test_workflow import planned_jobs, snakemake, tiny_config
+from tiny_models import tiny_teacher_dir  # noqa: F401 (fixture)
+
+TAIL, ONLINE = "tiny-student.rb.s0.tail", "tiny-student.rb.s0.full"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
+    workdir = tmp_path_factory.mktemp("logit_study")
+    config = tiny_config(workdir, tiny_teacher_dir)
+    config["training"]["experiments"] = [
+        {"modes": ["rb"], "tag": "tail", "set": {"teacher_logits": {"k": 2, "samples": 6}}},
+        {"modes": ["rb"], "tag": "full", "set": {"teacher_logits": {"source": "online"}}},
+    ]
+    config["eval"]["baselines"] = []
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake(workdir, "-n")
+    snakemake(workdir)
+    return workdir, dry
+
+
+def test_the_extra_logit_cache_is_planned_for_the_training_shards(study):
+    workdir, dry = study
+    jobs = planned_jobs(dry.stdout)
+    assert jobs["logit_cache"] == 3 and jobs["topk_cache"] == 4 and jobs["train"] == 2
+    cache = workdir / "results/cache/tiny-teacher"
+    assert sorted(p.name for p in (cache / "topk_k2_s6").iterdir()) == [
+        "index.json",
+        "shard_00000.parquet",
+        "shard_00001.parquet",
+        "shard_00002.parquet",
+    ]
+    meta = read_meta(cache / "topk_k2_s6/shard_00001.parquet")
+    assert (meta.k, meta.samples, meta.sample_seed) == (2, 6, 0)
+    main = pq.read_table(cache / "topk_k4/shard_00001.parquet", columns=["doc_index", "input_ids"])
+    assert pq.read_table(cache / "topk_k2_s6/shard_00001.parquet", columns=["doc_index", "input_ids"]).equals(main)
+
+
+def test_both_runs_train_with_their_teacher_and_are_evaluated(study):
+    workdir, _ = study
+    for run in (TAIL, ONLINE):
+        summary = json.loads((workdir / "results/train" / run / "summary.json").read_text())
+        assert summary["steps"] == 4 and summary["terms"] == {"ce": 0.5, "rb": 0.5}
+        rows = [json.loads(r) for r in (workdir / "results/train" / run / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["rb"] > 0 for r in rows), rows
+        assert (workdir / f"results/eval/{run}/heldout.json").is_file()
+    spec = json.loads((workdir / "results/train" / ONLINE / "run_config.json").read_text())["spec"]
+    assert spec["teacher_logits"] == {"source": "online", "k": None, "samples": None}
+    summary_md = (workdir / "results/summary.md").read_text()
+    assert "tiny-student.rb.tail" in summary_md and "tiny-student.rb.full" in summary_md
+
+
+def test_second_run_does_nothing_and_one_logit_file_is_one_job(study):
+    workdir, _ = study
+    assert planned_jobs(snakemake(workdir, "-n").stdout) == {}
+    target = "results/cache/tiny-teacher/topk_k2_s6/shard_00002.parquet"
+    assert planned_jobs(snakemake(workdir, "-n", "--force", target).stdout) == {"logit_cache": 1}
