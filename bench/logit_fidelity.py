@@ -11,26 +11,29 @@ its KD loss, and how far that gradient points from the full one:
   (``kdflow.train.distiller.build_student`` with the study's first run of that student, torch seeded with the
   run's seed), in eval mode (no dropout, so one graph serves every setting). peft initialises LoRA's B to 0, so
   the gradient at A is 0 and the parameter gradient lives on B: the direction a first step would take.
-* Settings (name, k, samples): ``top16_renorm`` (16, 0: ``TopKKDLoss`` ``missing_mass="renormalize"``),
+* Settings (name, k, samples, encoding): ``top16_renorm`` (16, 0: ``TopKKDLoss`` ``missing_mass="renormalize"``),
   ``top16_rest`` and ``top64_rest`` (16 / 64, 0: ``rest_bucket``), ``samples12`` and ``samples50`` (0, 12 / 50:
-  ``SampledTailKDLoss``, Sparse Logit Sampling), ``head4_samples12`` (4, 12: exact head + sampled tail).
-  Top-k rows as the capture stores them: ``teacher_logprobs.topk(k)`` (full-vocabulary log-probs) and
+  ``SampledTailKDLoss``, Sparse Logit Sampling), ``head4_samples12`` (4, 12: exact head + sampled tail), all in the
+  plain encoding (int32 ids, float16 log-probs); then in the compact encoding (``teacher_cache.logit_encoding:
+  compact``, kdflow.cache_compact): ``top16_rest_compact``, ``top16_rest_compact_floor`` (probability floor
+  1e-3), ``samples12_compact``, ``samples16_compact``, ``head4_samples12_compact``.
+  Top-k rows as the capture computes them: ``teacher_logprobs.topk(k)`` (full-vocabulary log-probs) and
   ``rest_logprob`` = log of the mass outside the k (a logsumexp over the other ids, never 1 − Σ). Sampled rows:
   ``kdflow.losses.sampled.tail_counts`` with uniforms from a ``torch.Generator`` seeded by the draw seed.
-  Log-probabilities go through float16 (floored at −10000) as the cache stores them; counts are exact.
+  Every setting's rows are written as kdflow's own logit cache file (``LogitCodec.columns``, ``topk_schema``,
+  ``PartWriter``) and **read back** as training reads them (``read_logit_columns``, decoding included): the
+  gradients are those of the decoded values.
 * ``angle_logits_deg``: angle between the setting's gradient and the full one at the student's logits (all
   positions flattened into one vector; draw seed 0 for sampled settings). ``angle_params_deg``: the same at the
   LoRA parameters. ``angle_params_mean_deg`` (sampled only): the angle between the mean parameter gradient over
   ``--draw-seeds`` seeds and the full one (the VJP is linear, so it is the VJP of the mean logits gradient).
 * ``encoding_kl_max``: max over positions of KL(stored‖decoded) in nats, over the setting's buckets (k ids + rest
   for rest-bucket settings; the k ids renormalised for renorm; head + sampled ids for sampled settings), stored =
-  the target in float32 before the float16 round trip, decoded = after it; both normalised over the buckets.
-* ``bytes_per_token``: the setting's rows for all measured positions written as one zstd Parquet file, divided by
-  the positions. Top-k settings: kdflow's top-k cache itself (``cache_format.topk_schema`` and ``PartWriter``,
-  metadata included; renorm stores the same file as the rest bucket). Sampled settings: a **candidate** layout
-  (kdflow has no cache format with samples yet): the same document columns, ``head_ids`` int32 and
-  ``head_logprobs`` float16 lists [k] (absent when k = 0), ``rest_logprob`` float16, ``sample_ids`` int32 and
-  ``sample_counts`` uint8 lists of the unique drawn ids, same write options.
+  the float32 rows before encoding, decoded = read back from the file; both normalised over the buckets. A head
+  entry the compact floor moved into the rest counts in the rest on both sides (what the floor gives up shows in
+  the angles, not here).
+* ``bytes_per_token``: that file's size (zstd, metadata included) over the positions (the first draw seed's file
+  for sampled settings).
 * ``best``: the setting with the smallest ``angle_params_mean_deg`` (else ``angle_params_deg``) among those with
   ``bytes_per_token`` <= 20; if none qualifies, the smallest overall (``best_rule`` says which).
 
@@ -61,24 +64,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from kdflow.cache_format import FORMAT_VERSION, LOGPROB_FLOOR, CacheMeta, PartWriter, ragged, topk_schema
+from kdflow.cache_logits import LogitCodec, read_logit_columns
 from kdflow.losses.kd import TopKKDLoss
 from kdflow.losses.sampled import SampledTailKDLoss, tail_counts
 from tiny import quiet_logs
 
 ME = "bench/logit_fidelity.py"
-# (name, k, samples, kind)
+# (name, k, samples, kind, logit_encoding, logit_floor)
 SETTINGS = (
-    ("top16_renorm", 16, 0, "renormalize"),
-    ("top16_rest", 16, 0, "rest_bucket"),
-    ("top64_rest", 64, 0, "rest_bucket"),
-    ("samples12", 0, 12, "sampled"),
-    ("samples50", 0, 50, "sampled"),
-    ("head4_samples12", 4, 12, "sampled"),
+    ("top16_renorm", 16, 0, "renormalize", "plain", 0.0),
+    ("top16_rest", 16, 0, "rest_bucket", "plain", 0.0),
+    ("top64_rest", 64, 0, "rest_bucket", "plain", 0.0),
+    ("samples12", 0, 12, "sampled", "plain", 0.0),
+    ("samples50", 0, 50, "sampled", "plain", 0.0),
+    ("head4_samples12", 4, 12, "sampled", "plain", 0.0),
+    ("top16_rest_compact", 16, 0, "rest_bucket", "compact", 0.0),
+    ("top16_rest_compact_floor", 16, 0, "rest_bucket", "compact", 1e-3),
+    ("samples12_compact", 0, 12, "sampled", "compact", 0.0),
+    ("samples16_compact", 0, 16, "sampled", "compact", 0.0),
+    ("head4_samples12_compact", 4, 12, "sampled", "compact", 0.0),
 )
 BEST_BYTES = 20  # bytes_per_token a setting may cost to be `best` under the first rule
 
@@ -208,11 +216,6 @@ def topk_rows(teacher_lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return ids, lp.clamp_min(LOGPROB_FLOOR), rest.clamp_min(LOGPROB_FLOOR)
 
 
-def f16(x: torch.Tensor) -> torch.Tensor:
-    """The float16 round trip of the cache (values floored at −10000, as the capture clamps them)."""
-    return x.float().clamp(LOGPROB_FLOOR, 65504.0).half().float()
-
-
 def sampled_rows(teacher_lp: torch.Tensor, k: int, samples: int, seed: int, chunk: int = 128):
     """tail_counts of every row with uniforms from a Generator seeded by ``seed`` (drawn for all rows first, so
     the rows do not depend on the chunking)."""
@@ -238,7 +241,24 @@ def encoding_kl(stored_w: torch.Tensor, decoded_w: torch.Tensor) -> float:
     return max(0.0, float(_kl_rows(log_s, log_d).max()))
 
 
-# --------------------------------------------------------------------------- bytes
+def stored_and_decoded(head_lp, rest, dec_lp, dec_rest, counts=None, samples=0, renorm=False):
+    """The buckets' weights before encoding (float32 rows) and as decoded from the file: the head ids and the rest
+    (top-k), the head ids alone renormalised (renorm), or the head ids and the sampled ids (R · c / N). A head
+    entry the compact floor moved into the rest counts in the rest on both sides (its loss is the floor's)."""
+    floored = dec_lp <= LOGPROB_FLOOR
+    head, dec_head = head_lp.double().exp(), torch.where(floored, 0.0, dec_lp.double().exp())
+    moved = torch.where(floored, head, 0.0).sum(-1)
+    head = torch.where(floored, 0.0, head)
+    r, dec_r = rest.double().exp() + moved, torch.where(dec_rest <= LOGPROB_FLOOR, 0.0, dec_rest.double().exp())
+    if renorm:
+        return head, dec_head
+    if counts is None:
+        return torch.cat([head, r[:, None]], -1), torch.cat([dec_head, dec_r[:, None]], -1)
+    c = counts.double() / samples
+    return torch.cat([head, r[:, None] * c], -1), torch.cat([dec_head, dec_r[:, None] * c], -1)
+
+
+# --------------------------------------------------------------------------- the cache file
 
 
 def _doc_columns(docs: list[torch.Tensor]) -> tuple[dict[str, Any], np.ndarray]:
@@ -253,7 +273,7 @@ def _doc_columns(docs: list[torch.Tensor]) -> tuple[dict[str, Any], np.ndarray]:
     return cols, lengths
 
 
-def _meta(k: int, vocab: int) -> CacheMeta:
+def _meta(k: int, vocab: int, codec: LogitCodec) -> CacheMeta:
     return CacheMeta(
         format_version=FORMAT_VERSION,
         kdflow_version="bench",
@@ -273,45 +293,20 @@ def _meta(k: int, vocab: int) -> CacheMeta:
         resume_key="0" * 16,
         cache="topk",
         k=k,
+        **codec.meta,
     )
 
 
-def topk_bytes(docs, ids, lp16, rest16, vocab: int, tmp: Path) -> int:
-    """Size of kdflow's own top-k cache file of these rows (topk_schema, PartWriter: zstd, metadata)."""
+def cache_file(docs, codec: LogitCodec, ids, lp, rest, tail, vocab: int, path: Path) -> tuple[int, dict]:
+    """kdflow's own logit cache of these rows (LogitCodec.columns, topk_schema, PartWriter: zstd, metadata): its
+    size, and its logit columns as training reads them back (kdflow.cache_logits.read_logit_columns)."""
     cols, lengths = _doc_columns(docs)
-    cols["topk_ids"] = ragged(ids.numpy().astype(np.int32), lengths)
-    cols["topk_logprobs"] = ragged(lp16.numpy().astype(np.float16), lengths)
-    cols["rest_logprob"] = ragged(rest16.numpy().astype(np.float16), lengths)
-    k = ids.shape[1]
-    return PartWriter(topk_schema(k)).write(tmp / f"topk{k}.parquet", cols, _meta(k, vocab))
-
-
-def sampled_bytes(docs, head_ids, head16, rest16, sample_ids, counts, tmp: Path, name: str) -> int:
-    """Size of the candidate sampled-tail layout (see the module docstring), written as PartWriter writes."""
-    cols, lengths = _doc_columns(docs)
-    k = head_ids.shape[1]
-    if k:
-        cols["head_ids"] = ragged(head_ids.numpy().astype(np.int32), lengths)
-        cols["head_logprobs"] = ragged(head16.numpy().astype(np.float16), lengths)
-    cols["rest_logprob"] = ragged(rest16.numpy().astype(np.float16), lengths)
-    live = counts > 0
-    per_pos = live.sum(-1).numpy().astype(np.int32)
-    inner_ids = ragged(sample_ids[live].numpy().astype(np.int32), per_pos)
-    inner_counts = ragged(counts[live].numpy().astype(np.uint8), per_pos)
-    doc_offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=doc_offsets[1:])
-    cols["sample_ids"] = pa.ListArray.from_arrays(pa.array(doc_offsets), inner_ids)
-    cols["sample_counts"] = pa.ListArray.from_arrays(pa.array(doc_offsets), inner_counts)
-    path = tmp / f"{name}.parquet"
-    pq.write_table(
-        pa.table(cols),
-        path,
-        compression="zstd",
-        row_group_size=max(1, len(docs)),
-        use_dictionary=["doc_id"],
-        write_statistics=["doc_index"],
-    )
-    return path.stat().st_size
+    tail_np = None if tail is None else [t.numpy() for t in tail]
+    cols.update(codec.columns(ids.numpy(), lp, rest, tail_np, lengths))
+    schema = topk_schema(codec.k, codec.samples, codec.encoding, vocab)
+    size = PartWriter(schema).write(path, cols, _meta(codec.k, vocab, codec))
+    table = pq.read_table(path)
+    return size, read_logit_columns(table, path, 0, lengths)
 
 
 # --------------------------------------------------------------------------- gradients
@@ -362,20 +357,19 @@ def measure(inp: Inputs, draw_seeds: int, threads: int) -> dict[str, Any]:
     settings = []
     with tempfile.TemporaryDirectory(prefix="kdflow-bench-fidelity-") as tmpdir:
         tmp = Path(tmpdir)
-        for name, k, samples, kind in SETTINGS:
-            row: dict[str, Any] = {"name": name, "k": k, "samples": samples}
+        for name, k, samples, kind, encoding, floor in SETTINGS:
+            row: dict[str, Any] = {"name": name, "k": k, "samples": samples, "logit_encoding": encoding}
+            if floor:
+                row["logit_floor"] = floor
+            codec = LogitCodec(k, samples, 0, encoding, floor, vocab)
             if kind != "sampled":
                 ids, lp, rest = topk_rows(teacher_lp, k)
-                lp16, rest16 = f16(lp), f16(rest)
-                loss = TopKKDLoss(missing_mass=kind)
-                g = logits_grad(loss, z, ids, lp16, rest16)
-                if kind == "renormalize":
-                    kl = encoding_kl(lp.softmax(-1), lp16.softmax(-1))
-                else:
-                    kl = encoding_kl(
-                        torch.cat([lp, rest[:, None]], -1).exp(), torch.cat([lp16, rest16[:, None]], -1).exp()
-                    )
-                size = topk_bytes(docs, ids, lp16, rest16, vocab, tmp)
+                size, dec = cache_file(docs, codec, ids, lp, rest, None, vocab, tmp / f"{name}.parquet")
+                dec_ids = torch.from_numpy(dec["topk_ids"].astype(np.int64))
+                dec_lp = torch.from_numpy(dec["topk_logprobs"].astype(np.float32))
+                dec_rest = torch.from_numpy(dec["rest_logprob"].astype(np.float32))
+                g = logits_grad(TopKKDLoss(missing_mass=kind), z, dec_ids, dec_lp, dec_rest)
+                kl = encoding_kl(*stored_and_decoded(lp, rest, dec_lp, dec_rest, renorm=kind == "renormalize"))
                 row.update(
                     bytes_per_token=size / n,
                     encoding_kl_max=kl,
@@ -387,15 +381,16 @@ def measure(inp: Inputs, draw_seeds: int, threads: int) -> dict[str, Any]:
                 g_sum = torch.zeros_like(z)
                 for seed in range(draw_seeds):
                     head_ids, head_lp, rest, s_ids, counts = sampled_rows(teacher_lp, k, samples, seed)
-                    head16, rest16 = f16(head_lp), f16(rest)
-                    g = logits_grad(loss, z, head_ids, head16, rest16, s_ids, counts)
+                    path = tmp / f"{name}.s{seed}.parquet"
+                    size_s, dec = cache_file(docs, codec, head_ids, head_lp, rest, (s_ids, counts), vocab, path)
+                    dec_ids = torch.from_numpy(dec["topk_ids"].astype(np.int64))
+                    dec_lp = torch.from_numpy(dec["topk_logprobs"].astype(np.float32))
+                    dec_rest = torch.from_numpy(dec["rest_logprob"].astype(np.float32))
+                    g = logits_grad(loss, z, dec_ids, dec_lp, dec_rest, s_ids, counts)
                     g_sum += g
                     if seed == 0:
-                        first = g
-                        tail = rest.exp()[:, None] * counts.float() / samples
-                        tail16 = rest16.exp()[:, None] * counts.float() / samples
-                        kl = encoding_kl(torch.cat([head_lp.exp(), tail], -1), torch.cat([head16.exp(), tail16], -1))
-                        size = sampled_bytes(docs, head_ids, head16, rest16, s_ids, counts, tmp, name)
+                        first, size = g, size_s
+                        kl = encoding_kl(*stored_and_decoded(head_lp, rest, dec_lp, dec_rest, counts, samples))
                 row.update(
                     bytes_per_token=size / n,
                     encoding_kl_max=kl,

@@ -11,8 +11,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-NAMES = ["top16_renorm", "top16_rest", "top64_rest", "samples12", "samples50", "head4_samples12"]
-SETTING_KEYS = {"name", "k", "samples", "bytes_per_token", "encoding_kl_max", "angle_logits_deg", "angle_params_deg"}
+NAMES = [
+    "top16_renorm",
+    "top16_rest",
+    "top64_rest",
+    "samples12",
+    "samples50",
+    "head4_samples12",
+    "top16_rest_compact",
+    "top16_rest_compact_floor",
+    "samples12_compact",
+    "samples16_compact",
+    "head4_samples12_compact",
+]
+SETTING_KEYS = {
+    "name",
+    "k",
+    "samples",
+    "logit_encoding",
+    "bytes_per_token",
+    "encoding_kl_max",
+    "angle_logits_deg",
+    "angle_params_deg",
+}
 TOP_KEYS = {"settings", "best", "best_rule", "documents", "positions", "draw_seeds", "teacher", "student"}
 
 
@@ -38,7 +59,11 @@ def test_quick_mode_prints_every_setting_as_json_on_its_last_line():
     settings = {s["name"]: s for s in result["settings"]}
     assert [s["name"] for s in result["settings"]] == NAMES
     for name, s in settings.items():
-        want = SETTING_KEYS | ({"angle_params_mean_deg"} if s["samples"] else set())
+        want = (
+            SETTING_KEYS
+            | ({"angle_params_mean_deg"} if s["samples"] else set())
+            | ({"logit_floor"} if "floor" in name else set())
+        )
         assert set(s) == want, (name, sorted(set(s) ^ want))
         angles = [s["angle_logits_deg"], s["angle_params_deg"], s.get("angle_params_mean_deg", 0.0)]
         assert all(math.isfinite(a) and 0 <= a <= 180 for a in angles), (name, angles)
@@ -52,7 +77,13 @@ def test_quick_mode_prints_every_setting_as_json_on_its_last_line():
         (0, 12),
         (0, 50),
         (4, 12),
+        (16, 0),
+        (16, 0),
+        (0, 12),
+        (0, 16),
+        (4, 12),
     ]
+    assert all(settings[n]["encoding_kl_max"] < 1e-3 for n in NAMES if n.endswith(("compact", "floor")))
     assert result["best"] in NAMES and isinstance(result["best_rule"], str)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -270,3 +271,76 @@ def test_a_tail_with_a_ce_only_run_is_fine():
 
     plan = study_plan(study([{"modes": ["ce"], "seeds": [0], "set": {"temperature": 2.0}}], samples=8), REPO)
     assert plan.train_inputs("smollm2-pruned15.ce.s0")["topk"].endswith("topk_k16_s8/index.json")
+
+
+# --------------------------------------------------------------------------- the compact encoding
+
+
+def random_rows(n: int, vocab: int, k: int, sharpness: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(n, vocab, generator=g) * sharpness, -1)
+    top, _ = lp.topk(k, -1)
+    rest = torch.logsumexp(lp.scatter(-1, lp.topk(k, -1).indices, -torch.inf), -1)
+    return top.numpy(), rest.numpy()
+
+
+@pytest.mark.parametrize("sharpness", [0.5, 3.0, 12.0])
+def test_compact_codes_round_trip_within_the_kl_bound(sharpness):
+    from kdflow.cache_compact import STEP, decode_logprobs, encode_logprobs, encoding_kl
+
+    lp, rest = random_rows(400, 3000, 16, sharpness, seed=int(sharpness))
+    enc = encode_logprobs(lp, rest)
+    assert enc["codes"].dtype == np.uint8 and enc["rest_code"].dtype == np.uint8
+    lp_dec, rest_dec = decode_logprobs(enc["codes"], enc["rest_code"])
+    live = enc["live"]
+    total = np.logaddexp(np.logaddexp.reduce(np.where(live, lp_dec, -np.inf), -1), rest_dec)
+    np.testing.assert_allclose(total, 0.0, atol=1e-5)  # renormalised over the k + 1 buckets
+    kl = encoding_kl(lp, rest, live, lp_dec, rest_dec)
+    assert kl.max() <= STEP**2 / 8 + 1e-6 and kl.max() < 1e-3
+    # each live entry within half a step of its value, up to the shared renormalisation
+    shift = (lp_dec - lp)[live].mean()
+    assert np.abs((lp_dec - lp - shift)[live]).max() <= STEP + 1e-6
+
+
+def test_the_floor_moves_small_entries_into_the_rest():
+    from kdflow.cache_compact import ZERO, decode_logprobs, encode_logprobs
+
+    lp, rest = random_rows(200, 3000, 16, 6.0, seed=1)
+    enc = encode_logprobs(lp, rest, floor=1e-3)
+    small = np.exp(lp) < 1e-3
+    assert small.any() and ((enc["codes"] == ZERO) == small).all()
+    np.testing.assert_allclose(enc["moved"], np.where(small, np.exp(lp), 0).sum(-1), rtol=1e-6)
+    lp_dec, rest_dec = decode_logprobs(enc["codes"], enc["rest_code"])
+    assert (lp_dec[small] == -1.0e4).all()
+    want = np.log(np.exp(rest) + enc["moved"])
+    assert np.abs(rest_dec - want)[want > -15].max() <= 1 / 16 + 1e-6  # the moved mass is in the rest (one step)
+
+
+@pytest.fixture(scope="module")
+def compact_run(tmp_path_factory, shard, teacher_manifest):
+    root = tmp_path_factory.mktemp("compact")
+    job = topk_job(root, shard, teacher_manifest, logit_encoding="compact", logit_floor=0.0, **TAIL)
+    return job.outputs["topk"], capture_topk(job)
+
+
+def test_a_compact_cache_decodes_to_the_plain_one(compact_run, tail_file):
+    path, summary = compact_run
+    assert 0 < summary["encoding_kl_max"] < 1e-3 and summary["floor_mass_max"] < 1e-6
+    schema = pq.read_schema(path)
+    assert schema.field("topk_logprobs").type.value_type.value_type == pa.uint8()
+    assert read_meta(path).logit_encoding == "compact" and read_meta(path).logit_floor == 0.0
+    plain = {d["doc_index"]: d for d in CacheReader.open(tail_file, "topk").iter_docs()}
+    for doc in CacheReader.open(path, "topk").iter_docs():
+        ref = plain[doc["doc_index"]]
+        assert doc["topk_ids"].dtype == np.int32 and doc["topk_logprobs"].dtype == np.float32
+        np.testing.assert_array_equal(doc["topk_ids"], ref["topk_ids"])  # no floor: every head id kept
+        np.testing.assert_allclose(doc["topk_logprobs"], ref["topk_logprobs"], atol=0.06)
+        for a, b in zip(per_position(doc, "sample_ids"), per_position(ref, "sample_ids"), strict=True):
+            np.testing.assert_array_equal(a, b)  # the same draws
+    items = list(CacheStream([ShardCaches(path)], expected={"samples": 12, "logit_encoding": "compact"}))
+    assert items[0]["topk_logprobs"].dtype == np.float32 and items[0]["sample_ids"].dtype == np.int32
+    assert os_size(path) < os_size(tail_file)
+
+
+def os_size(path: Path) -> int:
+    return path.stat().st_size

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+LOGPROB_FLOOR = -1.0e4  # log-probabilities below this (incl. -inf) are stored as this: the cache's "zero mass"
+
 
 def ragged(values: np.ndarray, lengths: np.ndarray, type_: pa.DataType | None = None) -> pa.ListArray:
     """A list array whose i-th entry is the next ``lengths[i]`` rows of ``values``.

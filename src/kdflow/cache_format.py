@@ -21,8 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdflow.cache_columns import fixed, list_values, ragged  # noqa: F401  (re-exported)
+from kdflow.cache_columns import LOGPROB_FLOOR, fixed, list_values, ragged  # noqa: F401  (re-exported)
+from kdflow.cache_compact import COMPACT, decode_compact_columns
 from kdflow.cache_fp8 import FP8, decode_fp8_columns
+from kdflow.cache_schemas import HIDDEN_DTYPES, embed_schema, hidden_schema, topk_schema  # noqa: F401  (re-exported)
 from kdflow.errors import KdflowError
 from kdflow.json_types import dataclass_problems
 
@@ -31,19 +33,19 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 META_PREFIX = "kdflow."
-LOGPROB_FLOOR = -1.0e4  # log-probabilities below this (incl. -inf) are stored as this: the cache's "zero mass"
 
 # The metadata keys of each cache kind besides the common ones and ``cache`` (the kind itself), in the order they
 # are written (docs/cache_format.md "Key/value metadata"); the common keys are the fields of :class:`CacheMeta`
 # before ``cache`` (COMMON_KEYS, below it).
 KIND_KEYS = {
-    "topk": ("k", "samples", "sample_seed"),
+    "topk": ("k", "samples", "sample_seed", "logit_encoding", "logit_floor"),
     "embed": ("hidden_size",),
     "hidden": ("layers", "hidden_size", "token_ratio", "token_seed"),
 }
-# Kind keys that a file may leave out: a top-k cache without a sampled tail (samples: 0) is written as before
+# Kind keys that a file may leave out: a top-k cache without a sampled tail (samples: 0), in the plain encoding, is
+# written as before the tail and the compact encoding existed (its bytes and settings hash unchanged).
 # the tail existed, so its bytes and its settings hash are unchanged.
-OPTIONAL_KEYS = {"samples", "sample_seed"}
+OPTIONAL_KEYS = {"samples", "sample_seed", "logit_encoding", "logit_floor"}
 
 
 class CacheMismatch(KdflowError, ValueError):
@@ -84,6 +86,8 @@ class CacheMeta:
     k: int | None = None  # topk: ids per position (the exact head; 0 with a sampled tail only)
     samples: int | None = None  # topk: draws per position from the teacher outside the head (None: none)
     sample_seed: int | None = None  # topk: the seed of those draws, with the document and the position
+    logit_encoding: str | None = None  # topk: "compact" (kdflow.cache_compact); None: plain (float16, int32)
+    logit_floor: float | None = None  # topk, compact: head entries below this probability moved into the rest
     hidden_size: int | None = None  # embed, hidden: the teacher's width
     layers: tuple[int, ...] | None = None  # hidden: the hidden states stored (transformers' numbering)
     token_ratio: float | None = None  # hidden: the fraction of positions stored
@@ -96,14 +100,8 @@ class CacheMeta:
         others = sorted({k for keys in KIND_KEYS.values() for k in keys} - set(KIND_KEYS[self.cache]))
         if missing := [k for k in KIND_KEYS[self.cache] if getattr(self, k) is None and k not in OPTIONAL_KEYS]:
             problems.append(f"a {self.cache} cache needs {missing}")
-        if self.cache == "topk" and (self.samples is None) != (self.sample_seed is None):
-            problems.append("a topk cache with a sampled tail needs both samples and sample_seed")
-        elif (
-            self.cache == "topk"
-            and self.samples is not None
-            and not (isinstance(self.samples, int) and self.samples > 0)
-        ):
-            problems.append(f"samples = {self.samples!r}: a sampled tail has at least one draw (no tail: no key)")
+        if self.cache == "topk":
+            problems += _logit_problems(self)
         if foreign := [k for k in others if getattr(self, k) is not None]:
             problems.append(f"a {self.cache} cache has no {foreign}")
         if not problems and self.format_version != FORMAT_VERSION:
@@ -142,75 +140,26 @@ class CacheMeta:
             raise CacheMetaError(f"{at}{e}") from None
 
 
+def _logit_problems(meta: CacheMeta) -> list[str]:
+    """What a logit cache's optional keys must satisfy: a tail has both keys and at least one draw; the compact
+    encoding names itself and its floor."""
+    problems = []
+    if (meta.samples is None) != (meta.sample_seed is None):
+        problems.append("a topk cache with a sampled tail needs both samples and sample_seed")
+    elif meta.samples is not None and not (type(meta.samples) is int and meta.samples > 0):
+        problems.append(f"samples = {meta.samples!r}: a sampled tail has at least one draw (no tail: no key)")
+    if (meta.logit_encoding is None) != (meta.logit_floor is None) or meta.logit_encoding not in (None, COMPACT):
+        problems.append(
+            f"logit_encoding = {meta.logit_encoding!r}, logit_floor = {meta.logit_floor!r}: the compact encoding "
+            f"has both ({COMPACT!r} and its floor); the plain one neither"
+        )
+    return problems
+
+
 META_FIELDS = tuple(f.name for f in fields(CacheMeta))
 COMMON_KEYS = META_FIELDS[: META_FIELDS.index("cache")]
 COMMON_META_KEYS = frozenset(COMMON_KEYS)
 KIND_META_KEYS = {kind: COMMON_META_KEYS | set(keys) for kind, keys in KIND_KEYS.items()}
-
-
-# --------------------------------------------------------------------------- schemas
-
-
-def topk_schema(k: int, samples: int = 0) -> pa.Schema:
-    """The logit cache: an exact head of ``k`` ids a position and, with ``samples`` > 0, a sampled tail: per
-    position the unique ids drawn from the teacher outside the head and their counts (most drawn first). With
-    ``k`` = 0 the head's ids and log-probs are left out (Arrow has no fixed-size list of width 0)."""
-    tail = [("sample_ids", pa.list_(pa.list_(pa.int32()))), ("sample_counts", pa.list_(pa.list_(pa.uint8())))]
-    head = [
-        ("topk_ids", pa.list_(pa.list_(pa.int32(), k))),  # [n_tokens][k], most probable first
-        ("topk_logprobs", pa.list_(pa.list_(pa.float16(), k))),  # full-vocabulary log p at T=1
-    ]
-    return pa.schema(
-        [
-            ("doc_index", pa.int32()),  # row of the source shard
-            ("doc_id", pa.string()),
-            ("n_tokens", pa.int32()),  # tokens the teacher saw (after truncation)
-            ("truncated", pa.bool_()),  # the document was longer than max_length tokens
-            ("input_ids", pa.list_(pa.int32())),  # [n_tokens]
-            *(head if k else []),
-            ("rest_logprob", pa.list_(pa.float16())),  # log of the probability mass outside the k ids
-            *(tail if samples else []),
-        ]
-    )
-
-
-def embed_schema(hidden: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("doc_index", pa.int32()),
-            ("doc_id", pa.string()),
-            ("n_tokens", pa.int32()),
-            ("text", pa.string()),  # the text the teacher saw (the document up to truncation)
-            ("embedding", pa.list_(pa.float16(), hidden)),  # mean of the final hidden state over its tokens
-        ]
-    )
-
-
-# The hidden-state cache's value encodings (teacher_cache.hidden_dtype -> CacheMeta.value_dtype).
-HIDDEN_DTYPES = {"float16": "float16", "float8": FP8}
-
-
-def hidden_schema(hidden: int, layers: Sequence[int], value_dtype: str = "float16") -> pa.Schema:
-    """float16: ``hidden_l<l>`` list<fixed_size_list<float16, D>>. float8_e4m3: ``hidden_l<l>`` holds the D e4m3
-    bytes of each position (list<fixed_size_binary[D]>) and ``hidden_l<l>_scale`` one float32 scale per position
-    (:func:`fp8_encode`, :func:`ragged_bytes`)."""
-    fields = [
-        ("doc_index", pa.int32()),
-        ("doc_id", pa.string()),
-        ("n_tokens", pa.int32()),
-        ("positions", pa.list_(pa.int32())),  # the token positions stored (all, or a seeded subset)
-    ]
-    for layer in layers:
-        if value_dtype == FP8:
-            fields += [  # one binary value a position: Parquet then keeps levels per position, not per value
-                (f"hidden_l{layer}", pa.list_(pa.binary(hidden))),
-                (f"hidden_l{layer}_scale", pa.list_(pa.float32())),
-            ]
-        elif value_dtype == "float16":
-            fields.append((f"hidden_l{layer}", pa.list_(pa.list_(pa.float16(), hidden))))
-        else:
-            raise ValueError(f"hidden_schema: value_dtype {value_dtype!r} is none of {sorted(HIDDEN_DTYPES.values())}")
-    return pa.schema(fields)
 
 
 # --------------------------------------------------------------------------- metadata
@@ -361,14 +310,17 @@ class CacheReader:
             yield pf.read_row_group(i, columns=list(columns) if columns else None)
 
     def iter_docs(self, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
-        """One dict per document: scalars as Python values, per-token columns as NumPy arrays. A float8 hidden
-        state comes decoded (float16 [p, D], as a float16 cache's), its scales not as columns of their own."""
+        """One dict per document: scalars as Python values, per-token columns as NumPy arrays (a sampled tail's: an
+        array of per-position arrays). A float8 hidden state comes decoded (float16 [p, D], as a float16 cache's),
+        its scales not as columns of their own; a compact logit cache's ids int32, its log-probs float32."""
         fp8 = self.meta.value_dtype == FP8
         if fp8 and columns:
             columns = list(columns) + [f"{c}_scale" for c in columns if c.startswith("hidden_l")]
         for table in self.iter_tables(columns):
             if fp8:
                 table = decode_fp8_columns(table)
+            if self.meta.logit_encoding == COMPACT:  # decoded to int32 ids and float32 log-probs
+                table = decode_compact_columns(table)
             decoded: dict[str, Any] = {}
             for name in table.column_names:
                 col = table.column(name)

@@ -18,15 +18,20 @@ into Arrow columns (:func:`tail_columns`) and reads a row group's logit columns 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from kdflow.cache_columns import list_values, nested, nested_values
+from kdflow.cache_columns import LOGPROB_FLOOR, list_values, nested, nested_values, ragged
+from kdflow.cache_compact import COMPACT, decode_compact_columns, decode_logprobs, encode_logprobs, encoding_kl
 from kdflow.cache_format import CacheError
 from kdflow.losses.sampled import tail_counts
+
+FP16_MAX = float(np.finfo(np.float16).max)
 
 HEAD_COLUMNS = ("topk_ids", "topk_logprobs", "rest_logprob")
 TAIL_COLUMNS = ("sample_ids", "sample_counts")
@@ -93,13 +98,89 @@ def topk_of_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, k: int, chunk
     return torch.cat(ids_out), torch.cat(lp_out), torch.cat(rest_out)
 
 
-def tail_columns(sample_ids: np.ndarray, sample_counts: np.ndarray, lengths: np.ndarray) -> dict[str, pa.Array]:
+def to_f16(x: torch.Tensor, floor: float | None = None) -> tuple[np.ndarray, int]:
+    """fp16 NumPy copy; values beyond fp16's range are clamped (and counted) rather than made inf."""
+    x = x.float()
+    lo = -FP16_MAX if floor is None else floor
+    clamped = int(((x > FP16_MAX) | (x < lo)).sum())
+    return x.clamp(lo, FP16_MAX).cpu().numpy().astype(np.float16), clamped
+
+
+@dataclass
+class LogitCodec:
+    """How one logit-cache job encodes its columns (settings ``k``, ``samples``, ``sample_seed``,
+    ``logit_encoding``, ``logit_floor``), and what that has cost so far: values clamped (plain) or the encoding's
+    largest KL and floored mass (compact)."""
+
+    k: int
+    samples: int
+    sample_seed: int
+    encoding: str  # plain | compact
+    floor: float
+    vocab_rows: int
+    clamped: dict[str, int] = field(default_factory=lambda: {"rest_logprob": 0, "embedding": 0})
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, settings: dict[str, Any], vocab_rows: int) -> LogitCodec:
+        s = settings
+        encoding = s.get("logit_encoding", "plain")
+        return cls(
+            s["k"], s.get("samples", 0), s.get("sample_seed", 0), encoding, s.get("logit_floor", 0.0), vocab_rows
+        )
+
+    @property
+    def hashed_keys(self) -> list[str]:
+        """The settings that change the file beyond k; none for a plain cache without tail (hashed as before)."""
+        return ["samples", "sample_seed"] * bool(self.samples) + ["logit_encoding", "logit_floor"] * self.compact
+
+    @property
+    def compact(self) -> bool:
+        return self.encoding == COMPACT
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The file's optional metadata keys (kdflow.cache_format.OPTIONAL_KEYS) that this job sets."""
+        tail = {"samples": self.samples, "sample_seed": self.sample_seed} if self.samples else {}
+        return {**tail, **({"logit_encoding": COMPACT, "logit_floor": float(self.floor)} if self.compact else {})}
+
+    def columns(self, ids: np.ndarray, lp: torch.Tensor, rest: torch.Tensor, tail, lengths) -> dict[str, pa.Array]:
+        """The part's head, rest and tail columns from the head ids [T, k], the float32 head log-probs [T, k] and
+        rest log-mass [T], and the tail's padded (ids, counts) [T, samples] (or None)."""
+        cols: dict[str, pa.Array] = {}
+        if self.compact:
+            lp32, rest32 = lp.float().cpu().numpy(), rest.float().cpu().numpy()
+            enc = encode_logprobs(lp32, rest32, self.floor)
+            ids = np.where(enc["live"], ids, 0)
+            lp_dec, rest_dec = decode_logprobs(enc["codes"], enc["rest_code"])
+            kl = encoding_kl(lp32, rest32, enc["live"], lp_dec, rest_dec)
+            for key, value in (("encoding_kl_max", kl), ("floor_mass_max", enc["moved"])):
+                self.stats[key] = max(self.stats.get(key, 0.0), float(value.max(initial=0.0)))
+            values, rest_values = enc["codes"], enc["rest_code"]
+            id_np = np.uint16 if self.vocab_rows <= 1 << 16 else np.uint32
+        else:
+            values, _ = to_f16(lp, LOGPROB_FLOOR)
+            rest_values, n_rest = to_f16(rest, LOGPROB_FLOOR)
+            self.clamped["rest_logprob"] += n_rest
+            id_np = np.int32
+        if self.k:
+            cols["topk_ids"] = ragged(ids.astype(id_np), lengths)
+            cols["topk_logprobs"] = ragged(values, lengths)
+        cols["rest_logprob"] = ragged(rest_values, lengths)
+        if tail is not None:
+            cols.update(tail_columns(tail[0], tail[1], lengths, id_np))
+        return cols
+
+
+def tail_columns(
+    sample_ids: np.ndarray, sample_counts: np.ndarray, lengths: np.ndarray, id_np: type = np.int32
+) -> dict[str, pa.Array]:
     """The tail's Arrow columns from [T, samples] padded arrays (T the positions of documents of ``lengths``):
-    per document, per position, the drawn ids (and counts) without the padding."""
+    per document, per position, the drawn ids (``id_np``, and counts) without the padding."""
     live = sample_counts > 0
     per_position = live.sum(-1)
     return {
-        "sample_ids": nested(sample_ids[live].astype(np.int32), per_position, lengths, pa.int32()),
+        "sample_ids": nested(sample_ids[live].astype(id_np), per_position, lengths, pa.from_numpy_dtype(id_np)),
         "sample_counts": nested(sample_counts[live].astype(np.uint8), per_position, lengths, pa.uint8()),
     }
 
@@ -109,7 +190,9 @@ def read_logit_columns(table: pa.Table, path: Path, group: int, lengths: np.ndar
     [T, k], ``rest_logprob`` [T]; with a tail also ``sample_ids`` and ``sample_counts`` [E] (every position's
     entries, one after another), ``sample_n`` [T] (entries a position) and ``sample_offsets`` [T + 1].
     ``lengths`` are the documents' ``input_ids`` lengths; a column of other lengths is a damaged file
-    (:class:`CacheError`)."""
+    (:class:`CacheError`). A compact file's columns come decoded (int32 ids, float32 log-probs)."""
+    if pa.types.is_uint8(table.schema.field("rest_logprob").type.value_type):  # compact codes
+        table = decode_compact_columns(table)
     k = table.column("topk_ids").type.value_type.list_size if "topk_ids" in table.column_names else 0
     arrays: dict[str, np.ndarray] = {}
     if not k:  # a sampled tail alone: no head columns in the file

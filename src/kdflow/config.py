@@ -200,6 +200,17 @@ def _cross_checks(config: dict, schema: dict) -> list[str]:
                 f"teacher_cache.device: parallel tensor places rank r on GPU r of the job (device cuda) or runs gloo "
                 f"ranks on the CPU (device cpu); {cache['device']!r} is neither"
             )
+    if cache["logit_floor"] and cache["samples"]:
+        problems.append(
+            f"teacher_cache.logit_floor: {cache['logit_floor']} with teacher_cache.samples: {cache['samples']}: the "
+            "tail's draws exclude the head, so head mass moved into the rest would be spread over ids drawn without "
+            "it (a biased estimate); use logit_floor: 0 with a sampled tail"
+        )
+    if cache["logit_floor"] and cache["logit_encoding"] != "compact":
+        problems.append(
+            f"teacher_cache.logit_floor: {cache['logit_floor']} needs teacher_cache.logit_encoding: compact (the plain "
+            "encoding keeps every head entry)"
+        )
     if cache["k"] == 0:
         problems.append(
             "teacher_cache.k: 0; the study's logit cache needs a head (evaluation reads the held-out top-k: top-1 "

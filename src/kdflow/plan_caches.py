@@ -102,8 +102,11 @@ class CachePlan:
     def cache_settings(self, kind: str) -> dict[str, Any]:
         """The teacher_cache settings a cache rule (``topk`` or ``hidden``) depends on."""
         settings = {k: self.cache_cfg[k] for k in CACHE_SETTINGS[kind]}
-        if kind == "topk" and self.cache_cfg["samples"]:  # (absent without a tail: older jobs' params unchanged)
-            settings.update(samples=self.cache_cfg["samples"], sample_seed=self.cache_cfg["sample_seed"])
+        cfg = self.cache_cfg
+        if kind == "topk" and cfg["samples"]:  # (absent without a tail: older jobs' params unchanged)
+            settings.update(samples=cfg["samples"], sample_seed=cfg["sample_seed"])
+        if kind == "topk" and cfg["logit_encoding"] != "plain":  # (likewise in the plain encoding)
+            settings.update(logit_encoding=cfg["logit_encoding"], logit_floor=cfg["logit_floor"])
         return settings
 
     def logit_settings(self, name: str) -> dict[str, Any]:
@@ -116,6 +119,8 @@ class CachePlan:
         k, samples = parse_logit_name(name)
         settings = {key: v for key, v in self.cache_settings("topk").items() if key not in ("samples", "sample_seed")}
         tail = {"samples": samples, "sample_seed": self.cache_cfg["sample_seed"]} if samples else {}
+        if samples and "logit_floor" in settings:  # no floor with a tail (the draws exclude the head: config.py)
+            settings["logit_floor"] = 0.0
         return {**settings, "k": k, **tail}
 
     def cache_files(self) -> list[str]:

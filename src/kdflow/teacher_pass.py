@@ -28,7 +28,6 @@ import torch
 
 from kdflow.cache_format import (
     HIDDEN_DTYPES,
-    LOGPROB_FLOOR,
     CacheError,
     CacheMeta,
     embed_schema,
@@ -39,25 +38,22 @@ from kdflow.cache_format import (
 )
 from kdflow.cache_fp8 import FP8, fp8_encode, ragged_bytes
 from kdflow.cache_job import CacheJob, Tokenised, pad_batch, rank_of_ranks, run_cache_job, tokenise_shard
-from kdflow.cache_logits import draw_uniforms, logits_of_hidden, tail_columns, topk_of_hidden  # noqa: F401
+from kdflow.cache_logits import (  # noqa: F401  (topk_of_hidden: re-exported)
+    LogitCodec,
+    draw_uniforms,
+    logits_of_hidden,
+    to_f16,
+    topk_of_hidden,
+)
 from kdflow.manifest import ModelManifest
 from kdflow.models import input_device, load_model, load_tokenizer, pad_id_of, read_manifest
 from kdflow.teacher_parallel import job_ranks, run_on_ranks
 
 log = logging.getLogger(__name__)
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class _Stop(Exception):
     """Raised from a forward hook once the deepest requested layer has run."""
-
-
-def _to_f16(x: torch.Tensor, floor: float | None = None) -> tuple[np.ndarray, int]:
-    """fp16 NumPy copy; values beyond fp16's range are clamped (and counted) rather than made inf."""
-    x = x.float()
-    lo = -FP16_MAX if floor is None else floor
-    clamped = int(((x > FP16_MAX) | (x < lo)).sum())
-    return x.clamp(lo, FP16_MAX).cpu().numpy().astype(np.float16), clamped
 
 
 class TeacherSetup(NamedTuple):
@@ -101,6 +97,7 @@ class TopkPass:
     schemas: dict[str, Any]
     make_part: Callable[[np.ndarray], dict[str, dict]]
     clamped: dict[str, int]  # values clamped to fp16's range so far, per column
+    codec: LogitCodec  # how the logit columns are encoded (and what the encoding has cost so far)
 
 
 @torch.inference_mode()
@@ -115,6 +112,7 @@ def capture_topk(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str, 
     summary = run_cache_job(job, plan.metas, plan.schemas, setup.tok, plan.make_part, f"{label} {job.shard.stem}")
     if summary is not None:  # None: a tensor-parallel rank other than 0
         summary["values_clamped"] = plan.clamped
+        summary.update(plan.codec.stats)  # the compact encoding's own error and the mass its floor moved
         summary["load_s"] = round(setup.load_s, 3)
     return summary
 
@@ -124,20 +122,20 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
     s = job.settings
     k, samples = s["k"], s.get("samples", 0)
     info, tokenizer, model, tok, pad_id, _ = setup
-    # A sampled tail's settings change the content; without one the hash is that of a cache from before tails.
-    tail_keys = ["samples", "sample_seed"] if samples else []
-    base = job.base_meta(info, tokenizer, model.config.num_hidden_layers, ["k", *tail_keys])
+    vocab_rows = model.get_output_embeddings().weight.shape[0]
+    codec = LogitCodec.of(s, vocab_rows)
+    # The optional settings (a tail, the compact encoding) are hashed only when set: caches from before them resume.
+    base = job.base_meta(info, tokenizer, model.config.num_hidden_layers, ["k", *codec.hashed_keys])
     hidden_size = model.config.hidden_size
-    tail = {"samples": samples, "sample_seed": s["sample_seed"]} if samples else {}
     metas = {
-        "topk": CacheMeta(**base, cache="topk", k=k, **tail),
+        "topk": CacheMeta(**base, cache="topk", k=k, **codec.meta),
         "embed": CacheMeta(**base, cache="embed", hidden_size=hidden_size),
     }
-    schemas = {"topk": topk_schema(k, samples), "embed": embed_schema(hidden_size)}
+    schemas = {"topk": topk_schema(k, samples, codec.encoding, vocab_rows), "embed": embed_schema(hidden_size)}
     # A logit cache beside the study's main one (another k or tail) is written without an embed file.
     metas = {name: meta for name, meta in metas.items() if name in job.outputs}
     device = input_device(model)
-    clamped = {"rest_logprob": 0, "embedding": 0}
+    clamped = codec.clamped
 
     @torch.inference_mode()
     def make_part(index: np.ndarray) -> dict[str, dict]:
@@ -161,10 +159,9 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
             m = valid.unsqueeze(-1).to(torch.float32)
             emb_l.append((hidden.float() * m).sum(1) / m.sum(1))
         lengths = np.asarray([len(tok.ids[i]) for i in index], dtype=np.int32)
-        lp, _ = _to_f16(torch.cat(lp_l), LOGPROB_FLOOR)
-        rest, n_rest = _to_f16(torch.cat(rest_l), LOGPROB_FLOOR)
-        emb, n_emb = _to_f16(torch.cat(emb_l))
-        clamped["rest_logprob"] += n_rest
+        tail = [np.concatenate(x) for x in zip(*tail_l, strict=True)] if samples else None
+        logits = codec.columns(np.concatenate(ids_l), torch.cat(lp_l), torch.cat(rest_l), tail, lengths)
+        emb, n_emb = to_f16(torch.cat(emb_l))
         clamped["embedding"] += n_emb
         doc_index = index.astype(np.int32)
         doc_ids = [tok.doc_ids[i] for i in index]
@@ -175,13 +172,7 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
                 "n_tokens": lengths,
                 "truncated": tok.truncated[index],
                 "input_ids": ragged(np.concatenate([tok.ids[i] for i in index]), lengths),
-                **(
-                    {"topk_ids": ragged(np.concatenate(ids_l), lengths), "topk_logprobs": ragged(lp, lengths)}
-                    if k
-                    else {}
-                ),
-                "rest_logprob": ragged(rest, lengths),
-                **(tail_columns(*(np.concatenate(x) for x in zip(*tail_l, strict=True)), lengths) if samples else {}),
+                **logits,
             },
             "embed": {
                 "doc_index": doc_index,
@@ -192,7 +183,7 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
             },
         }
 
-    return TopkPass(metas, schemas, make_part, clamped)
+    return TopkPass(metas, schemas, make_part, clamped, codec)
 
 
 def hidden_positions(n_tokens: int, ratio: float, seed: int, doc_index: int) -> np.ndarray:
@@ -289,7 +280,7 @@ def capture_hidden(job: CacheJob, setup: TeacherSetup | None = None) -> dict[str
                 cols[f"hidden_l{layer}"] = ragged_bytes(codes, lengths)
                 cols[f"hidden_l{layer}_scale"] = ragged(scale, lengths)
                 continue
-            values, n_clamped = _to_f16(torch.cat(per_layer[layer]))
+            values, n_clamped = to_f16(torch.cat(per_layer[layer]))
             clamped[0] += n_clamped
             cols[f"hidden_l{layer}"] = ragged(values, lengths)
         return {"hidden": cols}
