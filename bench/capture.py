@@ -62,7 +62,25 @@ from kdflow.models import input_device
 
 DEFAULT_TEACHER = "resources/models/smollm2-135m-instruct/kdflow_model.json"
 DEFAULT_SHARD = "results/shards/heldout.parquet"
-METHODS = ("bare", "capture", "naive")
+METHODS = ("bare", "capture", "compact", "naive")
+# The compact capture timed beside the plain one (teacher_cache.logit_encoding: compact, its probability floor).
+COMPACT_TIMED = {"logit_encoding": "compact", "logit_floor": 0.005}
+# Logit caches whose files are measured (real capture_topk jobs on the measured documents): name -> settings.
+LOGIT_SETTINGS = {
+    "top16_compact": {"k": 16, "logit_encoding": "compact", "logit_floor": 0.0},
+    "top16_compact_floor1e-3": {"k": 16, "logit_encoding": "compact", "logit_floor": 0.001},
+    "top16_compact_floor5e-3": {"k": 16, "logit_encoding": "compact", "logit_floor": 0.005},
+    "samples12": {"k": 0, "samples": 12, "sample_seed": 0},
+    "samples12_compact": {"k": 0, "samples": 12, "sample_seed": 0, "logit_encoding": "compact", "logit_floor": 0.0},
+    "samples16_compact": {"k": 0, "samples": 16, "sample_seed": 0, "logit_encoding": "compact", "logit_floor": 0.0},
+    "head4_samples12_compact": {
+        "k": 4,
+        "samples": 12,
+        "sample_seed": 0,
+        "logit_encoding": "compact",
+        "logit_floor": 0.0,
+    },
+}
 
 
 def require(path: str | Path, what: str) -> Path:
@@ -268,6 +286,16 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     )  # the real make_part of capture_topk, nothing run yet
     make_part, metas = plan.make_part, plan.metas
     writers = {name: PartWriter(schema) for name, schema in plan.schemas.items()}
+    compact_plan = tp.topk_pass(
+        job(
+            "topk",
+            {"topk": cache_dir / "unused_c.parquet", "embed": cache_dir / "unused_ce.parquet"},
+            {**settings, **COMPACT_TIMED},
+            "timing_compact",
+        ),
+        setup,
+    )
+    compact_writers = {name: PartWriter(schema) for name, schema in compact_plan.schemas.items()}
     timing_dir = out / "timing"
     timing_dir.mkdir(parents=True, exist_ok=True)
     write_s = [0.0] * args.rounds
@@ -282,6 +310,12 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
             t2 = time.perf_counter()
             write_s[r] += t2 - t1
             return t2 - t0
+        if method == "compact":  # the same, in the compact encoding (COMPACT_TIMED)
+            t0 = time.perf_counter()
+            cols = compact_plan.make_part(index)
+            for name, c in cols.items():
+                compact_writers[name].write(timing_dir / f"c{name}_r{r}_b{j}.parquet", c, compact_plan.metas[name])
+            return time.perf_counter() - t0
         ids, mask = pad_batch(tok, index, pad_id, device)
         t0 = time.perf_counter()
         if method == "bare":
@@ -312,7 +346,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     timing_s = time.perf_counter() - t_start
     shutil.rmtree(timing_dir, ignore_errors=True)
     tps = {m: [tokens / s for s in seconds[m]] for m in METHODS}
-    ratio = {m: [a / b for a, b in zip(tps[m], tps["bare"], strict=False)] for m in ("capture", "naive")}
+    ratio = {m: [a / b for a, b in zip(tps[m], tps["bare"], strict=False)] for m in ("capture", "compact", "naive")}
     # noise only ever adds time: the fastest of the rounds, batch by batch, is the least disturbed figure
     best = {m: per_batch[m].min(0).sum() for m in METHODS}
 
@@ -333,6 +367,13 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
             counter.close()
         counts[f"topk_k{kk}"] = (counter.layers, counter.forwards)
         sizes[f"topk_k{kk}"], sizes[f"embed_k{kk}"] = summary["bytes"]["topk"], summary["bytes"]["embed"]
+    logit_bytes, logit_kl = {}, {}
+    for name, extra in LOGIT_SETTINGS.items():
+        outputs = {"topk": cache_dir / name / f"{shard.stem}.parquet"}
+        summary = tp.capture_topk(job("topk", outputs, {**settings, **extra}, name), sub_setup)
+        logit_bytes[name] = round(summary["bytes"]["topk"] / tokens, 2)
+        if "encoding_kl_max" in summary:
+            logit_kl[name] = float(f"{summary['encoding_kl_max']:.4g}")
     hidden_settings = {**settings, "hidden_layers": [layer], "hidden_token_ratio": 1.0}
     outputs = {"hidden": cache_dir / f"hidden_l{layer}" / f"{shard.stem}.parquet"}
     counter = LayerCounter(model)
@@ -369,6 +410,12 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         "capture_ratio_rounds": [round(x, 4) for x in ratio["capture"]],
         "capture_ratio_of_medians": round(med(tps["capture"]) / med(tps["bare"]), 4),
         "capture_ratio_best": round(best["bare"] / best["capture"], 4),
+        "capture_ratio_compact": round(med(ratio["compact"]), 4),
+        "capture_ratio_compact_rounds": [round(x, 4) for x in ratio["compact"]],
+        "capture_ratio_compact_best": round(best["bare"] / best["compact"], 4),
+        "compact_timed": COMPACT_TIMED,
+        "logit_bytes_per_token": logit_bytes,
+        "logit_encoding_kl_max": logit_kl,
         "naive_capture_ratio_best": round(best["bare"] / best["naive"], 4),
         "capture_write_share": round(sum(write_s) / sum(seconds["capture"]), 4),
         "bare_tokens_per_s": round(med(tps["bare"]), 1),

@@ -261,10 +261,24 @@ class PartWriter:
                 tmp,
                 compression="zstd",
                 row_group_size=max(1, table.num_rows),
-                use_dictionary=["doc_id"],
+                use_dictionary=dictionary_columns(self.schema),
                 write_statistics=["doc_index"],
             )
         return path.stat().st_size
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns written with dictionary encoding: ``doc_id``, and every column of unsigned integer values (the
+    compact encoding's ids and codes, the sample counts: few distinct values, which the dictionary's run-length
+    indices store in a fraction of zstd's bytes alone). Parquet names a nested column by its leaf's path."""
+    names = ["doc_id"]
+    for f in schema:
+        path, t = f.name, f.type
+        while pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+            path, t = f"{path}.list.element", t.value_type
+        if pa.types.is_unsigned_integer(t):
+            names.append(path)
+    return names
 
 
 def assemble(parts: Sequence[Path], out: Path, meta: CacheMeta) -> int:
@@ -274,7 +288,7 @@ def assemble(parts: Sequence[Path], out: Path, meta: CacheMeta) -> int:
     schema = pq.read_schema(parts[0]).with_metadata(encode_meta(meta))
     with atomic_path(out) as tmp:
         with pq.ParquetWriter(
-            tmp, schema, compression="zstd", use_dictionary=["doc_id"], write_statistics=["doc_index"]
+            tmp, schema, compression="zstd", use_dictionary=dictionary_columns(schema), write_statistics=["doc_index"]
         ) as writer:
             for part in parts:
                 writer.write_table(pq.read_table(part).replace_schema_metadata(schema.metadata))
