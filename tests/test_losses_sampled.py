@@ -172,3 +172,25 @@ def test_unsound_settings_and_inconsistent_rows_are_refused():
         SampledTailKDLoss(12)(student, *cache, torch.ones(1, ROWS))
     with pytest.raises(ValueError, match="uniforms must be"):
         tail_counts(teacher, 4, 12, torch.rand(ROWS, 11))
+
+
+def test_extreme_uniforms_land_on_ids_with_mass_across_blocks():
+    """The two-level CDF (blocks of BLOCK ids): uniforms 0 and just below 1 draw the first and the last id with
+    mass, also when the vocabulary is no multiple of BLOCK and the ids with mass sit at block edges; the draw
+    frequencies follow p within sampling error."""
+    from kdflow.losses.sampled import BLOCK
+
+    vocab = 3 * BLOCK + 17
+    lp = torch.full((1, vocab), -1.0e4)
+    live = [0, BLOCK - 1, BLOCK, 2 * BLOCK + 5, vocab - 1]
+    lp[0, live] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25]))
+    u = torch.tensor([[0.0, 1.0 - 2.0**-53, 0.5]], dtype=torch.float64)
+    _, _, _, ids, counts = tail_counts(lp, 0, 3, u)
+    assert set(ids[0][counts[0] > 0].tolist()) <= set(live) and {0, vocab - 1} <= set(ids[0].tolist())
+    n = 20000
+    u = torch.rand(1, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, _, _, ids, counts = tail_counts(lp, 0, n, u)
+    freq = {int(i): int(c) / n for i, c in zip(ids[0], counts[0], strict=True) if c > 0}
+    assert set(freq) == set(live)
+    for i, p in zip(live, (0.1, 0.2, 0.3, 0.15, 0.25), strict=True):
+        assert abs(freq[i] - p) < 4 * (p * (1 - p) / n) ** 0.5, (i, freq[i], p)

@@ -60,17 +60,17 @@ def logits_of_hidden(
     """Head ids, full-vocabulary head log-probs and the log of the rest mass for each row of ``hidden`` [T, H]
     (valid positions only); with ``samples`` > 0 also the tail's ids and counts [T, samples] (padded with −1 / 0)
     drawn at ``uniforms`` [T, samples]. Logits are made ``chunk`` rows at a time in fp32 (a 128k vocabulary never
-    needs a [T, V] tensor; the tail's float64 CDF is made 128 rows at a time)."""
+    needs a [T, V] tensor)."""
     if not samples:
         return topk_of_hidden(hidden, lm_head, k, chunk)
     if uniforms is None or uniforms.shape != (hidden.shape[0], samples):
         raise ValueError(f"logits_of_hidden: uniforms must be [{hidden.shape[0]}, {samples}]")
     outs: list[list[torch.Tensor]] = [[], [], [], [], []]
-    step = min(chunk, 128)
+    step = chunk
     for start in range(0, hidden.shape[0], step):
-        logprobs = torch.log_softmax(lm_head(hidden[start : start + step]).float(), -1)
-        u = uniforms[start : start + step].to(logprobs.device)
-        for out, part in zip(outs, tail_counts(logprobs, k, samples, u), strict=True):
+        logits = lm_head(hidden[start : start + step]).float()  # tail_counts normalises each row itself
+        u = uniforms[start : start + step].to(logits.device)
+        for out, part in zip(outs, tail_counts(logits, k, samples, u), strict=True):
             out.append(part)
     ids, lp, rest, sample_ids, sample_counts = (torch.cat(o) for o in outs)
     return ids.to(torch.int32), lp, rest, sample_ids.to(torch.int32), sample_counts.to(torch.uint8)

@@ -142,35 +142,64 @@ class SampledTailKDLoss(nn.Module):
         return per_row.sum() / keep.sum()
 
 
+BLOCK = 256  # ids a block of the two-level CDF (tail_counts)
+
+
 def tail_counts(
     teacher_logprobs: torch.Tensor, k: int, samples: int, uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The head and the sampled tail of each row of a teacher's full distribution.
 
-    ``teacher_logprobs`` [n, V] (log-softmax of the teacher's logits at T = 1), ``uniforms`` [n, samples] in [0, 1)
-    (the caller seeds them; the draws are a function of them alone) -> ``head_ids`` [n, k] (most probable
-    first), ``head_logprobs`` [n, k], ``rest_logprob`` [n] (log of the mass outside the head), ``sample_ids``
-    [n, samples] and ``sample_counts`` [n, samples]: the unique drawn ids, most drawn first, padded with −1 and
-    count 0. Each draw is the inverse CDF of the tail's distribution p_v / R (v ∉ head) at its uniform.
+    ``teacher_logprobs`` [n, V] (log-softmax of the teacher's logits at T = 1, or the logits themselves: each row
+    is normalised here), ``uniforms`` [n, samples] in [0, 1) (the caller seeds them; the draws are a function of
+    them alone) -> ``head_ids`` [n, k] (most probable first), ``head_logprobs`` [n, k] (full-vocabulary),
+    ``rest_logprob`` [n] (log of the mass outside the head), ``sample_ids`` [n, samples] and ``sample_counts``
+    [n, samples]: the unique drawn ids, most drawn first, padded with −1 and count 0.
+
+    Each draw is the inverse CDF of the tail's distribution p_v / R (v ∉ head) at its uniform, found in two
+    levels: the CDF over blocks of ``BLOCK`` ids (float64 cumulative sums of the blocks' float32 sums), then the
+    CDF inside the block drawn. One exp pass and one summing pass over the vocabulary, never a [n, V] float64 tensor.
     """
     if uniforms.shape != (teacher_logprobs.shape[0], samples):
         raise ValueError(
             f"tail_counts: uniforms must be [{teacher_logprobs.shape[0]}, {samples}], got {tuple(uniforms.shape)}"
         )
-    lp = teacher_logprobs.float()
-    head_logprobs, head_ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
-    p = lp.double().exp()  # float64: a tail token of p ~ 1e-7 keeps its share of a 128k-long cumulative sum
+    z = teacher_logprobs.float()
+    n, vocab = z.shape
     if k:
-        p = p.scatter(-1, head_ids, 0.0)
-    cdf = p.cumsum(-1)
-    rest = cdf[:, -1]
-    rest_logprob = torch.where(rest > 0, rest.log(), torch.full_like(rest, LOGPROB_FLOOR)).float()
-    # inverse CDF at u · R: the id i with cdf[i-1] <= u R < cdf[i], which has mass. Rounding can put u R at or
-    # past the end; such a draw goes to the last id with mass (the one whose step it is).
-    draws = torch.searchsorted(cdf, (uniforms.double() * rest.unsqueeze(-1)).contiguous(), right=True)
-    ids = torch.arange(lp.shape[-1], device=lp.device)
-    last = torch.where(p > 0, ids, torch.full_like(ids, -1)).amax(-1, keepdim=True).clamp_min(0)
-    draws = torch.minimum(draws, last)
+        values, head_ids = z.topk(k, -1)
+        top = values[:, :1]
+    else:
+        values, head_ids = z[:, :0], z[:, :0].long()
+        top = z.amax(-1, keepdim=True)
+    mass = (z - top).exp_()  # [n, V] float32, the row maximum at 1
+    log_total = mass.sum(-1, keepdim=True).double().log()
+    head_logprobs = (values - top - log_total).float()
+    if k:
+        mass.scatter_(-1, head_ids, 0.0)
+    blocks = -(-vocab // BLOCK)
+    # (a copy only when the vocabulary is no multiple of BLOCK)
+    padded = mass if vocab % BLOCK == 0 else torch.nn.functional.pad(mass, (0, blocks * BLOCK - vocab))
+    padded = padded.view(n, blocks, BLOCK)
+    block_mass = padded.sum(-1).double()  # [n, blocks]: float32 sums of BLOCK values, accurate to ~1e-7
+    block_cdf = block_mass.cumsum(-1)
+    rest = block_cdf[:, -1]
+    rest_logprob = torch.where(rest > 0, rest.log() - log_total[:, 0], torch.full_like(rest, LOGPROB_FLOOR)).float()
+    target = (uniforms.to(z.device).double() * rest.unsqueeze(-1)).contiguous()  # [n, N]
+    # the block of each draw: the first whose cumulative mass exceeds the target (it has mass). A target rounded to
+    # the total itself (u within 2^-53 of 1) goes to the last block with mass, the one whose step it is.
+    blk = torch.searchsorted(block_cdf, target, right=True)  # [n, N]
+    if bool((blk >= blocks).any()):
+        blk_ids = torch.arange(blocks, device=z.device)
+        last_blk = torch.where(block_mass > 0, blk_ids, torch.full_like(blk_ids, -1)).amax(-1, keepdim=True)
+        blk = torch.minimum(blk, last_blk.clamp_min(0))
+    before = torch.where(blk > 0, block_cdf.gather(-1, (blk - 1).clamp_min(0)), torch.zeros_like(target))
+    inside = padded.gather(1, blk.unsqueeze(-1).expand(-1, -1, BLOCK)).double()  # [n, N, BLOCK]
+    local_cdf = before.unsqueeze(-1) + inside.cumsum(-1)
+    pos_ids = torch.arange(BLOCK, device=z.device)
+    last_pos = torch.where(inside > 0, pos_ids, torch.full_like(pos_ids, -1)).amax(-1).clamp_min(0)
+    pos = torch.searchsorted(local_cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    draws = blk * BLOCK + torch.minimum(pos, last_pos)
     m = draws.shape[1]
     sorted_draws, _ = draws.sort(-1)
     first = torch.ones_like(sorted_draws, dtype=torch.bool)
