@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from kdflow.losses.kd import _kl  # KL(a‖b) from log-probabilities, 0 · log 0 = 0
+
 
 class FullKDLoss(nn.Module):
     """``student_logits`` and ``teacher_logits`` [B, L, V] (the same vocabulary), ``mask`` [B, L] -> scalar."""
@@ -52,10 +54,3 @@ class FullKDLoss(nn.Module):
             log_m = torch.logaddexp(log_p + math.log(b), log_q + math.log(1 - b))
             per_row = b * _kl(log_p, log_m) + (1 - b) * _kl(log_q, log_m)
         return per_row.sum() / keep.sum() * t * t
-
-
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a‖b) over the last dim from log-probabilities, 0 · log 0 = 0 (as in kdflow.losses.kd)."""
-    a = log_a.exp()
-    diff = torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
-    return (a * diff).sum(-1)
