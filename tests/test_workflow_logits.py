@@ -6,6 +6,7 @@ shards only; a second run does nothing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -69,3 +70,32 @@ def test_second_run_does_nothing_and_one_logit_file_is_one_job(study):
     assert planned_jobs(snakemake(workdir, "-n").stdout) == {}
     target = "results/cache/tiny-teacher/topk_k2_s6/shard_00002.parquet"
     assert planned_jobs(snakemake(workdir, "-n", "--force", target).stdout) == {"logit_cache": 1}
+
+
+def test_the_study_bench_compares_each_setting_with_full_kd(study):
+    import subprocess
+    import sys
+
+    workdir, _ = study
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/study_logits.py",
+            "--configfile",
+            str(workdir / "config.yaml"),
+            "--study",
+            str(workdir),
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {r["name"]: r for r in result["settings"]}
+    assert set(rows) == {"tail", "full"} and sorted(result["ranking"]) == ["full", "tail"]
+    assert (rows["tail"]["k"], rows["tail"]["samples"], rows["tail"]["source"]) == (2, 6, "cache")
+    assert rows["tail"]["bytes_per_token"] > 0 and rows["full"]["bytes_per_token"] is None
+    assert rows["tail"]["wins_vs_full"] in ("0 of 1", "1 of 1") and "d_nll_vs_full" not in rows["full"]

@@ -1,0 +1,158 @@
+"""Which logit cache is best per byte? The outcome of config/study_logits.yaml, from the eval rule's records.
+
+    snakemake --cores all --configfile config/study_logits.yaml --directory study_logits
+    python bench/study_logits.py --configfile config/study_logits.yaml --study study_logits
+
+For every setting (a run group: student, mode, tag) of the config's runs: the held-out NLL per token, the top-1
+agreement with the teacher and the KL(teacher‖student) of the eval rule (``results/eval/<run>/heldout.json``,
+the whole held-out shard) as mean ± standard error over the seeds; the paired differences (same seed: same LoRA
+init, same documents in the same order) to the no-KD runs (``--baseline`` mode) and to the online full-KD runs
+(``teacher_logits.source: online``), mean ± standard error and wins; and the bytes per token of the logit cache the
+setting read (its training shards' files over their tokens; none for the no-KD and online settings, which read
+the study's cache for its tokens alone). Prints a Markdown table, then one JSON object as the last line: keys
+``settings`` (a list of objects: ``name``, ``k``, ``samples``, ``source``, ``bytes_per_token``, ``seeds``,
+``nll``, ``nll_se``, ``top1``, ``top1_se``, ``kl``, ``d_nll_vs_ce``, ``d_nll_vs_ce_se``, ``wins_vs_ce``,
+``d_nll_vs_full``, ``d_nll_vs_full_se``, ``d_top1_vs_full``, ``d_top1_vs_full_se``), ``ranking`` (names by NLL,
+best first) and ``best_per_byte`` (the cheapest cache setting whose NLL is within two standard errors of the
+paired difference to full KD, or null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from kdflow.config import load_config  # noqa: E402
+from kdflow.eval_record import EvalRecord  # noqa: E402
+from kdflow.plan import study_plan  # noqa: E402
+from kdflow.plan_caches import parse_logit_name  # noqa: E402
+from kdflow.runs import run_group  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float | None, float | None, int, int]:
+    """Mean and standard error of a − b over the seeds both have; wins (a < b) and seeds compared."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None, None, 0, 0
+    diffs = [a[s] - b[s] for s in seeds]
+    m, se = mean_se(diffs)
+    return m, se, sum(d < 0 for d in diffs), len(seeds)
+
+
+def cache_bytes_per_token(cache_dir: Path, shards: list[str]) -> float:
+    files = [cache_dir / f"{s}.parquet" for s in shards]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        sys.exit(f"missing cache file {missing[0]}; run the study first")
+    tokens = sum(sum(pq.read_table(f, columns=["n_tokens"]).column(0).to_pylist()) for f in files)
+    return sum(f.stat().st_size for f in files) / tokens
+
+
+def metrics_of(path: Path) -> dict[str, float]:
+    if not path.is_file():
+        sys.exit(f"{path}: missing; run the study first (snakemake --cores all --configfile … --directory …)")
+    record = EvalRecord.from_json(json.loads(path.read_text()))
+    return {m.metric: m.value for m in record.metrics}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configfile", default="config/study_logits.yaml")
+    ap.add_argument("--study", default="study_logits", help="the study's directory (snakemake's --directory)")
+    ap.add_argument("--baseline", default="ce", help="the no-KD mode")
+    args = ap.parse_args()
+    study = Path(args.study)
+    plan = study_plan(load_config(args.configfile), REPO)
+    shards = plan.shard_names(with_heldout=False)
+
+    groups: dict[str, dict] = {}
+    for name, spec in plan.runs.items():
+        group = run_group(spec.student, spec.mode, spec.tag)
+        m = metrics_of(study / "results/eval" / name / "heldout.json")
+        g = groups.setdefault(group, {"spec": spec, "nll": {}, "top1": {}, "kl": {}})
+        g["nll"][spec.seed], g["top1"][spec.seed] = m["nll_per_token"], m["top1_agreement"]
+        g["kl"][spec.seed] = m["kl_teacher_student"]
+    base = next((g for g in groups.values() if g["spec"].mode == args.baseline), None)
+    full = next(
+        (g for g in groups.values() if "rb" in g["spec"].terms and g["spec"].teacher_logits.source == "online"), None
+    )
+
+    rows = []
+    for group, g in groups.items():
+        spec = g["spec"]
+        reads_logits = "rb" in spec.terms and spec.teacher_logits.source == "cache"
+        logits = plan.logits_read(spec)
+        k, samples = parse_logit_name(logits) if reads_logits else (None, None)
+        row = {
+            "name": spec.tag or spec.mode,
+            "group": group,
+            "k": k,
+            "samples": samples,
+            "source": spec.teacher_logits.source if "rb" in spec.terms else None,
+            "missing_mass": spec.missing_mass if reads_logits else None,
+            "bytes_per_token": round(cache_bytes_per_token(study / plan.cache_path(logits), shards), 2)
+            if reads_logits
+            else None,
+            "seeds": len(g["nll"]),
+        }
+        for key in ("nll", "top1", "kl"):
+            m, se = mean_se(list(g[key].values()))
+            row[key], row[f"{key}_se"] = round(m, 5), (round(se, 5) if se is not None else None)
+        for ref_name, ref in (("ce", base), ("full", full)):
+            if ref is None or ref is g:
+                continue
+            d, se, wins, n = paired(g["nll"], ref["nll"])
+            row[f"d_nll_vs_{ref_name}"], row[f"d_nll_vs_{ref_name}_se"] = round(d, 5), se and round(se, 5)
+            row[f"wins_vs_{ref_name}"] = f"{wins} of {n}"
+            if ref_name == "full":
+                d, se, _, _ = paired(g["top1"], ref["top1"])
+                row["d_top1_vs_full"], row["d_top1_vs_full_se"] = round(d, 5), se and round(se, 5)
+        rows.append(row)
+    ranking = [r["name"] for r in sorted(rows, key=lambda r: r["nll"])]
+    within = [
+        r
+        for r in rows
+        if r["bytes_per_token"] is not None
+        and r.get("d_nll_vs_full") is not None
+        and r["d_nll_vs_full"] <= 2 * (r["d_nll_vs_full_se"] or 0)
+    ]
+    best = min(within, key=lambda r: r["bytes_per_token"])["name"] if within else None
+
+    def pm(r: dict, key: str, digits: int = 4) -> str:
+        if r.get(key) is None:
+            return ""
+        se = r.get(f"{key}_se")
+        return f"{r[key]:+.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+    head = ["setting", "k", "samples", "B/token", "seeds", "NLL/token", "top-1", "KL(t‖s)", "Δ NLL vs ce"]
+    head += ["Δ NLL vs full KD", "Δ top-1 vs full KD"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in sorted(rows, key=lambda r: r["nll"]):
+        cells = ["" if r[key] is None else str(r[key]) for key in ("name", "k", "samples", "bytes_per_token", "seeds")]
+        cells += [f"{r['nll']:.4f} ± {r['nll_se'] or 0:.4f}", f"{r['top1']:.4f} ± {r['top1_se'] or 0:.4f}"]
+        cells += [f"{r['kl']:.4f}", pm(r, "d_nll_vs_ce") + (f" ({r['wins_vs_ce']})" if "wins_vs_ce" in r else "")]
+        cells += [pm(r, "d_nll_vs_full") + (f" ({r['wins_vs_full']})" if "wins_vs_full" in r else "")]
+        cells += [pm(r, "d_top1_vs_full")]
+        print("| " + " | ".join(cells) + " |")
+    print(json.dumps({"settings": rows, "ranking": ranking, "best_per_byte": best}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
