@@ -14,6 +14,12 @@ kdflow's writers (kdflow.teacher_pass / kdflow.cache_job / kdflow.cache_format) 
   tokens) per hidden dimension, in float16 and in float8 (``hidden_dtype: float8``:
   ``hidden_bytes_per_token_per_dim_fp8``), each written by the real ``capture_topk`` / ``capture_hidden`` jobs
   (``run_cache_job``: parts of ``rows_per_part`` documents, then ``assemble``, zstd).
+* logit caches of the other settings (``LOGIT_SETTINGS``: the compact encoding with and without a probability
+  floor, sampled tails plain and compact), each written by a real ``capture_topk`` job on the measured documents:
+  ``logit_bytes_per_token``, ``logit_encoding_kl_max`` (the job's own report, compact only) and
+  ``logit_loader_docs_per_s`` (the training stream over the file, decoding and ``collate`` included, best of 5
+  epochs; ``top16`` is the plain top-16 file). ``capture_ratio_compact``: as ``capture_ratio``, for the compact
+  capture of ``COMPACT_TIMED`` (timed in the same rounds, alternating with the others).
 * passes per token: decoder-layer calls (forward hooks) during those real top-k and hidden jobs, in
   units of full passes (``num_layers`` x forward batches); the goal is 1 + l/L.
 
@@ -368,12 +374,14 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         counts[f"topk_k{kk}"] = (counter.layers, counter.forwards)
         sizes[f"topk_k{kk}"], sizes[f"embed_k{kk}"] = summary["bytes"]["topk"], summary["bytes"]["embed"]
     logit_bytes, logit_kl = {}, {}
+    logit_loader = {"top16": loader_docs_per_s(cache_dir / "topk_k16" / f"{shard.stem}.parquet", pad_id)}
     for name, extra in LOGIT_SETTINGS.items():
         outputs = {"topk": cache_dir / name / f"{shard.stem}.parquet"}
         summary = tp.capture_topk(job("topk", outputs, {**settings, **extra}, name), sub_setup)
         logit_bytes[name] = round(summary["bytes"]["topk"] / tokens, 2)
         if "encoding_kl_max" in summary:
             logit_kl[name] = float(f"{summary['encoding_kl_max']:.4g}")
+        logit_loader[name] = loader_docs_per_s(outputs["topk"], pad_id)
     hidden_settings = {**settings, "hidden_layers": [layer], "hidden_token_ratio": 1.0}
     outputs = {"hidden": cache_dir / f"hidden_l{layer}" / f"{shard.stem}.parquet"}
     counter = LayerCounter(model)
@@ -416,6 +424,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         "compact_timed": COMPACT_TIMED,
         "logit_bytes_per_token": logit_bytes,
         "logit_encoding_kl_max": logit_kl,
+        "logit_loader_docs_per_s": logit_loader,
         "naive_capture_ratio_best": round(best["bare"] / best["naive"], 4),
         "capture_write_share": round(sum(write_s) / sum(seconds["capture"]), 4),
         "bare_tokens_per_s": round(med(tps["bare"]), 1),
@@ -465,6 +474,25 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         },
     }
     return result
+
+
+def loader_docs_per_s(path: Path, pad_id: int, rounds: int = 5, batch: int = 4) -> float:
+    """Documents/s of the training stream over one logit-cache file (decoding included) with collate into
+    batches of ``batch``: the best of ``rounds`` epochs."""
+    from kdflow.cache_loader import CacheStream, ShardCaches, collate
+
+    best = 0.0
+    for epoch in range(rounds):
+        stream = CacheStream([ShardCaches(path)], seed=0, shuffle_buffer=16)
+        stream.set_epoch(epoch)
+        t0, docs, examples = time.perf_counter(), 0, []
+        for example in stream:
+            examples.append(example)
+            if len(examples) == batch:
+                collate(examples, pad_id)
+                docs, examples = docs + batch, []
+        best = max(best, docs / (time.perf_counter() - t0))
+    return round(best, 1)
 
 
 def fp8_against_fp16(fp16: Path, fp8: Path, layer: int) -> dict[str, float]:
