@@ -76,6 +76,7 @@ LOGIT_SETTINGS = {
     "top16_compact": {"k": 16, "logit_encoding": "compact", "logit_floor": 0.0},
     "top16_compact_floor1e-3": {"k": 16, "logit_encoding": "compact", "logit_floor": 0.001},
     "top16_compact_floor5e-3": {"k": 16, "logit_encoding": "compact", "logit_floor": 0.005},
+    "top16_compact_floor1e-2": {"k": 16, "logit_encoding": "compact", "logit_floor": 0.01},
     "samples12": {"k": 0, "samples": 12, "sample_seed": 0},
     "samples12_compact": {"k": 0, "samples": 12, "sample_seed": 0, "logit_encoding": "compact", "logit_floor": 0.0},
     "samples16_compact": {"k": 0, "samples": 16, "sample_seed": 0, "logit_encoding": "compact", "logit_floor": 0.0},

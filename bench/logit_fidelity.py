@@ -15,8 +15,8 @@ its KD loss, and how far that gradient points from the full one:
   ``top16_rest`` and ``top64_rest`` (16 / 64, 0: ``rest_bucket``), ``samples12`` and ``samples50`` (0, 12 / 50:
   ``SampledTailKDLoss``, Sparse Logit Sampling), ``head4_samples12`` (4, 12: exact head + sampled tail), all in the
   plain encoding (int32 ids, float16 log-probs); then in the compact encoding (``teacher_cache.logit_encoding:
-  compact``, kdflow.cache_compact): ``top16_rest_compact``, ``top16_rest_compact_floor`` (probability floor
-  1e-3), ``samples12_compact``, ``samples16_compact``, ``head4_samples12_compact``.
+  compact``, kdflow.cache_compact): ``top16_rest_compact``, ``top16_rest_compact_floor1e-3`` and ``…_floor1e-2``
+  (probability floors), ``samples12_compact``, ``samples16_compact``, ``head4_samples12_compact``.
   Top-k rows as the capture computes them: ``teacher_logprobs.topk(k)`` (full-vocabulary log-probs) and
   ``rest_logprob`` = log of the mass outside the k (a logsumexp over the other ids, never 1 − Σ). Sampled rows:
   ``kdflow.losses.sampled.tail_counts`` with uniforms from a ``torch.Generator`` seeded by the draw seed.
@@ -83,7 +83,8 @@ SETTINGS = (
     ("samples50", 0, 50, "sampled", "plain", 0.0),
     ("head4_samples12", 4, 12, "sampled", "plain", 0.0),
     ("top16_rest_compact", 16, 0, "rest_bucket", "compact", 0.0),
-    ("top16_rest_compact_floor", 16, 0, "rest_bucket", "compact", 1e-3),
+    ("top16_rest_compact_floor1e-3", 16, 0, "rest_bucket", "compact", 1e-3),
+    ("top16_rest_compact_floor1e-2", 16, 0, "rest_bucket", "compact", 1e-2),
     ("samples12_compact", 0, 12, "sampled", "compact", 0.0),
     ("samples16_compact", 0, 16, "sampled", "compact", 0.0),
     ("head4_samples12_compact", 4, 12, "sampled", "compact", 0.0),
