@@ -30,6 +30,10 @@ SHARED_KEYS = (
     "tokenizer_fingerprint",
     "vocab_size",
     "k",
+    "samples",  # (the optional keys only where a file has them: a sampled tail, the compact encoding)
+    "sample_seed",
+    "logit_encoding",
+    "logit_floor",
     "max_length",
     "dtype",
     "settings_hash",
