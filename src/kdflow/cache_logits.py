@@ -35,7 +35,6 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 HEAD_COLUMNS = ("topk_ids", "topk_logprobs", "rest_logprob")
 TAIL_COLUMNS = ("sample_ids", "sample_counts")
-MAX_SAMPLES = 255  # counts are stored as uint8
 
 
 def logit_columns(k: int, samples: int | None) -> list[str]:
@@ -66,10 +65,9 @@ def logits_of_hidden(
     if uniforms is None or uniforms.shape != (hidden.shape[0], samples):
         raise ValueError(f"logits_of_hidden: uniforms must be [{hidden.shape[0]}, {samples}]")
     outs: list[list[torch.Tensor]] = [[], [], [], [], []]
-    step = chunk
-    for start in range(0, hidden.shape[0], step):
-        logits = lm_head(hidden[start : start + step]).float()  # tail_counts normalises each row itself
-        u = uniforms[start : start + step].to(logits.device)
+    for start in range(0, hidden.shape[0], chunk):
+        logits = lm_head(hidden[start : start + chunk]).float()  # tail_counts normalises each row itself
+        u = uniforms[start : start + chunk].to(logits.device)
         for out, part in zip(outs, tail_counts(logits, k, samples, u), strict=True):
             out.append(part)
     ids, lp, rest, sample_ids, sample_counts = (torch.cat(o) for o in outs)
