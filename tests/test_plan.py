@@ -37,10 +37,12 @@ def test_each_mode_reads_only_the_caches_its_terms_need(plan):
         "heldout": "results/shards/heldout.parquet",
         "topk": topk,
     }
-    assert reads["rb"] == reads["ce"]
+    # rb reads the default's teacher_logits cache (an exact head of 4 and 12 samples: docs/study_logits.md)
+    tail = "results/cache/smollm2-135m-instruct/topk_k4_s12/index.json"
+    assert reads["rb"] == {**reads["ce"], "topk": tail}
     assert reads["fb"] == {**reads["ce"], "hidden": hidden}
     assert reads["relb"] == {**reads["ce"], "embed": embed}
-    assert reads["mix"] == {**reads["ce"], "embed": embed, "hidden": hidden}
+    assert reads["mix"] == {**reads["ce"], "topk": tail, "embed": embed, "hidden": hidden}
 
 
 def test_a_student_with_its_own_vocabulary_reads_the_embed_cache_for_its_text():
@@ -89,7 +91,7 @@ def test_the_final_outputs_hold_every_shard_cache_run_and_evaluation(plan):
     out = plan.final_outputs()
     assert len(out) == len(set(out))
     assert sum(p.startswith("results/shards/") for p in out) == 5  # 4 shards + held-out
-    assert sum(p.startswith("results/cache/") for p in out) == 15  # 3 caches x 5
+    assert sum(p.startswith("results/cache/") for p in out) == 15 + 4  # 3 caches x 5, and rb's own logit cache x 4
     assert sum(p.startswith("results/train/") for p in out) == 5
     assert sum(p.startswith("results/eval/") for p in out) == 14  # 7 models x 2
     assert out[-4:] == ["results/kdflow.duckdb", "results/summary.csv", "results/summary.md", "results/plots"]
