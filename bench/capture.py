@@ -18,8 +18,9 @@ kdflow's writers (kdflow.teacher_pass / kdflow.cache_job / kdflow.cache_format) 
   floor, sampled tails plain and compact), each written by a real ``capture_topk`` job on the measured documents:
   ``logit_bytes_per_token``, ``logit_encoding_kl_max`` (the job's own report, compact only) and
   ``logit_loader_docs_per_s`` (the training stream over the file, decoding and ``collate`` included, best of 5
-  epochs; ``top16`` is the plain top-16 file). ``capture_ratio_compact``: as ``capture_ratio``, for the compact
-  capture of ``COMPACT_TIMED`` (timed in the same rounds, alternating with the others).
+  epochs; ``top16`` is the plain top-16 file). ``capture_ratio_compact`` and ``capture_ratio_sampled``: as
+  ``capture_ratio``, for the compact capture of ``COMPACT_TIMED`` and the sampled-tail capture of
+  ``SAMPLED_TIMED`` (timed in the same rounds, alternating with the others).
 * passes per token: decoder-layer calls (forward hooks) during those real top-k and hidden jobs, in
   units of full passes (``num_layers`` x forward batches); the goal is 1 + l/L.
 
@@ -68,9 +69,11 @@ from kdflow.models import input_device
 
 DEFAULT_TEACHER = "resources/models/smollm2-135m-instruct/kdflow_model.json"
 DEFAULT_SHARD = "results/shards/heldout.parquet"
-METHODS = ("bare", "capture", "compact", "naive")
-# The compact capture timed beside the plain one (teacher_cache.logit_encoding: compact, its probability floor).
+METHODS = ("bare", "capture", "compact", "sampled", "naive")
+# The compact capture timed beside the plain one (teacher_cache.logit_encoding: compact, its probability floor),
+# and a capture with a sampled tail (the default study's rb cache: an exact head of 4 and 12 draws).
 COMPACT_TIMED = {"logit_encoding": "compact", "logit_floor": 0.005}
+SAMPLED_TIMED = {"k": 4, "samples": 12, "sample_seed": 0}
 # Logit caches whose files are measured (real capture_topk jobs on the measured documents): name -> settings.
 LOGIT_SETTINGS = {
     "top16_compact": {"k": 16, "logit_encoding": "compact", "logit_floor": 0.0},
@@ -303,6 +306,16 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         setup,
     )
     compact_writers = {name: PartWriter(schema) for name, schema in compact_plan.schemas.items()}
+    sampled_plan = tp.topk_pass(
+        job(
+            "topk",
+            {"topk": cache_dir / "unused_s.parquet", "embed": cache_dir / "unused_se.parquet"},
+            {**settings, **SAMPLED_TIMED},
+            "timing_sampled",
+        ),
+        setup,
+    )
+    sampled_writers = {name: PartWriter(schema) for name, schema in sampled_plan.schemas.items()}
     timing_dir = out / "timing"
     timing_dir.mkdir(parents=True, exist_ok=True)
     write_s = [0.0] * args.rounds
@@ -317,11 +330,14 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
             t2 = time.perf_counter()
             write_s[r] += t2 - t1
             return t2 - t0
-        if method == "compact":  # the same, in the compact encoding (COMPACT_TIMED)
+        if method in ("compact", "sampled"):  # the same, in the compact encoding or with a sampled tail
+            variant, variant_writers = (
+                (compact_plan, compact_writers) if method == "compact" else (sampled_plan, sampled_writers)
+            )
             t0 = time.perf_counter()
-            cols = compact_plan.make_part(index)
+            cols = variant.make_part(index)
             for name, c in cols.items():
-                compact_writers[name].write(timing_dir / f"c{name}_r{r}_b{j}.parquet", c, compact_plan.metas[name])
+                variant_writers[name].write(timing_dir / f"{method}{name}_r{r}_b{j}.parquet", c, variant.metas[name])
             return time.perf_counter() - t0
         ids, mask = pad_batch(tok, index, pad_id, device)
         t0 = time.perf_counter()
@@ -353,7 +369,7 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     timing_s = time.perf_counter() - t_start
     shutil.rmtree(timing_dir, ignore_errors=True)
     tps = {m: [tokens / s for s in seconds[m]] for m in METHODS}
-    ratio = {m: [a / b for a, b in zip(tps[m], tps["bare"], strict=False)] for m in ("capture", "compact", "naive")}
+    ratio = {m: [a / b for a, b in zip(tps[m], tps["bare"], strict=False)] for m in METHODS if m != "bare"}
     # noise only ever adds time: the fastest of the rounds, batch by batch, is the least disturbed figure
     best = {m: per_batch[m].min(0).sum() for m in METHODS}
 
@@ -423,6 +439,10 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
         "capture_ratio_compact_rounds": [round(x, 4) for x in ratio["compact"]],
         "capture_ratio_compact_best": round(best["bare"] / best["compact"], 4),
         "compact_timed": COMPACT_TIMED,
+        "capture_ratio_sampled": round(med(ratio["sampled"]), 4),
+        "capture_ratio_sampled_rounds": [round(x, 4) for x in ratio["sampled"]],
+        "capture_ratio_sampled_best": round(best["bare"] / best["sampled"], 4),
+        "sampled_timed": SAMPLED_TIMED,
         "logit_bytes_per_token": logit_bytes,
         "logit_encoding_kl_max": logit_kl,
         "logit_loader_docs_per_s": logit_loader,
