@@ -23,9 +23,9 @@ def test_one_round_on_the_default_config_reports_every_key():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["config"] == "config/config.yaml"
-    # the default study's DAG: corpus; shard, topk_cache and hidden_cache for 4 shards + held-out; 2 models;
-    # 3 cache indexes; 5 runs; 7 evaluations; parse_results; all
-    assert result["jobs"] == 1 + 3 * 5 + 2 + 3 + 5 + 7 + 1 + 1
+    # the default study's DAG: corpus; shard, topk_cache and hidden_cache for 4 shards + held-out; rb's own
+    # logit_cache for the 4 training shards; 2 models; 4 cache indexes; 5 runs; 7 evaluations; parse_results; all
+    assert result["jobs"] == 1 + 3 * 5 + 4 + 2 + 4 + 5 + 7 + 1 + 1
     for key in (
         "dryrun_s",
         "floor_s",
@@ -37,7 +37,7 @@ def test_one_round_on_the_default_config_reports_every_key():
         "floor_shaped_2048_s",
     ):
         assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
-    assert result["at_shards"] == 8 and result["jobs_2048"] == result["jobs"] + 3 * (8 - 4)  # 3 jobs per shard
+    assert result["at_shards"] == 8 and result["jobs_2048"] == result["jobs"] + 4 * (8 - 4)  # 4 jobs per shard
     assert result["overhead_ratio_2048"] == pytest.approx(result["dryrun_2048_s"] / result["floor_2048_s"], abs=0.01)
     # kdflow's rule shapes without kdflow: shard, topk_cache and hidden_cache per shard, and `all`
     assert result["jobs_shaped_2048"] == 3 * 8 + 1

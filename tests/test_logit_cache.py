@@ -199,6 +199,7 @@ def study(experiments: list[dict], **cache) -> dict:
 
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     config["teacher_cache"].update(cache)
+    config["training"]["defaults"].pop("teacher_logits", None)  # (the default study's rb cache: each test sets its own)
     config["training"]["experiments"] = copy.deepcopy(experiments)
     return config
 
