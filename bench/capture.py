@@ -288,34 +288,16 @@ def run(args, teacher_manifest, shard, settings, n_batches, k, bs, layer, ks, ou
     cache_dir = out / "cache" / info.name
 
     # ------------------------------------------------------------------ timing: bare / capture / naive
-    plan = tp.topk_pass(
-        job(
-            "topk", {"topk": cache_dir / "unused.parquet", "embed": cache_dir / "unused_e.parquet"}, settings, "timing"
-        ),
-        setup,
-    )  # the real make_part of capture_topk, nothing run yet
+    def timed_pass(tag: str, extra: dict):
+        """The real make_part of capture_topk with ``extra`` settings (nothing run yet) and its part writers."""
+        outputs = {"topk": cache_dir / f"unused_{tag}.parquet", "embed": cache_dir / f"unused_{tag}_e.parquet"}
+        plan = tp.topk_pass(job("topk", outputs, {**settings, **extra}, f"timing_{tag}"), setup)
+        return plan, {name: PartWriter(schema) for name, schema in plan.schemas.items()}
+
+    plan, writers = timed_pass("plain", {})
     make_part, metas = plan.make_part, plan.metas
-    writers = {name: PartWriter(schema) for name, schema in plan.schemas.items()}
-    compact_plan = tp.topk_pass(
-        job(
-            "topk",
-            {"topk": cache_dir / "unused_c.parquet", "embed": cache_dir / "unused_ce.parquet"},
-            {**settings, **COMPACT_TIMED},
-            "timing_compact",
-        ),
-        setup,
-    )
-    compact_writers = {name: PartWriter(schema) for name, schema in compact_plan.schemas.items()}
-    sampled_plan = tp.topk_pass(
-        job(
-            "topk",
-            {"topk": cache_dir / "unused_s.parquet", "embed": cache_dir / "unused_se.parquet"},
-            {**settings, **SAMPLED_TIMED},
-            "timing_sampled",
-        ),
-        setup,
-    )
-    sampled_writers = {name: PartWriter(schema) for name, schema in sampled_plan.schemas.items()}
+    compact_plan, compact_writers = timed_pass("compact", COMPACT_TIMED)
+    sampled_plan, sampled_writers = timed_pass("sampled", SAMPLED_TIMED)
     timing_dir = out / "timing"
     timing_dir.mkdir(parents=True, exist_ok=True)
     write_s = [0.0] * args.rounds
