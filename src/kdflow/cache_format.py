@@ -270,9 +270,8 @@ class PartWriter:
 def dictionary_columns(schema: pa.Schema) -> list[str]:
     """The columns written with dictionary encoding: ``doc_id``, and every column of unsigned integer values (the
     compact encoding's head ids and codes, the sample counts: few distinct values, which the dictionary's
-    run-length indices store in a fraction of zstd's bytes alone) except the sampled ids, which it makes larger
-    (11.9 -> 12.7 bytes a token for 12 samples, measured on the logit study's caches). Parquet names a nested
-    column by its leaf's path."""
+    run-length indices store in a fraction of zstd's bytes alone) except the sampled ids, which it made larger on
+    the logit study's caches (docs/study_logits.md). Parquet names a nested column by its leaf's path."""
     names = ["doc_id"]
     for f in schema:
         path, t = f.name, f.type
