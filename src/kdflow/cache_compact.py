@@ -27,7 +27,6 @@ import pyarrow as pa
 from kdflow.cache_columns import LOGPROB_FLOOR, list_values, nested_values
 
 COMPACT = "compact"
-ENCODINGS = ("plain", COMPACT)
 STEP = 1.0 / 16  # nats a code
 ZERO = 255  # the code of an entry of zero mass
 GRID_MIN = -(ZERO - 1) * STEP  # the most negative log-probability on the grid
