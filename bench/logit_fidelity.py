@@ -88,6 +88,10 @@ SETTINGS = (
     ("samples12_compact", 0, 12, "sampled", "compact", 0.0),
     ("samples16_compact", 0, 16, "sampled", "compact", 0.0),
     ("head4_samples12_compact", 4, 12, "sampled", "compact", 0.0),
+    ("samples12_systematic", 0, 12, "systematic", "plain", 0.0),
+    ("samples8_systematic", 0, 8, "systematic", "plain", 0.0),
+    ("samples12_systematic_compact", 0, 12, "systematic", "compact", 0.0),
+    ("head4_samples12_systematic", 4, 12, "systematic", "plain", 0.0),
 )
 BEST_BYTES = 20  # bytes_per_token a setting may cost to be `best` under the first rule
 
@@ -217,12 +221,13 @@ def topk_rows(teacher_lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return ids, lp.clamp_min(LOGPROB_FLOOR), rest.clamp_min(LOGPROB_FLOOR)
 
 
-def sampled_rows(teacher_lp: torch.Tensor, k: int, samples: int, seed: int, chunk: int = 128):
+def sampled_rows(teacher_lp: torch.Tensor, k: int, samples: int, seed: int, sampling: str, chunk: int = 128):
     """tail_counts of every row with uniforms from a Generator seeded by ``seed`` (drawn for all rows first, so
     the rows do not depend on the chunking)."""
-    uniforms = torch.rand(teacher_lp.shape[0], samples, generator=torch.Generator().manual_seed(seed))
+    width = 1 if sampling == "systematic" else samples
+    uniforms = torch.rand(teacher_lp.shape[0], width, generator=torch.Generator().manual_seed(seed))
     parts = [
-        tail_counts(teacher_lp[i : i + chunk], k, samples, uniforms[i : i + chunk])
+        tail_counts(teacher_lp[i : i + chunk], k, samples, uniforms[i : i + chunk], sampling)
         for i in range(0, teacher_lp.shape[0], chunk)
     ]
     return tuple(torch.cat(p) for p in zip(*parts, strict=True))
@@ -363,7 +368,7 @@ def measure(inp: Inputs, draw_seeds: int, threads: int) -> dict[str, Any]:
             if floor:
                 row["logit_floor"] = floor
             codec = LogitCodec(k, samples, 0, encoding, floor, vocab)
-            if kind != "sampled":
+            if kind not in ("sampled", "systematic"):
                 ids, lp, rest = topk_rows(teacher_lp, k)
                 size, dec = cache_file(docs, codec, ids, lp, rest, None, vocab, tmp / f"{name}.parquet")
                 dec_ids = torch.from_numpy(dec["topk_ids"].astype(np.int64))
@@ -379,9 +384,10 @@ def measure(inp: Inputs, draw_seeds: int, threads: int) -> dict[str, Any]:
                 )
             else:
                 loss = SampledTailKDLoss(samples)
+                sampling = "systematic" if kind == "systematic" else "multinomial"
                 g_sum = torch.zeros_like(z)
                 for seed in range(draw_seeds):
-                    head_ids, head_lp, rest, s_ids, counts = sampled_rows(teacher_lp, k, samples, seed)
+                    head_ids, head_lp, rest, s_ids, counts = sampled_rows(teacher_lp, k, samples, seed, sampling)
                     path = tmp / f"{name}.s{seed}.parquet"
                     size_s, dec = cache_file(docs, codec, head_ids, head_lp, rest, (s_ids, counts), vocab, path)
                     dec_ids = torch.from_numpy(dec["topk_ids"].astype(np.int64))

@@ -2,6 +2,7 @@
 
     snakemake --cores all --configfile config/study_logits.yaml --directory study_logits
     python bench/study_logits.py --configfile config/study_logits.yaml --study study_logits
+    python bench/study_logits.py --settings ce,s12,s12sys,full ...   # some settings: only their runs need to exist
 
 For every setting (a run group: student, mode, tag) of the config's runs: the held-out NLL per token, the top-1
 agreement with the teacher and the KL(teacher‖student) of the eval rule (``results/eval/<run>/heldout.json``,
@@ -10,7 +11,8 @@ init, same documents in the same order) to the no-KD runs (``--baseline`` mode) 
 (``teacher_logits.source: online``), mean ± standard error and wins; and the bytes per token of the logit cache the
 setting read (its training shards' files over their tokens; none for the no-KD and online settings, which read
 the study's cache for its tokens alone). Prints a Markdown table, then one JSON object as the last line: keys
-``settings`` (a list of objects: ``name``, ``k``, ``samples``, ``source``, ``bytes_per_token``, ``seeds``,
+``settings`` (a list of objects: ``name``, ``k``, ``samples``, ``sampling`` (multinomial or systematic, with
+samples), ``source``, ``bytes_per_token``, ``seeds``,
 ``nll``, ``nll_se``, ``top1``, ``top1_se``, ``kl``, ``d_nll_vs_ce``, ``d_nll_vs_ce_se``, ``wins_vs_ce``,
 ``d_nll_vs_full``, ``d_nll_vs_full_se``, ``d_top1_vs_full``, ``d_top1_vs_full_se``), ``ranking`` (names by NLL,
 best first) and ``best_per_byte`` (the cheapest cache setting whose NLL is within two standard errors of the
@@ -75,13 +77,25 @@ def main() -> int:
     ap.add_argument("--configfile", default="config/study_logits.yaml")
     ap.add_argument("--study", default="study_logits", help="the study's directory (snakemake's --directory)")
     ap.add_argument("--baseline", default="ce", help="the no-KD mode")
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="comma-separated setting names (tags, or the mode for an untagged group) to report, e.g. "
+        "ce,s12,full: only their runs need to have run (default: every run of the config)",
+    )
     args = ap.parse_args()
     study = Path(args.study)
     plan = study_plan(load_config(args.configfile), REPO)
     shards = plan.shard_names(with_heldout=False)
 
+    wanted = set(args.settings.split(",")) if args.settings else None
+    known = {spec.tag or spec.mode for spec in plan.runs.values()}
+    if wanted and (unknown := sorted(wanted - known)):
+        sys.exit(f"--settings: {unknown} are no settings of {args.configfile} (its settings: {sorted(known)})")
     groups: dict[str, dict] = {}
     for name, spec in plan.runs.items():
+        if wanted and (spec.tag or spec.mode) not in wanted:
+            continue
         group = run_group(spec.student, spec.mode, spec.tag)
         m = metrics_of(study / "results/eval" / name / "heldout.json")
         g = groups.setdefault(group, {"spec": spec, "nll": {}, "top1": {}, "kl": {}})
@@ -97,12 +111,13 @@ def main() -> int:
         spec = g["spec"]
         reads_logits = "rb" in spec.terms and spec.teacher_logits.source == "cache"
         logits = plan.logits_read(spec)
-        k, samples = parse_logit_name(logits) if reads_logits else (None, None)
+        k, samples, sampling = parse_logit_name(logits) if reads_logits else (None, None, None)
         row = {
             "name": spec.tag or spec.mode,
             "group": group,
             "k": k,
             "samples": samples,
+            "sampling": sampling if samples else None,
             "source": spec.teacher_logits.source if "rb" in spec.terms else None,
             "missing_mass": spec.missing_mass if reads_logits else None,
             "bytes_per_token": round(cache_bytes_per_token(study / plan.cache_path(logits), shards), 2)
@@ -139,12 +154,15 @@ def main() -> int:
         se = r.get(f"{key}_se")
         return f"{r[key]:+.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
-    head = ["setting", "k", "samples", "B/token", "seeds", "NLL/token", "top-1", "KL(t‖s)", "Δ NLL vs ce"]
+    head = ["setting", "k", "samples", "sampling", "B/token", "seeds", "NLL/token", "top-1", "KL(t‖s)", "Δ NLL vs ce"]
     head += ["Δ NLL vs full KD", "Δ top-1 vs full KD"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in sorted(rows, key=lambda r: r["nll"]):
-        cells = ["" if r[key] is None else str(r[key]) for key in ("name", "k", "samples", "bytes_per_token", "seeds")]
+        cells = [
+            "" if r[key] is None else str(r[key])
+            for key in ("name", "k", "samples", "sampling", "bytes_per_token", "seeds")
+        ]
         cells += [f"{r['nll']:.4f} ± {r['nll_se'] or 0:.4f}", f"{r['top1']:.4f} ± {r['top1_se'] or 0:.4f}"]
         cells += [f"{r['kl']:.4f}", pm(r, "d_nll_vs_ce") + (f" ({r['wins_vs_ce']})" if "wins_vs_ce" in r else "")]
         cells += [pm(r, "d_nll_vs_full") + (f" ({r['wins_vs_full']})" if "wins_vs_full" in r else "")]

@@ -23,7 +23,7 @@ if PLAN.deferred and workflow.is_main_process:
 
 wildcard_constraints:
     shard=SHARD_PATTERN,
-    cache="topk_k[0-9]+(_s[0-9]+)?|embed|hidden_l[0-9-]+",
+    cache="topk_k[0-9]+(_s[0-9]+(_sys)?)?|embed|hidden_l[0-9-]+",
     model="[A-Za-z0-9][A-Za-z0-9._-]*",
     run=RUN_NAME_PATTERN,
 

@@ -110,6 +110,41 @@ def test_other_seed_other_draws_and_no_tail_no_keys(tmp_path, tail_file, topk_ru
     assert "sample_ids" not in pq.read_schema(plain).names
 
 
+def test_systematic_tail_is_the_evenly_spaced_draws_of_one_uniform(tmp_path, tail_file, shard, teacher_manifest, model):
+    """sampling: systematic writes the draws of tail_counts at one uniform a position (default_rng([seed,
+    doc_index]).random((n, 1))), names itself in the metadata and the settings hash, is byte-identical on a rerun
+    and under another batching, and is read by the stream only when asked for."""
+    settings = {**TAIL, "sampling": "systematic"}
+    path = run_topk(tmp_path / "sys", shard, teacher_manifest, **settings)
+    meta = read_meta(path)
+    assert meta.sampling == "systematic" and read_meta(tail_file).sampling is None
+    assert meta.settings_hash != read_meta(tail_file).settings_hash
+    again = run_topk(tmp_path / "again", shard, teacher_manifest, **{**settings, "batch_size": 1})
+    assert pq.read_table(again).equals(pq.read_table(path))
+    checked = 0
+    with torch.inference_mode():
+        for doc in CacheReader.open(path, "topk").iter_docs():
+            ids = torch.tensor([doc["input_ids"].tolist()])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            u = torch.from_numpy(draw_uniforms(3, doc["doc_index"], doc["n_tokens"], 1))
+            _, _, rest, want_ids, want_counts = tail_counts(logp, 4, 12, u, "systematic")
+            tail_p = (logp.exp().scatter(-1, logp.topk(4, -1).indices, 0.0) / rest.exp()[:, None]) * 12
+            for j, (got_u, got_c) in enumerate(
+                zip(per_position(doc, "sample_ids"), per_position(doc, "sample_counts"), strict=True)
+            ):
+                live = want_counts[j] > 0
+                want = dict(zip(want_ids[j][live].tolist(), want_counts[j][live].tolist(), strict=True))
+                assert want == dict(zip(got_u.tolist(), got_c.tolist(), strict=True))
+                # every id with at least a 1/N share of the tail is drawn, ⌊N p/R⌋ or ⌈N p/R⌉ times
+                sure = (tail_p[j] >= 1 + 1e-4).nonzero().flatten().tolist()
+                assert all(tail_p[j, v].floor() <= want[v] <= tail_p[j, v].ceil() for v in sure), j
+                checked += 1
+    assert checked > 100
+    with pytest.raises(Exception, match="sampling"):
+        list(CacheStream([ShardCaches(path)], expected={"k": 4, "samples": 12, "sampling": None}, seed=0))
+    assert list(CacheStream([ShardCaches(path)], expected={"k": 4, "samples": 12, "sampling": "systematic"}, seed=0))
+
+
 def test_samples_alone_k0(tmp_path, shard, teacher_manifest):
     path = run_topk(tmp_path, shard, teacher_manifest, k=0, samples=8, sample_seed=0)
     names = pq.read_schema(path).names

@@ -1,7 +1,7 @@
 """The logit cache's knobs and the online reference in the real workflow (snakemake on a tiny config): a run of
-its own logit cache (an exact head of 2 ids and a sampled tail of 6 draws) and a run with the teacher online
-train, are evaluated and land in the results; the extra cache is made by rule logit_cache for the training
-shards only; a second run does nothing."""
+its own logit cache (an exact head of 2 ids and a sampled tail of 6 draws), a run of 6 systematic draws alone and a
+run with the teacher online train, are evaluated and land in the results; the extra caches are made by rule
+logit_cache for the training shards only; a second run does nothing."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kdflow.cache_format import read_meta
 from test_workflow import planned_jobs, snakemake, tiny_config
 from tiny_models import tiny_teacher_dir  # noqa: F401 (fixture)
 
-TAIL, ONLINE = "tiny-student.rb.s0.tail", "tiny-student.rb.s0.full"
+TAIL, ONLINE, SYS = "tiny-student.rb.s0.tail", "tiny-student.rb.s0.full", "tiny-student.rb.s0.sys"
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,7 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
     config["training"]["experiments"] = [
         {"modes": ["rb"], "tag": "tail", "set": {"teacher_logits": {"k": 2, "samples": 6}}},
         {"modes": ["rb"], "tag": "full", "set": {"teacher_logits": {"source": "online"}}},
+        {"modes": ["rb"], "tag": "sys", "set": {"teacher_logits": {"k": 0, "samples": 6, "sampling": "systematic"}}},
     ]
     config["eval"]["baselines"] = []
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -37,7 +38,7 @@ def study(tmp_path_factory, tiny_teacher_dir):  # noqa: F811
 def test_the_extra_logit_cache_is_planned_for_the_training_shards(study):
     workdir, dry = study
     jobs = planned_jobs(dry.stdout)
-    assert jobs["logit_cache"] == 3 and jobs["topk_cache"] == 4 and jobs["train"] == 2
+    assert jobs["logit_cache"] == 6 and jobs["topk_cache"] == 4 and jobs["train"] == 3
     cache = workdir / "results/cache/tiny-teacher"
     assert sorted(p.name for p in (cache / "topk_k2_s6").iterdir()) == [
         "index.json",
@@ -49,18 +50,22 @@ def test_the_extra_logit_cache_is_planned_for_the_training_shards(study):
     assert (meta.k, meta.samples, meta.sample_seed) == (2, 6, 0)
     main = pq.read_table(cache / "topk_k4/shard_00001.parquet", columns=["doc_index", "input_ids"])
     assert pq.read_table(cache / "topk_k2_s6/shard_00001.parquet", columns=["doc_index", "input_ids"]).equals(main)
+    meta = read_meta(cache / "topk_k0_s6_sys/shard_00001.parquet")  # systematic draws: a cache of their own
+    assert (meta.k, meta.samples, meta.sampling) == (0, 6, "systematic") and meta.sampling != read_meta(
+        cache / "topk_k2_s6/shard_00001.parquet"
+    ).sampling
 
 
 def test_both_runs_train_with_their_teacher_and_are_evaluated(study):
     workdir, _ = study
-    for run in (TAIL, ONLINE):
+    for run in (TAIL, ONLINE, SYS):
         summary = json.loads((workdir / "results/train" / run / "summary.json").read_text())
         assert summary["steps"] == 4 and summary["terms"] == {"ce": 0.5, "rb": 0.5}
         rows = [json.loads(r) for r in (workdir / "results/train" / run / "metrics.jsonl").read_text().splitlines()]
         assert all(r["rb"] > 0 for r in rows), rows
         assert (workdir / f"results/eval/{run}/heldout.json").is_file()
     spec = json.loads((workdir / "results/train" / ONLINE / "run_config.json").read_text())["spec"]
-    assert spec["teacher_logits"] == {"source": "online", "k": None, "samples": None}
+    assert spec["teacher_logits"] == {"source": "online", "k": None, "samples": None, "sampling": None}
     summary_md = (workdir / "results/summary.md").read_text()
     assert "tiny-student.rb.tail" in summary_md and "tiny-student.rb.full" in summary_md
 
@@ -95,7 +100,8 @@ def test_the_study_bench_compares_each_setting_with_full_kd(study):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = {r["name"]: r for r in result["settings"]}
-    assert set(rows) == {"tail", "full"} and sorted(result["ranking"]) == ["full", "tail"]
+    assert set(rows) == {"tail", "full", "sys"} and sorted(result["ranking"]) == ["full", "sys", "tail"]
+    assert (rows["sys"]["k"], rows["sys"]["samples"], rows["sys"]["sampling"]) == (0, 6, "systematic")
     assert (rows["tail"]["k"], rows["tail"]["samples"], rows["tail"]["source"]) == (2, 6, "cache")
     assert rows["tail"]["bytes_per_token"] > 0 and rows["full"]["bytes_per_token"] is None
     assert rows["tail"]["wins_vs_full"] in ("0 of 1", "1 of 1") and "d_nll_vs_full" not in rows["full"]

@@ -38,14 +38,14 @@ META_PREFIX = "kdflow."
 # are written (docs/cache_format.md "Key/value metadata"); the common keys are the fields of :class:`CacheMeta`
 # before ``cache`` (COMMON_KEYS, below it).
 KIND_KEYS = {
-    "topk": ("k", "samples", "sample_seed", "logit_encoding", "logit_floor"),
+    "topk": ("k", "samples", "sample_seed", "sampling", "logit_encoding", "logit_floor"),
     "embed": ("hidden_size",),
     "hidden": ("layers", "hidden_size", "token_ratio", "token_seed"),
 }
 # Kind keys that a file may leave out: a top-k cache without a sampled tail (samples: 0), in the plain encoding, is
-# written as before the tail and the compact encoding existed (its bytes and settings hash unchanged).
-# the tail existed, so its bytes and its settings hash are unchanged.
-OPTIONAL_KEYS = {"samples", "sample_seed", "logit_encoding", "logit_floor"}
+# written as before the tail and the compact encoding existed (its bytes and settings hash unchanged); a tail of
+# independent draws has no ``sampling`` key (as before systematic draws existed).
+OPTIONAL_KEYS = {"samples", "sample_seed", "sampling", "logit_encoding", "logit_floor"}
 
 
 class CacheMismatch(KdflowError, ValueError):
@@ -86,6 +86,7 @@ class CacheMeta:
     k: int | None = None  # topk: ids per position (the exact head; 0 with a sampled tail only)
     samples: int | None = None  # topk: draws per position from the teacher outside the head (None: none)
     sample_seed: int | None = None  # topk: the seed of those draws, with the document and the position
+    sampling: str | None = None  # topk: "systematic" (evenly spaced draws); None: independent (multinomial) draws
     logit_encoding: str | None = None  # topk: "compact" (kdflow.cache_compact); None: plain (float16, int32)
     logit_floor: float | None = None  # topk, compact: head entries below this probability moved into the rest
     hidden_size: int | None = None  # embed, hidden: the teacher's width
@@ -148,6 +149,11 @@ def _logit_problems(meta: CacheMeta) -> list[str]:
         problems.append("a topk cache with a sampled tail needs both samples and sample_seed")
     elif meta.samples is not None and not (type(meta.samples) is int and meta.samples > 0):
         problems.append(f"samples = {meta.samples!r}: a sampled tail has at least one draw (no tail: no key)")
+    if meta.sampling is not None and (meta.samples is None or meta.sampling != "systematic"):
+        problems.append(
+            f"sampling = {meta.sampling!r}: the key is 'systematic' on a file with a sampled tail, or absent "
+            "(independent draws)"
+        )
     if (meta.logit_encoding is None) != (meta.logit_floor is None) or meta.logit_encoding not in (None, COMPACT):
         problems.append(
             f"logit_encoding = {meta.logit_encoding!r}, logit_floor = {meta.logit_floor!r}: the compact encoding "

@@ -32,6 +32,7 @@ SHARED_KEYS = (
     "k",
     "samples",  # (the optional keys only where a file has them: a sampled tail, the compact encoding)
     "sample_seed",
+    "sampling",
     "logit_encoding",
     "logit_floor",
     "max_length",

@@ -47,7 +47,11 @@ SAME_SHARD_KEYS = ("shard", "shard_sha256")
 SAME_TEACHER_KEYS = ("teacher_source_hash", "tokenizer_fingerprint", "max_length")
 
 # Must be equal in every shard's file of a kind, so that their documents can share a batch.
-SAME_KIND_KEYS = (("topk", ("k", "samples")), ("embed", ("hidden_size",)), ("hidden", ("layers", "hidden_size")))
+SAME_KIND_KEYS = (
+    ("topk", ("k", "samples", "sampling")),
+    ("embed", ("hidden_size",)),
+    ("hidden", ("layers", "hidden_size")),
+)
 
 
 @dataclass

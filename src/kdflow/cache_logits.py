@@ -9,7 +9,9 @@
 * The draws of position j of a document are the inverse CDF of the tail at the uniforms
   ``numpy.random.default_rng([sample_seed, doc_index]).random((n_tokens, N))[j]``: a function of the seed, the
   document's shard row and the position alone, so a rerun, another batching or another part boundary makes the
-  same bytes.
+  same bytes. With ``sampling: systematic`` (teacher_cache or a run's teacher_logits) a position has one uniform u,
+  ``.random((n_tokens, 1))[j]``, and its N draws are at (u + i) / N, i < N: unbiased as before, with counts that
+  never stray more than one from N · p_v / R (kdflow.losses.sampled.tail_counts).
 
 This module computes both from the teacher's final hidden states (:func:`logits_of_hidden`), turns the tail
 into Arrow columns (:func:`tail_columns`) and reads a row group's logit columns back for training
@@ -55,20 +57,22 @@ def logits_of_hidden(
     samples: int = 0,
     uniforms: torch.Tensor | None = None,
     chunk: int = 512,
+    sampling: str = "multinomial",
 ):
     """Head ids, full-vocabulary head log-probs and the log of the rest mass for each row of ``hidden`` [T, H]
     (valid positions only); with ``samples`` > 0 also the tail's ids and counts [T, samples] (padded with −1 / 0)
-    drawn at ``uniforms`` [T, samples]. Logits are made ``chunk`` rows at a time in fp32 (a 128k vocabulary never
-    needs a [T, V] tensor)."""
+    drawn at ``uniforms`` ([T, samples]; [T, 1] for ``sampling="systematic"``: kdflow.losses.sampled.tail_counts).
+    Logits are made ``chunk`` rows at a time in fp32 (a 128k vocabulary never needs a [T, V] tensor)."""
     if not samples:
         return topk_of_hidden(hidden, lm_head, k, chunk)
-    if uniforms is None or uniforms.shape != (hidden.shape[0], samples):
-        raise ValueError(f"logits_of_hidden: uniforms must be [{hidden.shape[0]}, {samples}]")
+    width = 1 if sampling == "systematic" else samples
+    if uniforms is None or uniforms.shape != (hidden.shape[0], width):
+        raise ValueError(f"logits_of_hidden: uniforms must be [{hidden.shape[0]}, {width}] for {sampling} sampling")
     outs: list[list[torch.Tensor]] = [[], [], [], [], []]
     for start in range(0, hidden.shape[0], chunk):
         logits = lm_head(hidden[start : start + chunk]).float()  # tail_counts normalises each row itself
         u = uniforms[start : start + chunk].to(logits.device)
-        for out, part in zip(outs, tail_counts(logits, k, samples, u), strict=True):
+        for out, part in zip(outs, tail_counts(logits, k, samples, u, sampling), strict=True):
             out.append(part)
     ids, lp, rest, sample_ids, sample_counts = (torch.cat(o) for o in outs)
     return ids.to(torch.int32), lp, rest, sample_ids.to(torch.int32), sample_counts.to(torch.uint8)
@@ -116,6 +120,7 @@ class LogitCodec:
     encoding: str  # plain | compact
     floor: float
     vocab_rows: int
+    sampling: str = "multinomial"  # how the tail's draws fall (kdflow.losses.sampled.tail_counts)
     clamped: dict[str, int] = field(default_factory=lambda: {"rest_logprob": 0, "embedding": 0})
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -124,13 +129,24 @@ class LogitCodec:
         s = settings
         encoding = s.get("logit_encoding", "plain")
         return cls(
-            s["k"], s.get("samples", 0), s.get("sample_seed", 0), encoding, s.get("logit_floor", 0.0), vocab_rows
+            s["k"],
+            s.get("samples", 0),
+            s.get("sample_seed", 0),
+            encoding,
+            s.get("logit_floor", 0.0),
+            vocab_rows,
+            s.get("sampling", "multinomial"),
         )
 
     @property
     def hashed_keys(self) -> list[str]:
         """The settings that change the file beyond k; none for a plain cache without tail (hashed as before)."""
-        return ["samples", "sample_seed"] * bool(self.samples) + ["logit_encoding", "logit_floor"] * self.compact
+        tail = ["samples", "sample_seed"] * bool(self.samples) + ["sampling"] * self.systematic
+        return tail + ["logit_encoding", "logit_floor"] * self.compact
+
+    @property
+    def systematic(self) -> bool:
+        return bool(self.samples) and self.sampling == "systematic"
 
     @property
     def compact(self) -> bool:
@@ -140,6 +156,8 @@ class LogitCodec:
     def meta(self) -> dict[str, Any]:
         """The file's optional metadata keys (kdflow.cache_format.OPTIONAL_KEYS) that this job sets."""
         tail = {"samples": self.samples, "sample_seed": self.sample_seed} if self.samples else {}
+        if self.systematic:
+            tail["sampling"] = "systematic"
         return {**tail, **({"logit_encoding": COMPACT, "logit_floor": float(self.floor)} if self.compact else {})}
 
     def columns(self, ids: np.ndarray, lp: torch.Tensor, rest: torch.Tensor, tail, lengths) -> dict[str, pa.Array]:

@@ -206,6 +206,11 @@ def _cross_checks(config: dict, schema: dict) -> list[str]:
             "tail's draws exclude the head, so head mass moved into the rest would be spread over ids drawn without "
             "it (a biased estimate); use logit_floor: 0 with a sampled tail"
         )
+    if cache["sampling"] == "systematic" and not cache["samples"]:
+        problems.append(
+            "teacher_cache.sampling: systematic with teacher_cache.samples: 0: there are no draws to place; set "
+            "samples, or leave sampling at multinomial"
+        )
     if cache["logit_floor"] and cache["logit_encoding"] != "compact":
         problems.append(
             f"teacher_cache.logit_floor: {cache['logit_floor']} needs teacher_cache.logit_encoding: compact (the plain "

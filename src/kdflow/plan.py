@@ -204,10 +204,11 @@ class StudyPlan(CachePlan):
         spec = self.run(run)
         cfg = self.cache_cfg
         logits = self.logits_read(spec)
-        k, samples = parse_logit_name(logits)
+        k, samples, sampling = parse_logit_name(logits)
         expected = {"teacher": self.teacher, "k": k, "max_length": cfg["max_length"], "samples": samples or None}
         if samples:
             expected["sample_seed"] = cfg["sample_seed"]
+            expected["sampling"] = "systematic" if sampling == "systematic" else None
         if caches_read(spec.terms, False)["hidden"]:
             expected["layers"] = sorted(set(cfg["hidden_layers"]))
             expected["token_ratio"] = cfg["hidden_token_ratio"]

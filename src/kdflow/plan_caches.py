@@ -26,15 +26,21 @@ CACHE_SETTINGS = {
 }
 
 
-def logit_name(k: int, samples: int) -> str:
-    """A logit cache's directory: ``topk_k<k>``, with a sampled tail ``topk_k<k>_s<samples>``."""
-    return f"topk_k{k}" + (f"_s{samples}" if samples else "")
+SYSTEMATIC_SUFFIX = "_sys"
 
 
-def parse_logit_name(name: str) -> tuple[int, int]:
-    """``(k, samples)`` of a logit cache's directory name (inverse of :func:`logit_name`)."""
-    k, _, samples = name.removeprefix("topk_k").partition("_s")
-    return int(k), int(samples or 0)
+def logit_name(k: int, samples: int, sampling: str = "multinomial") -> str:
+    """A logit cache's directory: ``topk_k<k>``, with a sampled tail ``topk_k<k>_s<samples>``, ``_sys`` after it
+    when the draws are systematic."""
+    systematic = bool(samples) and sampling == "systematic"
+    return f"topk_k{k}" + (f"_s{samples}" if samples else "") + SYSTEMATIC_SUFFIX * systematic
+
+
+def parse_logit_name(name: str) -> tuple[int, int, str]:
+    """``(k, samples, sampling)`` of a logit cache's directory name (inverse of :func:`logit_name`)."""
+    systematic = name.endswith(SYSTEMATIC_SUFFIX)
+    k, _, samples = name.removeprefix("topk_k").removesuffix(SYSTEMATIC_SUFFIX).partition("_s")
+    return int(k), int(samples or 0), "systematic" if systematic else "multinomial"
 
 
 class PlanError(KdflowError, ValueError):
@@ -60,7 +66,7 @@ class CachePlan:
     def topk_name(self) -> str:
         """The study's logit cache (teacher_cache.k and samples): it carries every run's tokens, and the held-out
         shard's for evaluation."""
-        return logit_name(self.cache_cfg["k"], self.cache_cfg["samples"])
+        return logit_name(self.cache_cfg["k"], self.cache_cfg["samples"], self.cache_cfg["sampling"])
 
     @cached_property
     def extra_logit_names(self) -> tuple[str, ...]:
@@ -76,7 +82,8 @@ class CachePlan:
         if "rb" in spec.terms and logits.source == "cache":
             k = self.cache_cfg["k"] if logits.k is None else logits.k
             samples = self.cache_cfg["samples"] if logits.samples is None else logits.samples
-            return logit_name(k, samples)
+            sampling = self.cache_cfg["sampling"] if logits.sampling is None else logits.sampling
+            return logit_name(k, samples, sampling)
         return self.topk_name
 
     @property
@@ -105,6 +112,8 @@ class CachePlan:
         cfg = self.cache_cfg
         if kind == "topk" and cfg["samples"]:  # (absent without a tail: older jobs' params unchanged)
             settings.update(samples=cfg["samples"], sample_seed=cfg["sample_seed"])
+            if cfg["sampling"] == "systematic":  # (absent for independent draws: their jobs' params unchanged)
+                settings["sampling"] = "systematic"
         if kind == "topk" and cfg["logit_encoding"] != "plain":  # (likewise in the plain encoding)
             settings.update(logit_encoding=cfg["logit_encoding"], logit_floor=cfg["logit_floor"])
         return settings
@@ -116,9 +125,12 @@ class CachePlan:
                 f"{self.cache_path(name)}: no run of this config reads logit cache {name!r} (extra logit caches: "
                 f"{', '.join(self.extra_logit_names) or 'none'})"
             )
-        k, samples = parse_logit_name(name)
-        settings = {key: v for key, v in self.cache_settings("topk").items() if key not in ("samples", "sample_seed")}
+        k, samples, sampling = parse_logit_name(name)
+        tail_keys = ("samples", "sample_seed", "sampling")
+        settings = {key: v for key, v in self.cache_settings("topk").items() if key not in tail_keys}
         tail = {"samples": samples, "sample_seed": self.cache_cfg["sample_seed"]} if samples else {}
+        if samples and sampling == "systematic":
+            tail["sampling"] = sampling
         if samples and "logit_floor" in settings:  # no floor with a tail (the draws exclude the head: config.py)
             settings["logit_floor"] = 0.0
         return {**settings, "k": k, **tail}

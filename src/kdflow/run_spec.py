@@ -141,6 +141,7 @@ class TeacherLogits(_Section):
     source: str  # cache (a logit cache) or online (the teacher runs inside training)
     k: int | None  # exact head ids of the logit cache read; None = teacher_cache.k
     samples: int | None  # sampled-tail draws a position of that cache (0: none); None = teacher_cache.samples
+    sampling: str | None  # how those draws fall: multinomial or systematic; None = teacher_cache.sampling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +226,8 @@ def logit_conflicts(logits: TeacherLogits, temperature: float, divergence: str, 
     if logits.k == 0 and logits.samples == 0:
         return ["teacher_logits: k = 0 and samples = 0 leave no teacher distribution; set k or samples"]
     if not logits.samples:  # none, or the study's (checked by expand_runs, which knows it)
+        if logits.samples == 0 and logits.sampling == "systematic":
+            return ["teacher_logits: sampling = systematic with samples = 0: there are no draws to place; set samples"]
         return []
     why = "a sampled tail gives an unbiased KD gradient only"
     problems = []

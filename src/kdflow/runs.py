@@ -192,9 +192,9 @@ def _check_run(
 
 
 def resolve_logits(logits: dict, cache_cfg: dict) -> dict:
-    """``teacher_logits`` with a null k or samples taken from ``teacher_cache`` (what the run then reads)."""
+    """``teacher_logits`` with a null k, samples or sampling taken from ``teacher_cache`` (what the run then reads)."""
     out = dict(logits)
-    for key, default in (("k", 16), ("samples", 0)):
+    for key, default in (("k", 16), ("samples", 0), ("sampling", "multinomial")):
         if out.get(key) is None:
             out[key] = cache_cfg.get(key, default)
     return out

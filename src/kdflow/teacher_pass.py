@@ -147,9 +147,11 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
             valid = mask.bool().to(hidden.device)
             uniforms = None
             if samples:
-                u = [draw_uniforms(s["sample_seed"], i, len(tok.ids[i]), samples) for i in batch]
+                width = 1 if codec.systematic else samples  # systematic: one uniform a position
+                u = [draw_uniforms(s["sample_seed"], i, len(tok.ids[i]), width) for i in batch]
                 uniforms = torch.from_numpy(np.concatenate(u))
-            head = logits_of_hidden(hidden[valid], model.get_output_embeddings(), k, samples, uniforms)
+            lm_head = model.get_output_embeddings()
+            head = logits_of_hidden(hidden[valid], lm_head, k, samples, uniforms, sampling=codec.sampling)
             top_ids, top_lp, rest = head[:3]
             if samples:
                 tail_l.append([x.cpu().numpy() for x in head[3:]])

@@ -145,24 +145,40 @@ class SampledTailKDLoss(nn.Module):
 BLOCK = 256  # ids a block of the two-level CDF (tail_counts)
 
 
+SAMPLINGS = ("multinomial", "systematic")  # how tail_counts places a row's draws (teacher_cache.sampling)
+
+
 def tail_counts(
-    teacher_logprobs: torch.Tensor, k: int, samples: int, uniforms: torch.Tensor
+    teacher_logprobs: torch.Tensor, k: int, samples: int, uniforms: torch.Tensor, sampling: str = "multinomial"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The head and the sampled tail of each row of a teacher's full distribution.
 
     ``teacher_logprobs`` [n, V] (log-softmax of the teacher's logits at T = 1, or the logits themselves: each row
-    is normalised here), ``uniforms`` [n, samples] in [0, 1) (the caller seeds them; the draws are a function of
-    them alone) -> ``head_ids`` [n, k] (most probable first), ``head_logprobs`` [n, k] (full-vocabulary),
+    is normalised here), ``uniforms`` in [0, 1) (the caller seeds them; the draws are a function of them alone):
+    [n, samples] for ``sampling="multinomial"``, [n, 1] for ``"systematic"`` -> ``head_ids`` [n, k] (most probable
+    first), ``head_logprobs`` [n, k] (full-vocabulary),
     ``rest_logprob`` [n] (log of the mass outside the head), ``sample_ids`` [n, samples] and ``sample_counts``
     [n, samples]: the unique drawn ids, most drawn first, padded with −1 and count 0.
 
-    Each draw is the inverse CDF of the tail's distribution p_v / R (v ∉ head) at its uniform, found in two
+    ``sampling``: where the N draws of a row fall on the tail's CDF.
+
+    * ``multinomial``: N independent draws, each at its own uniform u_j (Sparse Logit Sampling).
+    * ``systematic``: the N evenly spaced points (u + j) / N, j = 0 … N − 1, of one uniform u a row (systematic
+      resampling). Each point is uniform on [0, 1), so E[c_v] = N · p_v / R exactly, as for multinomial draws,
+      and the target stays unbiased; but c_v is now ⌊N p_v / R⌋ or ⌈N p_v / R⌉, never further: an id holding a
+      1/N share of the tail is always drawn, and the count's variance is at most 1/4 instead of N q (1 − q).
+
+    Each draw is the inverse CDF of the tail's distribution p_v / R (v ∉ head) at its point, found in two
     levels: the CDF over blocks of ``BLOCK`` ids (float64 cumulative sums of the blocks' float32 sums), then the
     CDF inside the block drawn. One exp pass and one summing pass over the vocabulary, never a [n, V] float64 tensor.
     """
-    if uniforms.shape != (teacher_logprobs.shape[0], samples):
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"tail_counts: sampling {sampling!r} is none of {list(SAMPLINGS)}")
+    width = 1 if sampling == "systematic" else samples
+    if uniforms.shape != (teacher_logprobs.shape[0], width):
         raise ValueError(
-            f"tail_counts: uniforms must be [{teacher_logprobs.shape[0]}, {samples}], got {tuple(uniforms.shape)}"
+            f"tail_counts: uniforms must be [{teacher_logprobs.shape[0]}, {width}] for {sampling} sampling, got "
+            f"{tuple(uniforms.shape)}"
         )
     z = teacher_logprobs.float()
     n, vocab = z.shape
@@ -185,7 +201,10 @@ def tail_counts(
     block_cdf = block_mass.cumsum(-1)
     rest = block_cdf[:, -1]
     rest_logprob = torch.where(rest > 0, rest.log() - log_total[:, 0], torch.full_like(rest, LOGPROB_FLOOR)).float()
-    target = (uniforms.to(z.device).double() * rest.unsqueeze(-1)).contiguous()  # [n, N]
+    points = uniforms.to(z.device).double()
+    if sampling == "systematic":  # (u + j) / N: sorted, one uniform a row
+        points = (points + torch.arange(samples, device=z.device, dtype=torch.float64)) / samples
+    target = (points * rest.unsqueeze(-1)).contiguous()  # [n, N]
     # the block of each draw: the first whose cumulative mass exceeds the target (it has mass). A target rounded to
     # the total itself (u within 2^-53 of 1) goes to the last block with mass, the one whose step it is.
     blk = torch.searchsorted(block_cdf, target, right=True)  # [n, N]
