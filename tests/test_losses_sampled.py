@@ -250,3 +250,22 @@ def test_extreme_uniforms_land_on_ids_with_mass_across_blocks():
     assert set(freq) == set(live)
     for i, p in zip(live, (0.1, 0.2, 0.3, 0.15, 0.25), strict=True):
         assert abs(freq[i] - p) < 4 * (p * (1 - p) / n) ** 0.5, (i, freq[i], p)
+
+
+@pytest.mark.parametrize("sampling", ["multinomial", "systematic"])
+def test_overwriting_the_callers_logits_gives_the_same_rows(sampling):
+    """overwrite=True (the capture's scratch logits) draws exactly what the default, which leaves its input alone,
+    draws; a vocabulary of several blocks, and uniforms at both ends."""
+    from kdflow.losses.sampled import BLOCK
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 3 * BLOCK + 5, generator=g) * 4
+    width = 1 if sampling == "systematic" else 9
+    u = torch.rand(64, width, generator=g, dtype=torch.float64)
+    u[0], u[1] = 0.0, 1.0 - 2.0**-53
+    kept = logits.clone()
+    want = tail_counts(logits, 4, 9, u, sampling)
+    assert torch.equal(logits, kept)  # the default leaves the input as it was
+    got = tail_counts(logits, 4, 9, u, sampling, overwrite=True)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert not torch.equal(logits, kept)  # the scratch was used

@@ -32,6 +32,7 @@ from kdflow.cache_columns import LOGPROB_FLOOR, list_values, nested, nested_valu
 from kdflow.cache_compact import COMPACT, decode_compact_columns, decode_logprobs, encode_logprobs, encoding_kl
 from kdflow.cache_format import CacheError
 from kdflow.losses.sampled import tail_counts
+from kdflow.topk import block_topk
 
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -72,7 +73,7 @@ def logits_of_hidden(
     for start in range(0, hidden.shape[0], chunk):
         logits = lm_head(hidden[start : start + chunk]).float()  # tail_counts normalises each row itself
         u = uniforms[start : start + chunk].to(logits.device)
-        for out, part in zip(outs, tail_counts(logits, k, samples, u, sampling), strict=True):
+        for out, part in zip(outs, tail_counts(logits, k, samples, u, sampling, overwrite=True), strict=True):
             out.append(part)
     ids, lp, rest, sample_ids, sample_counts = (torch.cat(o) for o in outs)
     return ids.to(torch.int32), lp, rest, sample_ids.to(torch.int32), sample_counts.to(torch.uint8)
@@ -87,7 +88,7 @@ def topk_of_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, k: int, chunk
     ids_out, lp_out, rest_out = [], [], []
     for start in range(0, hidden.shape[0], chunk):
         logits = lm_head(hidden[start : start + chunk]).float()
-        values, ids = torch.topk(logits, k, dim=-1)
+        values, ids = block_topk(logits, k)  # torch.topk's values and ids, 4x faster on a CPU (kdflow.topk)
         # One exp pass, in place, shifted by the row maximum (the top-1 value): the total gives the
         # log-normaliser, and the sum with the k entries zeroed gives the mass outside the k directly
         # (not as 1 - sum, which would lose precision when the k hold nearly all of it).

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from kdflow.cache_format import LOGPROB_FLOOR
+from kdflow.topk import block_topk
 
 
 class SampledTailKDLoss(nn.Module):
@@ -149,7 +150,12 @@ SAMPLINGS = ("multinomial", "systematic")  # how tail_counts places a row's draw
 
 
 def tail_counts(
-    teacher_logprobs: torch.Tensor, k: int, samples: int, uniforms: torch.Tensor, sampling: str = "multinomial"
+    teacher_logprobs: torch.Tensor,
+    k: int,
+    samples: int,
+    uniforms: torch.Tensor,
+    sampling: str = "multinomial",
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The head and the sampled tail of each row of a teacher's full distribution.
 
@@ -171,6 +177,8 @@ def tail_counts(
     Each draw is the inverse CDF of the tail's distribution p_v / R (v ∉ head) at its point, found in two
     levels: the CDF over blocks of ``BLOCK`` ids (float64 cumulative sums of the blocks' float32 sums), then the
     CDF inside the block drawn. One exp pass and one summing pass over the vocabulary, never a [n, V] float64 tensor.
+    ``overwrite``: ``teacher_logprobs`` (float32) is the caller's scratch, overwritten by the masses instead of a new
+    [n, V] tensor (whose first touch costs more than the exp itself on a CPU); the results are the same.
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"tail_counts: sampling {sampling!r} is none of {list(SAMPLINGS)}")
@@ -183,12 +191,13 @@ def tail_counts(
     z = teacher_logprobs.float()
     n, vocab = z.shape
     if k:
-        values, head_ids = z.topk(k, -1)
+        values, head_ids = block_topk(z, k)
         top = values[:, :1]
     else:
         values, head_ids = z[:, :0], z[:, :0].long()
         top = z.amax(-1, keepdim=True)
-    mass = (z - top).exp_()  # [n, V] float32, the row maximum at 1
+    # [n, V] float32, the row maximum at 1
+    mass = (z.sub_(top) if overwrite and z is teacher_logprobs else z - top).exp_()
     log_total = mass.sum(-1, keepdim=True).double().log()
     head_logprobs = (values - top - log_total).float()
     if k:
@@ -215,10 +224,15 @@ def tail_counts(
     before = torch.where(blk > 0, block_cdf.gather(-1, (blk - 1).clamp_min(0)), torch.zeros_like(target))
     inside = padded.gather(1, blk.unsqueeze(-1).expand(-1, -1, BLOCK)).double()  # [n, N, BLOCK]
     local_cdf = before.unsqueeze(-1) + inside.cumsum(-1)
-    pos_ids = torch.arange(BLOCK, device=z.device)
-    last_pos = torch.where(inside > 0, pos_ids, torch.full_like(pos_ids, -1)).amax(-1).clamp_min(0)
     pos = torch.searchsorted(local_cdf, target.unsqueeze(-1), right=True).squeeze(-1)
-    draws = blk * BLOCK + torch.minimum(pos, last_pos)
+    # local_cdf rises only at ids with mass, so the id found has mass unless the target is at or past the block's
+    # total (float32 block sums against float64 cumulative sums): pos = BLOCK, the draw then the last id with mass.
+    over = pos >= BLOCK
+    if bool(over.any()):
+        pos_ids = torch.arange(BLOCK, device=z.device)
+        last_pos = torch.where(inside[over] > 0, pos_ids, torch.full_like(pos_ids, -1)).amax(-1).clamp_min(0)
+        pos[over] = last_pos
+    draws = blk * BLOCK + pos
     m = draws.shape[1]
     sorted_draws, _ = draws.sort(-1)
     first = torch.ones_like(sorted_draws, dtype=torch.bool)
