@@ -16,10 +16,14 @@ its KD loss, and how far that gradient points from the full one:
   ``SampledTailKDLoss``, Sparse Logit Sampling), ``head4_samples12`` (4, 12: exact head + sampled tail), all in the
   plain encoding (int32 ids, float16 log-probs); then in the compact encoding (``teacher_cache.logit_encoding:
   compact``, kdflow.cache_compact): ``top16_rest_compact``, ``top16_rest_compact_floor1e-3`` and ``…_floor1e-2``
-  (probability floors), ``samples12_compact``, ``samples16_compact``, ``head4_samples12_compact``.
+  (probability floors), ``samples12_compact``, ``samples16_compact``, ``head4_samples12_compact``; then with
+  systematic draws (``sampling: systematic``: N evenly spaced points of one uniform a position):
+  ``samples12_systematic``, ``samples8_systematic``, ``samples12_systematic_compact``,
+  ``head4_samples12_systematic``. Sampled settings report ``sampling`` (multinomial or systematic).
   Top-k rows as the capture computes them: ``teacher_logprobs.topk(k)`` (full-vocabulary log-probs) and
   ``rest_logprob`` = log of the mass outside the k (a logsumexp over the other ids, never 1 − Σ). Sampled rows:
-  ``kdflow.losses.sampled.tail_counts`` with uniforms from a ``torch.Generator`` seeded by the draw seed.
+  ``kdflow.losses.sampled.tail_counts`` with uniforms from a ``torch.Generator`` seeded by the draw seed (one a
+  position for systematic draws).
   Every setting's rows are written as kdflow's own logit cache file (``LogitCodec.columns``, ``topk_schema``,
   ``PartWriter``) and **read back** as training reads them (``read_logit_columns``, decoding included): the
   gradients are those of the decoded values.
@@ -367,7 +371,10 @@ def measure(inp: Inputs, draw_seeds: int, threads: int) -> dict[str, Any]:
             row: dict[str, Any] = {"name": name, "k": k, "samples": samples, "logit_encoding": encoding}
             if floor:
                 row["logit_floor"] = floor
-            codec = LogitCodec(k, samples, 0, encoding, floor, vocab)
+            sampling = "systematic" if kind == "systematic" else "multinomial"
+            if samples:
+                row["sampling"] = sampling
+            codec = LogitCodec(k, samples, 0, encoding, floor, vocab, sampling)
             if kind not in ("sampled", "systematic"):
                 ids, lp, rest = topk_rows(teacher_lp, k)
                 size, dec = cache_file(docs, codec, ids, lp, rest, None, vocab, tmp / f"{name}.parquet")
@@ -384,7 +391,6 @@ def measure(inp: Inputs, draw_seeds: int, threads: int) -> dict[str, Any]:
                 )
             else:
                 loss = SampledTailKDLoss(samples)
-                sampling = "systematic" if kind == "systematic" else "multinomial"
                 g_sum = torch.zeros_like(z)
                 for seed in range(draw_seeds):
                     head_ids, head_lp, rest, s_ids, counts = sampled_rows(teacher_lp, k, samples, seed, sampling)

@@ -24,6 +24,10 @@ NAMES = [
     "samples12_compact",
     "samples16_compact",
     "head4_samples12_compact",
+    "samples12_systematic",
+    "samples8_systematic",
+    "samples12_systematic_compact",
+    "head4_samples12_systematic",
 ]
 SETTING_KEYS = {
     "name",
@@ -62,7 +66,7 @@ def test_quick_mode_prints_every_setting_as_json_on_its_last_line():
     for name, s in settings.items():
         want = (
             SETTING_KEYS
-            | ({"angle_params_mean_deg"} if s["samples"] else set())
+            | ({"angle_params_mean_deg", "sampling"} if s["samples"] else set())
             | ({"logit_floor"} if "floor" in name else set())
         )
         assert set(s) == want, (name, sorted(set(s) ^ want))
@@ -84,7 +88,12 @@ def test_quick_mode_prints_every_setting_as_json_on_its_last_line():
         (0, 12),
         (0, 16),
         (4, 12),
+        (0, 12),
+        (0, 8),
+        (0, 12),
+        (4, 12),
     ]
+    assert [settings[n]["sampling"] for n in NAMES if "samples" in n] == ["multinomial"] * 6 + ["systematic"] * 4
     assert all(settings[n]["encoding_kl_max"] < 1e-3 for n in NAMES if n.endswith(("compact", "floor")))
     assert result["best"] in NAMES and isinstance(result["best_rule"], str)
 
