@@ -32,3 +32,23 @@ def test_a_row_with_fewer_finite_entries_than_k_and_the_fallbacks():
     assert torch.equal(block_topk(small, 5)[1], torch.topk(small, 5, dim=-1).indices)  # few blocks: torch.topk
     with pytest.raises(ValueError, match=r"expected a \[n, V\] matrix"):
         block_topk(torch.randn(50), 5)
+
+
+def test_exp_rows_shifts_only_rows_whose_maximum_is_outside_the_raw_range():
+    from kdflow.topk import EXP_RAW, exp_rows_
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4000, generator=g) * 3
+    x[1] += 500.0  # exp(x) would overflow: shifted
+    x[2] -= 200.0  # exp(x) would underflow: shifted
+    x[3] += 50.0  # inside the raw range: not shifted
+    want = torch.softmax(x.double(), -1)
+    row_max = x.amax(-1, keepdim=True)
+    y = x.clone()
+    shift = exp_rows_(y, row_max)
+    assert shift.shape == (5, 1) and float(shift[1]) == float(row_max[1]) and float(shift[2]) == float(row_max[2])
+    assert float(shift[0]) == float(shift[3]) == float(shift[4]) == 0.0
+    assert EXP_RAW[0] <= float(row_max[3]) <= EXP_RAW[1]
+    assert bool(torch.isfinite(y).all()) and bool((y.sum(-1) > 0).all())
+    torch.testing.assert_close(y.double() / y.double().sum(-1, keepdim=True), want, rtol=1e-5, atol=1e-12)
+    assert torch.equal(y[0], x[0].exp()) and torch.equal(y[1], (x[1] - row_max[1]).exp())

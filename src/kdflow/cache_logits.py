@@ -32,7 +32,7 @@ from kdflow.cache_columns import LOGPROB_FLOOR, list_values, nested, nested_valu
 from kdflow.cache_compact import COMPACT, decode_compact_columns, decode_logprobs, encode_logprobs, encoding_kl
 from kdflow.cache_format import CacheError
 from kdflow.losses.sampled import tail_counts
-from kdflow.topk import block_topk
+from kdflow.topk import block_topk, exp_rows_
 
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -89,15 +89,16 @@ def topk_of_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, k: int, chunk
     for start in range(0, hidden.shape[0], chunk):
         logits = lm_head(hidden[start : start + chunk]).float()
         values, ids = block_topk(logits, k)  # torch.topk's values and ids, 4x faster on a CPU (kdflow.topk)
-        # One exp pass, in place, shifted by the row maximum (the top-1 value): the total gives the
-        # log-normaliser, and the sum with the k entries zeroed gives the mass outside the k directly
-        # (not as 1 - sum, which would lose precision when the k hold nearly all of it).
-        probs = logits.sub_(values[:, :1]).exp_()
-        log_total = probs.sum(-1, keepdim=True).log_()
-        rest = probs.scatter_(-1, ids, 0.0).sum(-1, keepdim=True).log_() - log_total
+        # One exp pass, in place (shifted only where the row maximum calls for it: kdflow.topk.exp_rows_); the
+        # sum with the k entries zeroed gives the mass outside the k directly (not as 1 - sum, which would lose
+        # precision when the k hold nearly all of it), and that rest plus the k entries' own masses the total.
+        shift = exp_rows_(logits, values[:, :1])
+        head = values - shift
+        rest_mass = logits.scatter_(-1, ids, 0.0).sum(-1, keepdim=True)
+        log_total = (rest_mass.double() + head.double().exp().sum(-1, keepdim=True)).log().float()
         ids_out.append(ids.to(torch.int32))
-        lp_out.append(values - values[:, :1] - log_total)
-        rest_out.append(rest.squeeze(-1))
+        lp_out.append(head - log_total)
+        rest_out.append((rest_mass.log() - log_total).squeeze(-1))
     return torch.cat(ids_out), torch.cat(lp_out), torch.cat(rest_out)
 
 

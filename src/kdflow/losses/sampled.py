@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from kdflow.cache_format import LOGPROB_FLOOR
-from kdflow.topk import block_topk
+from kdflow.topk import block_topk, exp_rows_
 
 
 class SampledTailKDLoss(nn.Module):
@@ -176,7 +176,9 @@ def tail_counts(
 
     Each draw is the inverse CDF of the tail's distribution p_v / R (v ∉ head) at its point, found in two
     levels: the CDF over blocks of ``BLOCK`` ids (float64 cumulative sums of the blocks' float32 sums), then the
-    CDF inside the block drawn. One exp pass and one summing pass over the vocabulary, never a [n, V] float64 tensor.
+    CDF inside the block drawn. One exp pass (unshifted where the row's maximum allows: kdflow.topk.exp_rows_) and
+    one summing pass over the vocabulary, never a [n, V] float64 tensor; the row's total is the tail's mass plus
+    the head's.
     ``overwrite``: ``teacher_logprobs`` (float32) is the caller's scratch, overwritten by the masses instead of a new
     [n, V] tensor (whose first touch costs more than the exp itself on a CPU); the results are the same.
     """
@@ -196,10 +198,10 @@ def tail_counts(
     else:
         values, head_ids = z[:, :0], z[:, :0].long()
         top = z.amax(-1, keepdim=True)
-    # [n, V] float32, the row maximum at 1
-    mass = (z.sub_(top) if overwrite and z is teacher_logprobs else z - top).exp_()
-    log_total = mass.sum(-1, keepdim=True).double().log()
-    head_logprobs = (values - top - log_total).float()
+    # [n, V] float32: exp(z - shift), shifted only where the row maximum calls for it (kdflow.topk.exp_rows_)
+    mass = z if overwrite and z is teacher_logprobs else z.clone()
+    shift = exp_rows_(mass, top)
+    head = values - shift
     if k:
         mass.scatter_(-1, head_ids, 0.0)
     blocks = -(-vocab // BLOCK)
@@ -209,7 +211,9 @@ def tail_counts(
     block_mass = padded.sum(-1).double()  # [n, blocks]: float32 sums of BLOCK values, accurate to ~1e-7
     block_cdf = block_mass.cumsum(-1)
     rest = block_cdf[:, -1]
-    rest_logprob = torch.where(rest > 0, rest.log() - log_total[:, 0], torch.full_like(rest, LOGPROB_FLOOR)).float()
+    log_total = (rest + head.double().exp().sum(-1)).log()  # the rest and the head: the whole row's mass
+    head_logprobs = (head - log_total.unsqueeze(-1)).float()
+    rest_logprob = torch.where(rest > 0, rest.log() - log_total, torch.full_like(rest, LOGPROB_FLOOR)).float()
     points = uniforms.to(z.device).double()
     if sampling == "systematic":  # (u + j) / N: sorted, one uniform a row
         points = (points + torch.arange(samples, device=z.device, dtype=torch.float64)) / samples
