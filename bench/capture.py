@@ -14,13 +14,13 @@ kdflow's writers (kdflow.teacher_pass / kdflow.cache_job / kdflow.cache_format) 
   tokens) per hidden dimension, in float16 and in float8 (``hidden_dtype: float8``:
   ``hidden_bytes_per_token_per_dim_fp8``), each written by the real ``capture_topk`` / ``capture_hidden`` jobs
   (``run_cache_job``: parts of ``rows_per_part`` documents, then ``assemble``, zstd).
-* logit caches of the other settings (``LOGIT_SETTINGS``: the compact encoding with and without a probability
-  floor, sampled tails plain and compact), each written by a real ``capture_topk`` job on the measured documents:
-  ``logit_bytes_per_token``, ``logit_encoding_kl_max`` (the job's own report, compact only) and
-  ``logit_loader_docs_per_s`` (the training stream over the file, decoding and ``collate`` included, best of 5
-  epochs; ``top16`` is the plain top-16 file). ``capture_ratio_compact`` and ``capture_ratio_sampled``: as
-  ``capture_ratio``, for the compact capture of ``COMPACT_TIMED`` and the sampled-tail capture of
-  ``SAMPLED_TIMED`` (timed in the same rounds, alternating with the others).
+* logit caches of the other settings (``LOGIT_SETTINGS``: the compact encoding with and without a probability floor,
+  sampled tails of independent and of systematic draws, plain and compact), each written by a real ``capture_topk``
+  job on the measured documents: ``logit_bytes_per_token``, ``logit_encoding_kl_max`` (the job's own report, compact
+  only) and ``logit_loader_docs_per_s`` (the training stream over the file, decoding and ``collate`` included, best of
+  5 epochs; ``top16`` is the plain top-16 file). ``capture_ratio_compact`` and ``capture_ratio_sampled``: as
+  ``capture_ratio``, for the compact capture of ``COMPACT_TIMED`` and the sampled-tail capture of ``SAMPLED_TIMED``
+  (timed in the same rounds, alternating with the others).
 * passes per token: decoder-layer calls (forward hooks) during those real top-k and hidden jobs, in
   units of full passes (``num_layers`` x forward batches); the goal is 1 + l/L.
 
@@ -83,6 +83,16 @@ LOGIT_SETTINGS = {
     "samples12": {"k": 0, "samples": 12, "sample_seed": 0},
     "samples12_compact": {"k": 0, "samples": 12, "sample_seed": 0, "logit_encoding": "compact", "logit_floor": 0.0},
     "samples16_compact": {"k": 0, "samples": 16, "sample_seed": 0, "logit_encoding": "compact", "logit_floor": 0.0},
+    "samples8_systematic": {"k": 0, "samples": 8, "sample_seed": 0, "sampling": "systematic"},
+    "samples8_systematic_compact": {
+        "k": 0,
+        "samples": 8,
+        "sample_seed": 0,
+        "sampling": "systematic",
+        "logit_encoding": "compact",
+        "logit_floor": 0.0,
+    },
+    "samples12_systematic": {"k": 0, "samples": 12, "sample_seed": 0, "sampling": "systematic"},
     "head4_samples12_compact": {
         "k": 4,
         "samples": 12,

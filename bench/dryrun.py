@@ -26,7 +26,11 @@ of kdflow's own rule shapes (per shard a shard job and the two cache jobs, with 
 inputs and outputs, params, threads, log, benchmark, conda, script) and no kdflow code, dry-run with the same
 profile (jobs_shaped_2048 jobs): shaped_floor_ratio_2048 = that / floor_2048_s is what Snakemake itself costs per
 job for those directives and resources, and overhead_over_shaped_2048 = dryrun_2048_s / floor_shaped_2048_s is
-what kdflow's code (the plan, the input functions, the other rules) adds on top.
+what kdflow's code (the plan, the input functions, the other rules) adds on top. And floor_profile_2048_s: the
+bare Snakefile dry-run with the same SLURM profile as the study (the bare floor runs with --cores 1):
+profile_floor_ratio_2048 = that / floor_2048_s is what the profile alone costs per job (its resources evaluated and
+printed for every job, the SLURM executor), and overhead_over_profile_floor_2048 = dryrun_2048_s /
+floor_profile_2048_s is kdflow's per-job cost over Snakemake's with the same profile.
 """
 
 from __future__ import annotations
@@ -198,9 +202,12 @@ def main() -> None:
             many_jobs = job_count(timed(many_cmd, study)[1])
             many_bare = bare_snakefile(bare, many_jobs, name="Snakefile.many")
             many_script = bare_snakefile(bare, many_jobs, name="Snakefile.many_script", script=True)
+            # the same bare Snakefile under the users' SLURM profile: what the profile alone costs per job
+            many_profile = [x for x in many_bare if x not in ("--cores", "1")]
+            many_profile += ["--profile", str(REPO / "profiles/slurm")]
             shaped = shaped_snakefile(Path(tmp) / "shaped", args.at_shards)
             shaped_jobs = job_count(timed(shaped, Path(tmp) / "shaped")[1])
-        real, floor, many, many_floor, many_script_floor, many_shaped = [], [], [], [], [], []
+        real, floor, many, many_floor, many_script_floor, many_shaped, many_profile_floor = [], [], [], [], [], [], []
         for r in range(args.rounds):
             real.append(timed(real_cmd, study)[0])
             floor.append(timed(bare_cmd, bare)[0])
@@ -210,10 +217,11 @@ def main() -> None:
                 many_floor.append(timed(many_bare, bare)[0])
                 many_script_floor.append(timed(many_script, bare)[0])
                 many_shaped.append(timed(shaped, Path(tmp) / "shaped")[0])
+                many_profile_floor.append(timed(many_profile, bare)[0])
                 line += (
                     f"; at {args.at_shards} shards {many[-1]:.1f} s, bare {many_floor[-1]:.1f} s, "
                     f"bare with script: rules {many_script_floor[-1]:.1f} s, kdflow's rule shapes without "
-                    f"kdflow {many_shaped[-1]:.1f} s"
+                    f"kdflow {many_shaped[-1]:.1f} s, bare with the SLURM profile {many_profile_floor[-1]:.1f} s"
                 )
             print(line, file=sys.stderr)
         by_jobs = {}
@@ -246,6 +254,9 @@ def main() -> None:
                 "floor_shaped_2048_s": round(statistics.median(many_shaped), 2),
                 "shaped_floor_ratio_2048": ratio(many_shaped, many_floor),
                 "overhead_over_shaped_2048": ratio(many, many_shaped),
+                "floor_profile_2048_s": round(statistics.median(many_profile_floor), 2),
+                "profile_floor_ratio_2048": ratio(many_profile_floor, many_floor),
+                "overhead_over_profile_floor_2048": ratio(many, many_profile_floor),
                 "dryrun_2048_rounds": [round(x, 2) for x in many],
                 "floor_2048_rounds": [round(x, 2) for x in many_floor],
             }

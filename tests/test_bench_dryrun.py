@@ -35,6 +35,7 @@ def test_one_round_on_the_default_config_reports_every_key():
         "floor_2048_s",
         "floor_script_2048_s",
         "floor_shaped_2048_s",
+        "floor_profile_2048_s",
     ):
         assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
     assert result["at_shards"] == 8 and result["jobs_2048"] == result["jobs"] + 4 * (8 - 4)  # 4 jobs per shard
@@ -43,6 +44,12 @@ def test_one_round_on_the_default_config_reports_every_key():
     assert result["jobs_shaped_2048"] == 3 * 8 + 1
     assert result["overhead_over_shaped_2048"] == pytest.approx(
         result["dryrun_2048_s"] / result["floor_shaped_2048_s"], abs=0.01
+    )
+    assert result["overhead_over_profile_floor_2048"] == pytest.approx(
+        result["dryrun_2048_s"] / result["floor_profile_2048_s"], abs=0.01
+    )
+    assert result["profile_floor_ratio_2048"] == pytest.approx(
+        result["floor_profile_2048_s"] / result["floor_2048_s"], abs=0.01
     )
     assert len(result["dryrun_rounds"]) == len(result["floor_rounds"]) == 1
     assert list(result["floor_by_jobs"]) == ["3"] and result["floor_by_jobs"]["3"] > 0
