@@ -37,8 +37,8 @@ def test_each_mode_reads_only_the_caches_its_terms_need(plan):
         "heldout": "results/shards/heldout.parquet",
         "topk": topk,
     }
-    # rb reads the default's teacher_logits cache (an exact head of 4 and 12 samples: docs/study_logits.md)
-    tail = "results/cache/smollm2-135m-instruct/topk_k4_s12/index.json"
+    # rb reads the default's teacher_logits cache (12 systematic draws a position: docs/study_logits.md)
+    tail = "results/cache/smollm2-135m-instruct/topk_k0_s12_sys/index.json"
     assert reads["rb"] == {**reads["ce"], "topk": tail}
     assert reads["fb"] == {**reads["ce"], "hidden": hidden}
     assert reads["relb"] == {**reads["ce"], "embed": embed}

@@ -105,3 +105,18 @@ def test_the_study_bench_compares_each_setting_with_full_kd(study):
     assert (rows["tail"]["k"], rows["tail"]["samples"], rows["tail"]["source"]) == (2, 6, "cache")
     assert rows["tail"]["bytes_per_token"] > 0 and rows["full"]["bytes_per_token"] is None
     assert rows["tail"]["wins_vs_full"] in ("0 of 1", "1 of 1") and "d_nll_vs_full" not in rows["full"]
+    # the same directory twice stands for two draws of every sampled cache: pooled by (study, seed)
+    proc = subprocess.run(
+        [sys.executable, "bench/study_logits.py", "--configfile", str(workdir / "config.yaml"), "--study"]
+        + [str(workdir)] * 2,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pooled = {r["name"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])["settings"]}
+    d = rows["sys"]["d_nll_vs_full"]
+    assert pooled["sys"]["studies"] == 2 and pooled["sys"]["d_nll_vs_full_by_study"] == [d, d]
+    assert pooled["sys"]["wins_vs_full"] in ("0 of 2", "2 of 2") and pooled["sys"]["d_nll_vs_full_se"] == 0
+    assert pooled["full"]["studies"] == 1 and "d_nll_vs_full_by_study" not in pooled["full"]
