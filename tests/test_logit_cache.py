@@ -69,24 +69,31 @@ def test_tail_rows_are_draws_outside_the_head_summing_to_n(tail_file, topk_run):
             assert list(c) == sorted(c, reverse=True)  # most drawn first
 
 
+def recomputed_draws(path: Path, model, sampling: str = "multinomial"):
+    """For every position of a head-4, 12-draw, seed-3 file: (its teacher log-probs [V], the draws tail_counts
+    makes of them at default_rng([3, doc_index])'s uniforms as {id: count}, the file's {id: count}), from a plain
+    forward of each document."""
+    width = 1 if sampling == "systematic" else 12
+    with torch.inference_mode():
+        for doc in CacheReader.open(path, "topk").iter_docs():
+            ids = torch.tensor([doc["input_ids"].tolist()])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            u = torch.from_numpy(draw_uniforms(3, doc["doc_index"], doc["n_tokens"], width))
+            _, _, _, want_ids, want_counts = tail_counts(logp, 4, 12, u, sampling)
+            got = zip(per_position(doc, "sample_ids"), per_position(doc, "sample_counts"), strict=True)
+            for j, (got_u, got_c) in enumerate(got):
+                live = want_counts[j] > 0
+                want = dict(zip(want_ids[j][live].tolist(), want_counts[j][live].tolist(), strict=True))
+                yield logp[j], want, dict(zip(got_u.tolist(), got_c.tolist(), strict=True))
+
+
 def test_draws_are_those_of_the_seeded_uniforms(tail_file, model, tokenizer):
     """Each position's draws are tail_counts of the teacher's distribution at default_rng([seed, doc_index])'s
     uniforms: recomputed here from a plain forward of each document."""
     checked = 0
-    with torch.inference_mode():
-        for doc in CacheReader.open(tail_file, "topk").iter_docs():
-            ids = torch.tensor([doc["input_ids"].tolist()])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-            u = torch.from_numpy(draw_uniforms(3, doc["doc_index"], doc["n_tokens"], 12))
-            _, _, _, want_ids, want_counts = tail_counts(logp, 4, 12, u)
-            for j, (got_u, got_c) in enumerate(
-                zip(per_position(doc, "sample_ids"), per_position(doc, "sample_counts"), strict=True)
-            ):
-                live = want_counts[j] > 0
-                assert dict(zip(want_ids[j][live].tolist(), want_counts[j][live].tolist(), strict=True)) == dict(
-                    zip(got_u.tolist(), got_c.tolist(), strict=True)
-                )
-                checked += 1
+    for _, want, got in recomputed_draws(tail_file, model):
+        assert want == got
+        checked += 1
     assert checked > 100
 
 
@@ -121,25 +128,16 @@ def test_systematic_tail_is_the_evenly_spaced_draws_of_one_uniform(tmp_path, tai
     assert meta.settings_hash != read_meta(tail_file).settings_hash
     again = run_topk(tmp_path / "again", shard, teacher_manifest, **{**settings, "batch_size": 1})
     assert pq.read_table(again).equals(pq.read_table(path))
-    checked = 0
-    with torch.inference_mode():
-        for doc in CacheReader.open(path, "topk").iter_docs():
-            ids = torch.tensor([doc["input_ids"].tolist()])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-            u = torch.from_numpy(draw_uniforms(3, doc["doc_index"], doc["n_tokens"], 1))
-            _, _, rest, want_ids, want_counts = tail_counts(logp, 4, 12, u, "systematic")
-            tail_p = (logp.exp().scatter(-1, logp.topk(4, -1).indices, 0.0) / rest.exp()[:, None]) * 12
-            for j, (got_u, got_c) in enumerate(
-                zip(per_position(doc, "sample_ids"), per_position(doc, "sample_counts"), strict=True)
-            ):
-                live = want_counts[j] > 0
-                want = dict(zip(want_ids[j][live].tolist(), want_counts[j][live].tolist(), strict=True))
-                assert want == dict(zip(got_u.tolist(), got_c.tolist(), strict=True))
-                # every id with at least a 1/N share of the tail is drawn, ⌊N p/R⌋ or ⌈N p/R⌉ times
-                sure = (tail_p[j] >= 1 + 1e-4).nonzero().flatten().tolist()
-                assert all(tail_p[j, v].floor() <= want[v] <= tail_p[j, v].ceil() for v in sure), j
-                checked += 1
-    assert checked > 100
+    checked = sure_ids = 0
+    for logp, want, got in recomputed_draws(path, model, "systematic"):
+        assert want == got
+        # every id with at least a 1/N share of the tail is drawn, ⌊N p/R⌋ or ⌈N p/R⌉ times
+        tail = logp.exp().scatter(-1, logp.topk(4).indices, 0.0)
+        expected = tail / tail.sum() * 12
+        sure = (expected >= 1 + 1e-4).nonzero().flatten().tolist()
+        assert all(expected[v].floor() <= want[v] <= expected[v].ceil() for v in sure), (checked, sure)
+        checked, sure_ids = checked + 1, sure_ids + len(sure)
+    assert checked > 100 and sure_ids > 50
     with pytest.raises(Exception, match="sampling"):
         list(CacheStream([ShardCaches(path)], expected={"k": 4, "samples": 12, "sampling": None}, seed=0))
     assert list(CacheStream([ShardCaches(path)], expected={"k": 4, "samples": 12, "sampling": "systematic"}, seed=0))

@@ -199,7 +199,7 @@ def tail_counts(
         values, head_ids = z[:, :0], z[:, :0].long()
         top = z.amax(-1, keepdim=True)
     # [n, V] float32: exp(z - shift), shifted only where the row maximum calls for it (kdflow.topk.exp_rows_)
-    mass = z if overwrite and z is teacher_logprobs else z.clone()
+    mass = z if overwrite or z is not teacher_logprobs else z.clone()  # (z is already a copy when it was cast)
     shift = exp_rows_(mass, top)
     head = values - shift
     if k:
