@@ -74,7 +74,7 @@ import torch
 from kdflow.cache_format import FORMAT_VERSION, LOGPROB_FLOOR, CacheMeta, PartWriter, ragged, topk_schema
 from kdflow.cache_logits import LogitCodec, read_logit_columns
 from kdflow.losses.kd import TopKKDLoss
-from kdflow.losses.sampled import SampledTailKDLoss, tail_counts
+from kdflow.losses.sampled import SampledTailKDLoss, tail_counts, uniform_width
 from tiny import quiet_logs
 
 ME = "bench/logit_fidelity.py"
@@ -228,7 +228,7 @@ def topk_rows(teacher_lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 def sampled_rows(teacher_lp: torch.Tensor, k: int, samples: int, seed: int, sampling: str, chunk: int = 128):
     """tail_counts of every row with uniforms from a Generator seeded by ``seed`` (drawn for all rows first, so
     the rows do not depend on the chunking)."""
-    width = 1 if sampling == "systematic" else samples
+    width = uniform_width(samples, sampling)
     uniforms = torch.rand(teacher_lp.shape[0], width, generator=torch.Generator().manual_seed(seed))
     parts = [
         tail_counts(teacher_lp[i : i + chunk], k, samples, uniforms[i : i + chunk], sampling)

@@ -97,7 +97,7 @@ def test_systematic_draws_are_unbiased_and_each_count_is_the_floor_or_the_ceilin
 
 def test_systematic_draws_are_less_noisy_than_independent_ones():
     """For the same N, the squared error of one round's gradient against full KD, averaged over rounds: systematic
-    draws less than a third of independent ones on this teacher (the point of the setting)."""
+    draws less than half of independent ones on this teacher (0.31 here; the point of the setting)."""
     teacher, student = teacher_and_student()
     full = (student.softmax(-1) - teacher.exp()).double()
     rounds, samples = 500, 12
@@ -105,7 +105,7 @@ def test_systematic_draws_are_less_noisy_than_independent_ones():
     for sampling in ("multinomial", "systematic"):
         grads = per_draw_gradients(student, draws(teacher, 0, samples, rounds, sampling=sampling), samples)
         err[sampling] = float(((grads.double() - full) ** 2).sum(-1).mean())
-    assert err["systematic"] < err["multinomial"] / 3, err
+    assert err["systematic"] < err["multinomial"] / 2, err
 
 
 def test_a_biased_target_fails_the_same_check():

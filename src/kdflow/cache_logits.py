@@ -31,7 +31,7 @@ import torch
 from kdflow.cache_columns import LOGPROB_FLOOR, list_values, nested, nested_values, ragged
 from kdflow.cache_compact import COMPACT, decode_compact_columns, decode_logprobs, encode_logprobs, encoding_kl
 from kdflow.cache_format import CacheError
-from kdflow.losses.sampled import tail_counts
+from kdflow.losses.sampled import tail_counts, uniform_width
 from kdflow.topk import block_topk, exp_rows_
 
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -66,7 +66,7 @@ def logits_of_hidden(
     Logits are made ``chunk`` rows at a time in fp32 (a 128k vocabulary never needs a [T, V] tensor)."""
     if not samples:
         return topk_of_hidden(hidden, lm_head, k, chunk)
-    width = 1 if sampling == "systematic" else samples
+    width = uniform_width(samples, sampling)
     if uniforms is None or uniforms.shape != (hidden.shape[0], width):
         raise ValueError(f"logits_of_hidden: uniforms must be [{hidden.shape[0]}, {width}] for {sampling} sampling")
     outs: list[list[torch.Tensor]] = [[], [], [], [], []]

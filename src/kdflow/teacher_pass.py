@@ -44,6 +44,7 @@ from kdflow.cache_logits import (  # noqa: F401  (topk_of_hidden: re-exported)
     logits_of_hidden,
     to_f16,
     topk_of_hidden,
+    uniform_width,
 )
 from kdflow.manifest import ModelManifest
 from kdflow.models import input_device, load_model, load_tokenizer, pad_id_of, read_manifest
@@ -147,7 +148,7 @@ def topk_pass(job: CacheJob, setup: TeacherSetup) -> TopkPass:
             valid = mask.bool().to(hidden.device)
             uniforms = None
             if samples:
-                width = 1 if codec.systematic else samples  # systematic: one uniform a position
+                width = uniform_width(samples, codec.sampling)
                 u = [draw_uniforms(s["sample_seed"], i, len(tok.ids[i]), width) for i in batch]
                 uniforms = torch.from_numpy(np.concatenate(u))
             lm_head = model.get_output_embeddings()

@@ -149,6 +149,11 @@ BLOCK = 256  # ids a block of the two-level CDF (tail_counts)
 SAMPLINGS = ("multinomial", "systematic")  # how tail_counts places a row's draws (teacher_cache.sampling)
 
 
+def uniform_width(samples: int, sampling: str) -> int:
+    """Uniforms a position needs for ``samples`` draws: one each, or one in all for systematic draws."""
+    return 1 if sampling == "systematic" else samples
+
+
 def tail_counts(
     teacher_logprobs: torch.Tensor,
     k: int,
@@ -184,7 +189,7 @@ def tail_counts(
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"tail_counts: sampling {sampling!r} is none of {list(SAMPLINGS)}")
-    width = 1 if sampling == "systematic" else samples
+    width = uniform_width(samples, sampling)
     if uniforms.shape != (teacher_logprobs.shape[0], width):
         raise ValueError(
             f"tail_counts: uniforms must be [{teacher_logprobs.shape[0]}, {width}] for {sampling} sampling, got "
