@@ -4,6 +4,7 @@ dry run of a bare Snakefile with the same number of trivial jobs (Snakemake's ow
     python bench/dryrun.py                                   # config/llama70b.yaml, 3 rounds each, alternating
     python bench/dryrun.py --config config/config.yaml --rounds 1
     python bench/dryrun.py --floor-jobs 2100,4147       # also the bare floor at other job counts
+    python bench/dryrun.py --directive-costs           # also what each directive of kdflow's rules costs
 
 Nothing needs to exist: no model, no dataset (the dry run runs in an empty temporary directory). The last
 line is one JSON object: dryrun_s (median seconds of `snakemake -n --profile profiles/slurm --configfile
@@ -30,7 +31,11 @@ what kdflow's code (the plan, the input functions, the other rules) adds on top.
 bare Snakefile dry-run with the same SLURM profile as the study (the bare floor runs with --cores 1):
 profile_floor_ratio_2048 = that / floor_2048_s is what the profile alone costs per job (its resources evaluated and
 printed for every job, the SLURM executor), and overhead_over_profile_floor_2048 = dryrun_2048_s /
-floor_profile_2048_s is kdflow's per-job cost over Snakemake's with the same profile.
+floor_profile_2048_s is kdflow's per-job cost over Snakemake's with the same profile. With --directive-costs, the
+shaped Snakefile is also dry-run with each of its directive groups taken out in turn (`script` becomes `shell:`,
+`log_benchmark`, `conda`, `params`, `teacher_input`: the second input of the cache jobs) and with all of them taken
+out (`all`): shaped_without_2048_s (median seconds by name) and shaped_without_ratio_2048 (each / floor_2048_s),
+what Snakemake charges per job for each directive kdflow's rules carry.
 """
 
 from __future__ import annotations
@@ -113,15 +118,41 @@ SHAPED_SETTINGS = {
 }
 
 
-def shaped_snakefile(directory: Path, shards: int) -> list[str]:
-    """Write a Snakefile of kdflow's rule shapes over `shards` shards (3 * shards + 1 jobs) in `directory`; the
-    command that dry-runs it with the SLURM profile."""
+# What each of those directives costs Snakemake (--directive-costs): the shaped floor with one of them taken out
+# (`script:` becoming `shell:`), and with all of them taken out. Each is a change of the Snakefile's text.
+def _without_lines(*prefixes: str):
+    def edit(text: str) -> str:
+        return "\n".join(line for line in text.splitlines() if not line.strip().startswith(prefixes))
+
+    return edit
+
+
+WITHOUT = {
+    "script": lambda text: text.replace('script: "touch.py"', 'shell: "touch {{output}}"'),
+    "log_benchmark": _without_lines("log:", "benchmark:"),
+    "conda": _without_lines("conda:"),
+    "params": _without_lines("params:"),
+    "teacher_input": lambda text: text.replace(', teacher="manifest.json"', ""),
+}
+
+
+def shaped_without(names: list[str]) -> str:
+    """The shaped Snakefile's text with the directives `names` (keys of WITHOUT) taken out."""
+    text = SHAPED
+    for name in names:
+        text = WITHOUT[name](text)
+    return text
+
+
+def shaped_snakefile(directory: Path, shards: int, text: str = SHAPED) -> list[str]:
+    """Write a Snakefile of kdflow's rule shapes over `shards` shards (3 * shards + 1 jobs) in `directory` (the
+    text of SHAPED, or one edited by shaped_without); the command that dry-runs it with the SLURM profile."""
     directory.mkdir(exist_ok=True)
     (directory / "touch.py").write_text("from pathlib import Path\n\nPath(snakemake.output[0]).touch()\n")
     (directory / "env.yaml").write_text("channels: [conda-forge]\ndependencies: [python]\n")
     for name in ("in.txt", "manifest.json"):
         (directory / name).write_text("")
-    (directory / "Snakefile").write_text(SHAPED.format(n=shards, settings=SHAPED_SETTINGS))
+    (directory / "Snakefile").write_text(text.format(n=shards, settings=SHAPED_SETTINGS))
     return [
         sys.executable, "-m", "snakemake", "-s", str(directory / "Snakefile"), "-d", str(directory), "-n",
         "--profile", str(REPO / "profiles/slurm"),
@@ -163,7 +194,15 @@ def main() -> None:
         metavar="N,N,...",
         help="also time the bare Snakefile at these job counts (floor_by_jobs)",
     )
+    ap.add_argument(
+        "--directive-costs",
+        action="store_true",
+        help="also dry-run kdflow's rule shapes with each directive taken out in turn, and with all of them "
+        "(shaped_without_2048_s; needs --at-shards)",
+    )
     args = ap.parse_args()
+    if args.directive_costs and not args.at_shards:
+        ap.error("--directive-costs times Snakefiles at --at-shards shards: give --at-shards a count, not 0")
     try:
         floor_jobs = [int(n) for n in args.floor_jobs.split(",") if n.strip()]
     except ValueError:
@@ -207,6 +246,13 @@ def main() -> None:
             many_profile += ["--profile", str(REPO / "profiles/slurm")]
             shaped = shaped_snakefile(Path(tmp) / "shaped", args.at_shards)
             shaped_jobs = job_count(timed(shaped, Path(tmp) / "shaped")[1])
+            variants = {}
+            if args.directive_costs:
+                for name in [*WITHOUT, "all"]:
+                    text = shaped_without(list(WITHOUT) if name == "all" else [name])
+                    variants[name] = shaped_snakefile(Path(tmp) / f"shaped_without_{name}", args.at_shards, text)
+                    timed(variants[name], Path(tmp) / f"shaped_without_{name}")  # untimed: a first run
+            without = {name: [] for name in variants}
         real, floor, many, many_floor, many_script_floor, many_shaped, many_profile_floor = [], [], [], [], [], [], []
         for r in range(args.rounds):
             real.append(timed(real_cmd, study)[0])
@@ -218,11 +264,14 @@ def main() -> None:
                 many_script_floor.append(timed(many_script, bare)[0])
                 many_shaped.append(timed(shaped, Path(tmp) / "shaped")[0])
                 many_profile_floor.append(timed(many_profile, bare)[0])
+                for name, cmd in variants.items():
+                    without[name].append(timed(cmd, Path(tmp) / f"shaped_without_{name}")[0])
                 line += (
                     f"; at {args.at_shards} shards {many[-1]:.1f} s, bare {many_floor[-1]:.1f} s, "
                     f"bare with script: rules {many_script_floor[-1]:.1f} s, kdflow's rule shapes without "
                     f"kdflow {many_shaped[-1]:.1f} s, bare with the SLURM profile {many_profile_floor[-1]:.1f} s"
                 )
+                line += "".join(f", shapes without {name} {times[-1]:.1f} s" for name, times in without.items())
             print(line, file=sys.stderr)
         by_jobs = {}
         for n in floor_jobs:
@@ -257,6 +306,14 @@ def main() -> None:
                 "floor_profile_2048_s": round(statistics.median(many_profile_floor), 2),
                 "profile_floor_ratio_2048": ratio(many_profile_floor, many_floor),
                 "overhead_over_profile_floor_2048": ratio(many, many_profile_floor),
+                **(
+                    {
+                        "shaped_without_2048_s": {n: round(statistics.median(t), 2) for n, t in without.items()},
+                        "shaped_without_ratio_2048": {n: ratio(t, many_floor) for n, t in without.items()},
+                    }
+                    if without
+                    else {}
+                ),
                 "dryrun_2048_rounds": [round(x, 2) for x in many],
                 "floor_2048_rounds": [round(x, 2) for x in many_floor],
             }
