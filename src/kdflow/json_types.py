@@ -7,6 +7,7 @@ No kdflow imports and no torch: the contracts on the planning side use it too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any
@@ -46,9 +47,15 @@ def type_problems(value: Any, hint: Any, where: str) -> list[str]:
     return [] if ok(value) else [f"{where} = {value!r} is not {type_name(hint)}"]
 
 
+@functools.cache
+def type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, resolved once per class (each call re-evaluates every annotation)."""
+    return typing.get_type_hints(cls)
+
+
 def dataclass_problems(obj: Any, where: str = "") -> list[str]:
     """:func:`type_problems` of each compared field of the dataclass instance ``obj`` (named ``where.field``)."""
-    hints = typing.get_type_hints(type(obj))
+    hints = type_hints(type(obj))
     return [
         p
         for f in dataclasses.fields(obj)

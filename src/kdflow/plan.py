@@ -311,11 +311,14 @@ class StudyPlan(CachePlan):
 
     # -- the whole study -------------------------------------------------------------------------------------
     def final_outputs(self) -> list[str]:
+        """What `rule all` asks for. Every cache file is reached through its cache's index (the training shards')
+        or named (the held-out shard's), and every shard through its cache jobs, so that `all` has a few dozen
+        inputs and not one per shard and cache (each input costs Snakemake a producer lookup when it plans)."""
         return (
-            self.shard_files()
-            + ["results/data/manifest.json"]
+            ["results/data/manifest.json"]
             + [model_manifest(m) for m in [self.teacher, *self.students]]
-            + self.cache_files()
+            + [f"{self.cache_path(c)}/index.json" for c in self.cache_names]
+            + [f"{self.cache_path(c)}/heldout.parquet" for c in (self.topk_name, "embed", self.hidden_name)]
             + self.train_outputs()
             + self.eval_files()
             + RESULTS

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from kdflow.errors import KdflowError
-from kdflow.json_types import dataclass_problems
+from kdflow.json_types import dataclass_problems, type_hints
 
 RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 KD_TERMS = ("ce", "rb", "fb", "relb")
@@ -52,7 +52,7 @@ class _Section:
         if unknown or missing:
             listed = [f"unknown keys {unknown}"] * bool(unknown) + [f"missing keys {missing}"] * bool(missing)
             raise RunSpecError(at + "; ".join(listed))
-        hints = typing.get_type_hints(cls)
+        hints = type_hints(cls)
         return {n: _read(record[n], hints[n], f"{where}.{n}" if where else n) for n in names}
 
     def to_json(self) -> dict[str, Any]:

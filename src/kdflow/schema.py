@@ -17,8 +17,10 @@ DEFAULT_SCHEMA = REPO_ROOT / "config" / "schema.yaml"
 
 
 def load_schema(path: str | Path = DEFAULT_SCHEMA) -> dict:
+    # libyaml's loader where PyYAML has it: the same mapping, parsed about 10x faster (the schema is read at every
+    # Snakemake start, a dry run's included)
     with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 (a safe loader)
 
 
 def validator_class() -> type:
