@@ -311,14 +311,16 @@ class StudyPlan(CachePlan):
 
     # -- the whole study -------------------------------------------------------------------------------------
     def final_outputs(self) -> list[str]:
-        """What `rule all` asks for. Every cache file is reached through its cache's index (the training shards')
-        or named (the held-out shard's), and every shard through its cache jobs, so that `all` has a few dozen
-        inputs and not one per shard and cache (each input costs Snakemake a producer lookup when it plans)."""
+        """What `rule all` asks for: every file of the study by name, the shards and each shard's cache files
+        included. Snakemake rebuilds a missing file only when a job that must run needs it, so a deleted shard
+        or cache file is rebuilt because `all` names it (tests/test_workflow.py); naming only the caches'
+        indexes would plan 8,196 fewer lookups at 2,048 shards (0.7 s of an 11.7 s dry run, measured) and leave
+        such a file missing."""
         return (
-            ["results/data/manifest.json"]
+            self.shard_files()
+            + ["results/data/manifest.json"]
             + [model_manifest(m) for m in [self.teacher, *self.students]]
-            + [f"{self.cache_path(c)}/index.json" for c in self.cache_names]
-            + [f"{self.cache_path(c)}/heldout.parquet" for c in (self.topk_name, "embed", self.hidden_name)]
+            + self.cache_files()
             + self.train_outputs()
             + self.eval_files()
             + RESULTS
