@@ -314,8 +314,8 @@ class StudyPlan(CachePlan):
         """What `rule all` asks for: every file of the study by name, the shards and each shard's cache files
         included. Snakemake rebuilds a missing file only when a job that must run needs it, so a deleted shard
         or cache file is rebuilt because `all` names it (tests/test_workflow.py); naming only the caches'
-        indexes would plan 8,196 fewer lookups at 2,048 shards (0.7 s of an 11.7 s dry run, measured) and leave
-        such a file missing."""
+        indexes would plan 8,196 fewer lookups at 2,048 shards (0.8 s of an 11.6 s dry run: docs/benchmarks.md)
+        and leave such a file missing."""
         return (
             self.shard_files()
             + ["results/data/manifest.json"]
