@@ -699,19 +699,11 @@ def stage_kd_step(ctx: dict) -> dict:
         script, cwd, env = REPO / "bench" / "train_step.py", REPO, None
         flags = ["--quick", "--steps", "1", "--rounds", "1", "--warmup", "0", "--loader-docs", "8", "--threads", "1"]
     else:
-        from kdflow.config import load_config
-        from kdflow.corpus import shard_name
+        from train_step import study_inputs
 
         study = Path(ctx["study_dir"])
-        config = load_config(study / ctx["config_cuda"])
-        cache = config["teacher_cache"]
-        root = f"results/cache/{config['teacher']['name']}"
-        hidden = f"hidden_l{'-'.join(map(str, sorted(cache['hidden_layers'])))}"
-        targets = [f"resources/models/{config['students'][0]['name']}/kdflow_model.json"]
-        for i in range(config["data"]["n_shards"]):
-            name = f"{shard_name(i)}.parquet"
-            targets += [f"{root}/topk_k{cache['k']}/{name}", f"{root}/embed/{name}", f"{root}/{hidden}/{name}"]
-        prep_s = ensure_targets(ctx, targets, "kd_step")
+        # the student and the caches bench/train_step.py reads: the study's, and the logit cache of its rb run
+        prep_s = ensure_targets(ctx, study_inputs(study / ctx["config_cuda"], study), "kd_step")
         script, cwd, env = study / "bench" / "train_step.py", study, study_env(study)
         threads = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
         flags = ["--config", ctx["config_kd"], "--device", "cuda", "--threads", threads]

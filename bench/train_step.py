@@ -6,7 +6,9 @@ same settings, differing only in their terms:
 
 * ``ce`` = {ce} (the plain fine-tuning baseline), ``rb`` = {ce, rb}, ``fb`` = {ce, fb}, ``relb`` = {ce, relb}
   (weights from the config's ``training.modes`` of the same name when it has those terms, else the schema's
-  default modes).
+  default modes). ``rb`` reads the logit cache the config's own rb run reads (its ``teacher_logits``, resolved as
+  the workflow does: the embedded default's ``topk_k0_s12_sys``, 12 systematic draws and no head; ``rb_logits``
+  names it); the other modes read the study's caches.
 * A step is what the training loop times: the next batch from the cache stream (reading, decoding and
   collating the caches the run needs), forward, losses, backward, gradient clipping, optimiser and
   scheduler step (``time.perf_counter`` around ``train_step()``; on a GPU synchronised before and after).
@@ -57,6 +59,7 @@ from kdflow.cache_loader import CacheStream, ShardCaches, collate
 from kdflow.config import load_config, validate_config
 from kdflow.corpus import shard_name
 from kdflow.models import pad_id_of
+from kdflow.plan_caches import logit_name
 from kdflow.runs import RunSpec, expand_runs, run_name
 from kdflow.train import Trainer, TrainJob
 from tiny import quiet_logs
@@ -72,6 +75,9 @@ DEFAULT_TERMS = {
 GOAL_KD_STEP_RATIO = 1.10
 GOAL_LOADER_RATIO = 10
 ME = "bench/train_step.py"
+REPO = Path(__file__).resolve().parents[1]
+# --quick's rb run reads a logit cache of its own, as the embedded default's does: no head, systematic draws
+QUICK_RB_LOGITS = {"k": 0, "samples": 4, "sampling": "systematic"}
 
 
 @dataclass
@@ -83,6 +89,18 @@ class Study:
     student_manifest: Path
     shards: list[dict[str, str]]  # [{"topk", "embed", "hidden"}] per training shard
     quick: bool
+    rb: RbLogits  # what the rb mode reads: the logit cache of the config's own rb run
+
+
+@dataclass
+class RbLogits:
+    """The logit cache the config's rb run reads (its teacher_logits, resolved as the plan does): the rb mode
+    times the study's rb as it is configured, e.g. the embedded default's 12 systematic samples and no head."""
+
+    name: str  # the cache's directory name, e.g. topk_k0_s12_sys
+    teacher_logits: Any  # the run's RunSpec.teacher_logits
+    files: list[str]  # the training shards' files of that cache
+    expected: dict[str, Any]  # the metadata they must carry (as the plan's train_expected)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -99,32 +117,59 @@ def base_spec(config: dict, student: str) -> RunSpec:
 
 
 def default_study(config_path: str) -> Study:
+    from kdflow.plan import study_plan
+
     config = load_config(config_path)
-    teacher = config["teacher"]["name"]
+    plan = study_plan(config, REPO)  # the cache names and the rb run's logit cache, as the workflow has them
     student_cfg = config["students"][0]
     if student_cfg.get("vocab", "shared") == "own":
         sys.exit(
             f"{ME}: student {student_cfg['name']!r} has vocab: own; rb and fb KD need a student with the "
             f"teacher's vocabulary (list such a student first in students[])"
         )
-    cache = config["teacher_cache"]
-    root = Path("results/cache") / teacher
-    topk_dir = root / f"topk_k{cache['k']}"
-    hidden_dir = root / f"hidden_l{'-'.join(map(str, sorted(cache['hidden_layers'])))}"
-    shards = []
-    for i in range(config["data"]["n_shards"]):
-        name = f"{shard_name(i)}.parquet"
-        shards.append(
-            {"topk": str(topk_dir / name), "embed": str(root / "embed" / name), "hidden": str(hidden_dir / name)}
-        )
-    manifest = Path("resources/models") / student_cfg["name"] / "kdflow_model.json"
-    missing = [p for p in [str(manifest), *(v for s in shards for v in s.values())] if not Path(p).is_file()]
+    names = [f"{shard_name(i)}.parquet" for i in range(config["data"]["n_shards"])]
+    shards = [
+        {
+            "topk": f"{plan.cache_path(plan.topk_name)}/{name}",
+            "embed": f"{plan.cache_path('embed')}/{name}",
+            "hidden": f"{plan.cache_path(plan.hidden_name)}/{name}",
+        }
+        for name in names
+    ]
+    student = student_cfg["name"]
+    rb_runs = [s for s in plan.runs.values() if s.student == student and "rb" in s.terms]
+    rb_run = next((s for s in rb_runs if s.teacher_logits.source == "cache"), None)
+    if rb_run is None:
+        sys.exit(f"{ME}: the config has no rb run of student {student!r} that reads a logit cache; add one")
+    logits = plan.logits_read(rb_run)
+    rb = RbLogits(
+        logits,
+        rb_run.teacher_logits,
+        [f"{plan.cache_path(logits)}/{name}" for name in names],
+        plan.train_expected(rb_run.name),
+    )
+    manifest = Path("resources/models") / student / "kdflow_model.json"
+    missing = [p for p in [str(manifest), *(v for s in shards for v in s.values()), *rb.files] if not Path(p).is_file()]
     if missing:
         sys.exit(
             f"{ME}: {len(missing)} input file(s) missing, e.g. {missing[0]}; run `snakemake --cores all` "
             f"first (it prepares the student and builds the teacher caches), or use --quick"
         )
-    return Study(config, base_spec(config, student_cfg["name"]), manifest, shards, quick=False)
+    return Study(config, base_spec(config, student), manifest, shards, quick=False, rb=rb)
+
+
+def study_inputs(config_path: str | Path, repo: Path = REPO) -> list[str]:
+    """The files :func:`default_study` reads, relative to the study's directory ``repo`` (bench/gpu_check.py
+    builds them first)."""
+    from kdflow.plan import model_manifest, study_plan
+
+    config = load_config(config_path)
+    plan = study_plan(config, repo)
+    student = config["students"][0]["name"]
+    caches = {plan.topk_name, "embed", plan.hidden_name}
+    caches |= {plan.logits_read(s) for s in plan.runs.values() if s.student == student and "rb" in s.terms}
+    names = [f"{shard_name(i)}.parquet" for i in range(config["data"]["n_shards"])]
+    return [model_manifest(student)] + [f"{plan.cache_path(c)}/{n}" for c in sorted(caches) for n in names]
 
 
 def _quick_texts(offset: int, n: int) -> list[str]:
@@ -190,7 +235,10 @@ def quick_study(root: Path) -> Study:
                     "fb": {"layer_map": [{"student": 1, "teacher": 2}]},
                     "lora": {"r": 4, "alpha": 8},
                 },
-                "experiments": [{"modes": list(MODES)}],
+                "experiments": [
+                    {"modes": [m for m in MODES if m != "rb"]},
+                    {"modes": ["rb"], "set": {"teacher_logits": QUICK_RB_LOGITS}},
+                ],
             },
         }
     )
@@ -198,7 +246,7 @@ def quick_study(root: Path) -> Study:
     prepare_teacher(config["teacher"], config["prepare"], teacher)
     student = root / "models/tiny-student/kdflow_model.json"
     prepare_student(config["students"][0], config["prepare"], teacher, student)
-    shards = []
+    shards, rb_files = [], []
     for i in range(config["data"]["n_shards"]):
         name = f"{shard_name(i)}.parquet"
         docs = _quick_texts(100 * i, 24)
@@ -218,8 +266,23 @@ def quick_study(root: Path) -> Study:
             CacheJob("topk", shard, {"topk": out["topk"], "embed": out["embed"]}, root / f".p/t{i}", teacher, settings)
         )
         capture_hidden(CacheJob("hidden", shard, {"hidden": out["hidden"]}, root / f".p/h{i}", teacher, settings))
+        rb_settings = {**settings, **QUICK_RB_LOGITS}
+        rb_out = {"topk": root / "cache/rb" / name}
+        capture_topk(CacheJob("topk", shard, rb_out, root / f".p/r{i}", teacher, rb_settings))
         shards.append({k: str(v) for k, v in out.items()})
-    return Study(config, base_spec(config, "tiny-student"), student, shards, quick=True)
+        rb_files.append(str(rb_out["topk"]))
+    cache = config["teacher_cache"]
+    rb_spec = next(s for s in expand_runs(config)[0].values() if s.mode == "rb")
+    rb_expected = {
+        "teacher": "tiny-teacher",
+        "k": QUICK_RB_LOGITS["k"],
+        "max_length": cache["max_length"],
+        "samples": QUICK_RB_LOGITS["samples"],
+        "sample_seed": cache["sample_seed"],
+        "sampling": "systematic",
+    }
+    rb = RbLogits(logit_name(**QUICK_RB_LOGITS), rb_spec.teacher_logits, rb_files, rb_expected)
+    return Study(config, base_spec(config, "tiny-student"), student, shards, quick=True, rb=rb)
 
 
 # --------------------------------------------------------------------------- the runs
@@ -267,11 +330,16 @@ def make_trainers(study: Study, args, tmp: Path) -> dict[str, Trainer]:
             spec = dataclasses.replace(spec, batch_size=int(args.batch_size))
         if args.device:
             spec = dataclasses.replace(spec, device=args.device)
+        shards, expected = copy.deepcopy(study.shards), expected_for(study.config, terms)
+        if mode == "rb":  # the config's rb: its own logit cache where it reads one
+            spec = dataclasses.replace(spec, teacher_logits=study.rb.teacher_logits)
+            shards = [{**s, "topk": f} for s, f in zip(shards, study.rb.files, strict=True)]
+            expected = study.rb.expected
         job = TrainJob(
             spec=spec.to_json(),
             student_manifest=str(study.student_manifest),
-            shards=copy.deepcopy(study.shards),
-            expected=expected_for(study.config, terms),
+            shards=shards,
+            expected=expected,
             output=str(tmp / "output" / mode),
             work=str(tmp / "work" / mode),
             heldout=None,
@@ -423,6 +491,7 @@ def measure(study: Study, args, tmp: Path) -> dict[str, Any]:
             "gradient_checkpointing": spec.gradient_checkpointing,
             "lora_r": spec.lora.r,
             "k": study.config["teacher_cache"]["k"],
+            "rb_logits": study.rb.name,
             "max_length": study.config["teacher_cache"]["max_length"],
             "fb_layer_map": spec.fb.to_json()["layer_map"],
             "timing_s": round(timing_s, 1),

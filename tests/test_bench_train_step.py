@@ -55,3 +55,20 @@ def test_quick_mode_prints_the_figures_as_json_on_its_last_line():
         "relb": {"ce", "relb"},
     }
     assert "ratio to ce" in proc.stderr and "loader_ratio" in proc.stderr  # the table
+    # rb read the logit cache of the config's own rb run (no head, 4 systematic draws), as the default study's does
+    assert result["rb_logits"] == "topk_k0_s4_sys"
+
+
+def test_the_default_study_inputs_are_the_plan_files_its_rb_run_included():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from train_step import study_inputs
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    files = study_inputs(REPO / "config/config.yaml", REPO)
+    root = "results/cache/smollm2-135m-instruct"
+    caches = ("embed", "hidden_l20", "topk_k0_s12_sys", "topk_k16")  # the study's three, and rb's own
+    shards = [f"shard_{i:05d}.parquet" for i in range(4)]
+    assert files == ["resources/models/smollm2-pruned15/kdflow_model.json"] + [
+        f"{root}/{c}/{s}" for c in caches for s in shards
+    ]
