@@ -269,3 +269,33 @@ def test_overwriting_the_callers_logits_gives_the_same_rows(sampling):
     got = tail_counts(logits, 4, 9, u, sampling, overwrite=True)
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
     assert not torch.equal(logits, kept)  # the scratch was used
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_forward_with_ce_equals_the_two_separate_losses(k):
+    from kdflow.losses import CELoss
+
+    teacher, student = teacher_and_student()
+    cache = [t.clone() for t in draws(teacher, k, 12, rounds=2, sampling="systematic")]
+    mask = torch.ones(2, ROWS)
+    mask[1, 4:] = 0  # padding: what the cache holds there is never read
+    cache[1][1, 4:] = float("nan")
+    cache[4][1, 4:] = 10**6
+    input_ids = torch.randint(0, V, (2, ROWS), generator=torch.Generator().manual_seed(3))
+    logits = student.expand(2, ROWS, V).clone()
+    loss = SampledTailKDLoss(12)
+    ce_mask = torch.ones(2, ROWS)  # the student's tokens: CE counts where the KD mask does not
+    a = logits.clone().requires_grad_(True)
+    ce, rb = loss.forward_with_ce(a, input_ids, ce_mask, *cache, mask)
+    (ce + 0.3 * rb).backward()
+    b = logits.clone().requires_grad_(True)
+    ce_ref, rb_ref = CELoss()(b, input_ids, ce_mask), loss(b, *cache, mask)
+    (ce_ref + 0.3 * rb_ref).backward()
+    assert torch.isfinite(rb) and float(rb) > 0
+    assert torch.allclose(ce, ce_ref, atol=1e-6) and torch.allclose(rb, rb_ref, atol=1e-6)
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    assert float(a.grad[1, 4].abs().max()) > 0  # CE counts there
+    # the KD term alone puts no gradient on a position outside its mask
+    c = logits.clone().requires_grad_(True)
+    loss(c, *cache, mask).backward()
+    assert float(c.grad[1, 4:].abs().max()) == 0.0

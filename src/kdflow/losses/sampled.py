@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from kdflow.cache_format import LOGPROB_FLOOR
+from kdflow.losses.ce import ce_targets
+from kdflow.losses.gathered import gathered_logprobs
 from kdflow.topk import block_topk, exp_rows_
 
 
@@ -85,16 +87,10 @@ class SampledTailKDLoss(nn.Module):
         tail_w = rest_w.unsqueeze(-1) * sample_counts.detach().float() / self.samples
         return head_w, tail_w
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        head_ids: torch.Tensor,
-        head_logprobs: torch.Tensor,
-        rest_logprob: torch.Tensor,
-        sample_ids: torch.Tensor,
-        sample_counts: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def _rows(self, student_logits, head_ids, head_logprobs, rest_logprob, sample_ids, sample_counts, mask):
+        """Shape, id and count checks; then, for every row of the flattened (viewed, not copied) logits, the ids
+        [N, k + m] whose log-probabilities the loss reads and their target weights w [N, k + m]. Rows that do not
+        count get id 0 and weight 0, so they add nothing to the loss or its gradient, whatever they held."""
         b, l = mask.shape
         if (
             student_logits.dim() != 3
@@ -113,15 +109,10 @@ class SampledTailKDLoss(nn.Module):
                 f"{tuple(sample_counts.shape)}"
             )
         keep = mask != 0
-        if not bool(keep.any()):
-            return student_logits.sum().float() * 0.0  # exactly 0, still on the student's graph
         vocab = student_logits.shape[-1]
-        z = student_logits[keep].float()  # [n, V]
         counts = sample_counts[keep]
-        samp = torch.where(counts > 0, sample_ids[keep].long(), torch.zeros((), dtype=torch.long, device=z.device))
-        head = head_ids[keep].long()
-        ids = torch.cat([head, samp], -1)
-        if bool(((ids < 0) | (ids >= vocab)).any()):
+        kept_ids = torch.cat([head_ids[keep].long(), torch.where(counts > 0, sample_ids[keep].long(), 0)], -1)
+        if bool(((kept_ids < 0) | (kept_ids >= vocab)).any()):
             raise ValueError(
                 f"SampledTailKDLoss: a teacher id at a masked-in position is outside the student's vocabulary "
                 f"[0, {vocab}); is the student using the teacher's tokenizer?"
@@ -133,14 +124,72 @@ class SampledTailKDLoss(nn.Module):
                 f"SampledTailKDLoss: a position's sample counts sum to {bad}, not samples = {self.samples}; the cache "
                 "and the loss disagree on the number of draws"
             )
-        head_w, tail_w = self.target(head_logprobs[keep], rest_logprob[keep], counts)
-        w = torch.cat([head_w, tail_w], -1)  # [n, k + m]; Σ = 1 up to the cache's rounding
-        log_q = z.gather(-1, ids) - torch.logsumexp(z, -1, keepdim=True)
-        # KL(w‖q) = Σ w (log w − log q), 0 · log 0 = 0; repeated ids are fine (the sum is linear in w).
+        live = keep.unsqueeze(-1)
+        zero = torch.zeros((), dtype=torch.long, device=head_ids.device)
+        head = torch.where(live, head_ids.long(), zero)
+        samp = torch.where(live & (sample_counts > 0), sample_ids.long(), zero)
+        floor = torch.full((), LOGPROB_FLOOR, device=head_logprobs.device)
+        head_w, tail_w = self.target(
+            torch.where(live, head_logprobs.float(), floor),
+            torch.where(keep, rest_logprob.float(), floor),
+            torch.where(live, sample_counts, torch.zeros((), dtype=sample_counts.dtype, device=sample_counts.device)),
+        )
+        width = head.shape[-1] + samp.shape[-1]
+        ids = torch.cat([head, samp], -1).reshape(-1, width)
+        w = torch.cat([head_w, tail_w], -1).reshape(-1, width)  # Σ = 1 up to the cache's rounding; 0 off the mask
+        return keep, ids, w
+
+    @staticmethod
+    def _kl_sum(w: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """Σ over rows of KL(w‖q) = Σ w (log w − log q), 0 · log 0 = 0; repeated ids are fine (linear in w)."""
         live = w > 0
         log_w = torch.where(live, w, torch.ones((), device=w.device)).log()
-        per_row = torch.where(live, w * (log_w - log_q), torch.zeros((), device=w.device)).sum(-1)
-        return per_row.sum() / keep.sum()
+        return torch.where(live, w * (log_w - log_q), torch.zeros((), device=w.device)).sum()
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        head_ids: torch.Tensor,
+        head_logprobs: torch.Tensor,
+        rest_logprob: torch.Tensor,
+        sample_ids: torch.Tensor,
+        sample_counts: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        keep, ids, w = self._rows(
+            student_logits, head_ids, head_logprobs, rest_logprob, sample_ids, sample_counts, mask
+        )
+        if not bool(keep.any()):
+            return student_logits.sum().float() * 0.0  # exactly 0, still on the student's graph
+        log_q, _ = gathered_logprobs(student_logits.reshape(-1, student_logits.shape[-1]).float(), ids)
+        return self._kl_sum(w, log_q) / keep.sum()
+
+    def forward_with_ce(
+        self,
+        student_logits: torch.Tensor,
+        input_ids: torch.Tensor,
+        ce_mask: torch.Tensor,
+        head_ids: torch.Tensor,
+        head_logprobs: torch.Tensor,
+        rest_logprob: torch.Tensor,
+        sample_ids: torch.Tensor,
+        sample_counts: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(CELoss()(student_logits, input_ids, ce_mask), self(student_logits, head_ids, …, mask))`` from one pass
+        over the vocabulary (the CE target is one more gathered id), as :meth:`TopKKDLoss.forward_with_ce`."""
+        keep, ids, w = self._rows(
+            student_logits, head_ids, head_logprobs, rest_logprob, sample_ids, sample_counts, mask
+        )
+        targets = ce_targets(input_ids, ce_mask).reshape(-1)
+        counted = targets >= 0
+        all_ids = torch.cat([ids, targets.clamp_min(0).unsqueeze(-1)], -1)
+        picked, _ = gathered_logprobs(student_logits.reshape(-1, student_logits.shape[-1]).float(), all_ids)
+        ce_rows = torch.where(counted, -picked[:, -1], torch.zeros((), dtype=picked.dtype, device=picked.device))
+        ce = ce_rows.sum() / counted.sum().clamp_min(1)
+        if not bool(keep.any()):
+            return ce, student_logits.sum().float() * 0.0
+        return ce, self._kl_sum(w, picked[:, :-1]) / keep.sum()
 
 
 BLOCK = 256  # ids a block of the two-level CDF (tail_counts)

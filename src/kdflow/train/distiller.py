@@ -71,15 +71,16 @@ class Distiller(nn.Module):
         logits = out.logits
         terms: dict[str, torch.Tensor] = {}
         head = batch["topk_ids"], batch["topk_logprobs"], batch["rest_logprob"]
-        if "ce" in self.terms and "rb" in self.terms and self.rb_source == "topk":  # one pass over the vocabulary
-            terms["ce"], terms["rb"] = self.rb.forward_with_ce(logits, ids, mask, *head, batch["mask"])
+        tail = (batch["sample_ids"], batch["sample_counts"]) if self.rb_source == "sampled" else ()
+        if "ce" in self.terms and "rb" in self.terms and self.rb_source != "online":  # one pass over the vocabulary
+            terms["ce"], terms["rb"] = self.rb.forward_with_ce(logits, ids, mask, *head, *tail, batch["mask"])
         elif "ce" in self.terms:
             terms["ce"] = self.ce(logits, ids, mask)
         if "rb" in self.terms and "rb" not in terms:
             if self.rb_source == "topk":
                 terms["rb"] = self.rb(logits, *head, batch["mask"])
             elif self.rb_source == "sampled":
-                terms["rb"] = self.rb(logits, *head, batch["sample_ids"], batch["sample_counts"], batch["mask"])
+                terms["rb"] = self.rb(logits, *head, *tail, batch["mask"])
             else:
                 with torch.no_grad():
                     teacher_logits = self._teacher[0](input_ids=batch["input_ids"], attention_mask=batch["mask"]).logits
